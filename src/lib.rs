@@ -1,0 +1,7 @@
+//! iotcored: an MQTT 3.1.1 spooler daemon for AWS IoT Core.
+//!
+//! The event loop (`event_loop`) owns every socket and the clock; everything
+//! it drives is sans-I/O and takes `now` as an argument.
+
+pub mod mqtt;
+pub mod time;
