@@ -3,5 +3,6 @@
 //! The event loop (`event_loop`) owns every socket and the clock; everything
 //! it drives is sans-I/O and takes `now` as an argument.
 
+pub mod consts;
 pub mod mqtt;
 pub mod time;
