@@ -5,10 +5,9 @@
 #[cfg(not(test))]
 include!(concat!(env!("OUT_DIR"), "/consts.rs"));
 
+/// MQTT connections at most (test value).
 #[cfg(test)]
-mod fixed {
-    pub const MAX_CONNECTIONS: usize = 3;
-    pub const MQTT_MAX_PACKET: usize = 4_096;
-}
+pub const MAX_CONNECTIONS: usize = 3;
+/// Largest MQTT packet accepted from the broker (test value).
 #[cfg(test)]
-pub use fixed::*;
+pub const MQTT_MAX_PACKET: usize = 4_096;

@@ -3,6 +3,11 @@
 //! The event loop (`event_loop`) owns every socket and the clock; everything
 //! it drives is sans-I/O and takes `now` as an argument.
 
+pub mod config;
 pub mod consts;
+pub mod event_loop;
+pub mod limits;
 pub mod mqtt;
+pub mod sys;
 pub mod time;
+pub mod tls;

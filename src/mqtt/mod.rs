@@ -1,3 +1,4 @@
 //! The MQTT 3.1.1 client: the packet codec and one connection's session.
 
 pub mod packet;
+pub mod session;

@@ -3,62 +3,2366 @@
 //!
 //! Parsing yields borrowed representations (topic and payload point into the
 //! receive buffer); emitting writes into a caller's slice. A representation
-//! that parsed can always be emitted again, byte for byte. Nothing here
-//! allocates or panics on input. QoS 2 (PUBREC, PUBREL, PUBCOMP) is not
-//! supported by AWS IoT Core and is refused with `Error::Unsupported`.
+//! that parsed can always be emitted again, byte for byte: the decoder
+//! accepts only the canonical encoding (shortest remaining length, reserved
+//! bits clear), so nothing it accepts could re-encode differently. Nothing
+//! here allocates or panics on input. QoS 2 (PUBREC, PUBREL, PUBCOMP) is not
+//! supported by AWS IoT Core and is refused with `Error::Unsupported`, as is
+//! a CONNECT carrying a will message.
 //!
 //! References are to the MQTT 3.1.1 OASIS standard, e.g. [MQTT-2.2.2-1].
 
-// API CONTRACT (implemented by the codec task; keep names and signatures):
-//
-// pub const MAX_REMAINING_LEN: usize = 268_435_455;
-//
-// #[derive(Clone, Copy, Debug, PartialEq, Eq)] #[repr(u8)]
-// pub enum QoS { AtMostOnce = 0, AtLeastOnce = 1 }
-// impl QoS { pub fn from_u8(v: u8) -> Option<QoS> }   // 2 and above → None
-//
-// #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-// pub enum ConnectReturnCode { Accepted = 0, UnacceptableProtocolVersion = 1,
-//     IdentifierRejected = 2, ServerUnavailable = 3, BadUserNameOrPassword = 4,
-//     NotAuthorized = 5 }   // plus Display
-//
-// #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-// pub enum SubackCode { Granted(QoS), GrantedExactlyOnce /* 0x02 */, Failure /* 0x80 */ }
-//
-// pub struct Connect<'a> { pub client_id: &'a str, pub keepalive: u16,
-//     pub clean_session: bool, pub username: Option<&'a str>, pub password: Option<&'a [u8]> }
-//     (no will support: a parsed CONNECT with the will flag is Error::Unsupported)
-// pub struct Connack { pub session_present: bool, pub code: ConnectReturnCode }
-// pub struct Publish<'a> { pub dup: bool, pub qos: QoS, pub retain: bool,
-//     pub topic: &'a str, pub packet_id: Option<u16> /* Some iff qos > 0 */, pub payload: &'a [u8] }
-// pub struct Subscribe<'a> { pub packet_id: u16, pub filters: Filters<'a> }
-// pub struct Unsubscribe<'a> { pub packet_id: u16, pub filters: Filters<'a> }
-// pub struct Suback<'a> { pub packet_id: u16, codes: &'a [u8] } + fn codes(&self) -> impl Iterator<Item = SubackCode>
-//     + fn new(packet_id, codes: &'a [u8]) validating
-// Filters<'a>: either a caller's list for emitting (`Filters::List(&'a [(&'a str, QoS)])`
-//     for SUBSCRIBE; for UNSUBSCRIBE the QoS is ignored) or the encoded bytes of a parsed
-//     packet; `fn iter(&self) -> impl Iterator<Item = (&'a str, QoS)>`, `fn len(&self) -> usize`.
-//
-// pub enum Packet<'a> { Connect(Connect<'a>), Connack(Connack), Publish(Publish<'a>),
-//     Puback { packet_id: u16 }, Subscribe(Subscribe<'a>), Suback(Suback<'a>),
-//     Unsubscribe(Unsubscribe<'a>), Unsuback { packet_id: u16 }, Pingreq, Pingresp, Disconnect }
-// impl<'a> Packet<'a> {
-//     pub fn parse(buf: &'a [u8]) -> Result<Packet<'a>, Error>;   // buf = exactly one whole packet
-//     pub fn buffer_len(&self) -> usize;                           // bytes emit() writes
-//     pub fn emit(&self, buf: &mut [u8]) -> Result<usize, Error>;  // Err(BufferTooSmall) if short
-// }
-//
-// /// Framer: looks at the start of a receive buffer. Ok(None): the fixed
-// /// header is not complete yet. Ok(Some(n)): the first packet is n bytes long
-// /// in total (header included), whether or not n bytes are present yet.
-// pub fn packet_len(buf: &[u8]) -> Result<Option<usize>, Error>;
-//
-// /// Publish helpers used by the spool: emit a PUBLISH from parts without building
-// /// a Publish first, and set the DUP flag on an already-encoded QoS 1 PUBLISH.
-// pub fn publish_len(topic_len: usize, payload_len: usize, qos: QoS) -> usize;
-// pub fn set_dup(encoded_publish: &mut [u8]);
-//
-// #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-// pub enum Error { Truncated, BadRemainingLength, ReservedFlags, UnknownType(u8),
-//     Unsupported, InvalidUtf8, InvalidTopic, InvalidQoS, ZeroPacketId, BadConnack,
-//     BadSuback, TrailingBytes, BufferTooSmall, TooLong, Protocol(&'static str) }   // + Display
+use core::fmt;
+use core::str;
+
+/// Largest remaining length a fixed header can encode (four bytes) [2.2.3].
+pub const MAX_REMAINING_LEN: usize = 268_435_455;
+
+/// Control packet types, the high nibble of the first byte [2.2.1].
+mod kind {
+    pub const CONNECT: u8 = 1;
+    pub const CONNACK: u8 = 2;
+    pub const PUBLISH: u8 = 3;
+    pub const PUBACK: u8 = 4;
+    pub const PUBREC: u8 = 5;
+    pub const PUBREL: u8 = 6;
+    pub const PUBCOMP: u8 = 7;
+    pub const SUBSCRIBE: u8 = 8;
+    pub const SUBACK: u8 = 9;
+    pub const UNSUBSCRIBE: u8 = 10;
+    pub const UNSUBACK: u8 = 11;
+    pub const PINGREQ: u8 = 12;
+    pub const PINGRESP: u8 = 13;
+    pub const DISCONNECT: u8 = 14;
+}
+
+/// Bits of the CONNECT flags byte [3.1.2.3].
+mod connect_flag {
+    pub const RESERVED: u8 = 0x01;
+    pub const CLEAN_SESSION: u8 = 0x02;
+    pub const WILL: u8 = 0x04;
+    pub const WILL_QOS_AND_RETAIN: u8 = 0x38;
+    pub const PASSWORD: u8 = 0x40;
+    pub const USERNAME: u8 = 0x80;
+}
+
+/// Bits of the PUBLISH fixed-header flags [3.3.1].
+mod publish_flag {
+    pub const DUP: u8 = 0x08;
+    pub const QOS_SHIFT: u8 = 1;
+    pub const QOS_MASK: u8 = 0x03;
+    pub const RETAIN: u8 = 0x01;
+}
+
+/// The only protocol name and level this codec speaks [3.1.2.1, 3.1.2.2].
+const PROTOCOL_NAME: &[u8] = b"MQTT";
+const PROTOCOL_LEVEL: u8 = 4;
+
+/// Quality of service; QoS 2 is not supported by AWS IoT Core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum QoS {
+    AtMostOnce = 0,
+    AtLeastOnce = 1,
+}
+
+impl QoS {
+    /// The QoS for a wire value; 2 and above are `None`.
+    pub fn from_u8(v: u8) -> Option<QoS> {
+        match v {
+            0 => Some(QoS::AtMostOnce),
+            1 => Some(QoS::AtLeastOnce),
+            _ => None,
+        }
+    }
+}
+
+/// CONNACK return code [3.2.2.3].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum ConnectReturnCode {
+    Accepted = 0,
+    UnacceptableProtocolVersion = 1,
+    IdentifierRejected = 2,
+    ServerUnavailable = 3,
+    BadUserNameOrPassword = 4,
+    NotAuthorized = 5,
+}
+
+impl ConnectReturnCode {
+    /// The return code for a wire value; 6 and above are reserved (`None`).
+    pub fn from_u8(v: u8) -> Option<ConnectReturnCode> {
+        match v {
+            0 => Some(ConnectReturnCode::Accepted),
+            1 => Some(ConnectReturnCode::UnacceptableProtocolVersion),
+            2 => Some(ConnectReturnCode::IdentifierRejected),
+            3 => Some(ConnectReturnCode::ServerUnavailable),
+            4 => Some(ConnectReturnCode::BadUserNameOrPassword),
+            5 => Some(ConnectReturnCode::NotAuthorized),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for ConnectReturnCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ConnectReturnCode::Accepted => "connection accepted",
+            ConnectReturnCode::UnacceptableProtocolVersion => "unacceptable protocol version",
+            ConnectReturnCode::IdentifierRejected => "identifier rejected",
+            ConnectReturnCode::ServerUnavailable => "server unavailable",
+            ConnectReturnCode::BadUserNameOrPassword => "bad user name or password",
+            ConnectReturnCode::NotAuthorized => "not authorized",
+        })
+    }
+}
+
+/// One SUBACK return code [3.9.3].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubackCode {
+    Granted(QoS),
+    /// 0x02: granted at QoS 2, which AWS IoT Core never grants.
+    GrantedExactlyOnce,
+    /// 0x80: the subscription was refused.
+    Failure,
+}
+
+impl SubackCode {
+    /// The code for a wire value; anything but 0, 1, 2 and 0x80 is `None`.
+    pub fn from_u8(v: u8) -> Option<SubackCode> {
+        match v {
+            0 => Some(SubackCode::Granted(QoS::AtMostOnce)),
+            1 => Some(SubackCode::Granted(QoS::AtLeastOnce)),
+            2 => Some(SubackCode::GrantedExactlyOnce),
+            0x80 => Some(SubackCode::Failure),
+            _ => None,
+        }
+    }
+
+    /// The wire value.
+    pub fn to_u8(self) -> u8 {
+        match self {
+            SubackCode::Granted(qos) => qos as u8,
+            SubackCode::GrantedExactlyOnce => 2,
+            SubackCode::Failure => 0x80,
+        }
+    }
+}
+
+/// Codec errors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// The packet ends before a field it announces.
+    Truncated,
+    /// The remaining-length field runs past four bytes or is not minimal.
+    BadRemainingLength,
+    /// Fixed-header or CONNECT flag bits that must be zero (or 0b0010) are not.
+    ReservedFlags,
+    /// Packet type 0 or 15.
+    UnknownType(u8),
+    /// QoS 2 packets and will messages.
+    Unsupported,
+    /// A string is not UTF-8 or contains U+0000.
+    InvalidUtf8,
+    /// A topic name or filter is empty or misuses wildcards.
+    InvalidTopic,
+    /// A QoS value other than 0 or 1.
+    InvalidQoS,
+    /// Packet identifier 0 where one is required.
+    ZeroPacketId,
+    /// A CONNACK with a wrong length, reserved bits or return code.
+    BadConnack,
+    /// A SUBACK without return codes or with an unknown one.
+    BadSuback,
+    /// Bytes left over after the packet's last field.
+    TrailingBytes,
+    /// The output buffer is shorter than `buffer_len()`.
+    BufferTooSmall,
+    /// A string over 65,535 bytes or a packet over the maximum length.
+    TooLong,
+    /// Any other violation of the standard.
+    Protocol(&'static str),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Truncated => f.write_str("truncated packet"),
+            Error::BadRemainingLength => f.write_str("malformed remaining length"),
+            Error::ReservedFlags => f.write_str("reserved flag bits set wrong"),
+            Error::UnknownType(t) => write!(f, "unknown packet type {t}"),
+            Error::Unsupported => f.write_str("unsupported packet or feature (qos 2 or will)"),
+            Error::InvalidUtf8 => f.write_str("string is not valid utf-8 or contains u+0000"),
+            Error::InvalidTopic => f.write_str("invalid topic name or filter"),
+            Error::InvalidQoS => f.write_str("invalid qos"),
+            Error::ZeroPacketId => f.write_str("packet id is zero"),
+            Error::BadConnack => f.write_str("malformed connack"),
+            Error::BadSuback => f.write_str("malformed suback"),
+            Error::TrailingBytes => f.write_str("trailing bytes after packet"),
+            Error::BufferTooSmall => f.write_str("buffer too small"),
+            Error::TooLong => f.write_str("string or packet too long"),
+            Error::Protocol(what) => write!(f, "protocol error: {what}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// CONNECT [3.1], without a will message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connect<'a> {
+    pub client_id: &'a str,
+    pub keepalive: u16,
+    pub clean_session: bool,
+    pub username: Option<&'a str>,
+    pub password: Option<&'a [u8]>,
+}
+
+/// CONNACK [3.2].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Connack {
+    pub session_present: bool,
+    pub code: ConnectReturnCode,
+}
+
+/// PUBLISH [3.3]; `packet_id` is `Some` exactly when `qos` is 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Publish<'a> {
+    pub dup: bool,
+    pub qos: QoS,
+    pub retain: bool,
+    pub topic: &'a str,
+    pub packet_id: Option<u16>,
+    pub payload: &'a [u8],
+}
+
+/// SUBSCRIBE [3.8].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Subscribe<'a> {
+    pub packet_id: u16,
+    pub filters: Filters<'a>,
+}
+
+/// UNSUBSCRIBE [3.10]; the QoS half of each filter is ignored.
+#[derive(Clone, Copy, Debug)]
+pub struct Unsubscribe<'a> {
+    pub packet_id: u16,
+    pub filters: Filters<'a>,
+}
+
+impl PartialEq for Unsubscribe<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.packet_id == other.packet_id
+            && self
+                .filters
+                .iter()
+                .map(|(f, _)| f)
+                .eq(other.filters.iter().map(|(f, _)| f))
+    }
+}
+
+impl Eq for Unsubscribe<'_> {}
+
+/// SUBACK [3.9]; the codes are validated on construction.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Suback<'a> {
+    pub packet_id: u16,
+    codes: &'a [u8],
+}
+
+impl<'a> Suback<'a> {
+    /// A SUBACK with at least one code, each 0, 1, 2 or 0x80.
+    pub fn new(packet_id: u16, codes: &'a [u8]) -> Result<Suback<'a>, Error> {
+        if packet_id == 0 {
+            return Err(Error::ZeroPacketId);
+        }
+        if codes.is_empty() || codes.iter().any(|&c| SubackCode::from_u8(c).is_none()) {
+            return Err(Error::BadSuback);
+        }
+        Ok(Suback { packet_id, codes })
+    }
+
+    /// The return codes, one per filter of the SUBSCRIBE, in order.
+    pub fn codes(&self) -> SubackCodes<'a> {
+        SubackCodes(self.codes.iter())
+    }
+}
+
+/// Iterator over a SUBACK's return codes.
+#[derive(Clone, Debug)]
+pub struct SubackCodes<'a>(core::slice::Iter<'a, u8>);
+
+impl Iterator for SubackCodes<'_> {
+    type Item = SubackCode;
+
+    fn next(&mut self) -> Option<SubackCode> {
+        // Every byte was checked by `Suback::new` or `parse`.
+        self.0.next().and_then(|&c| SubackCode::from_u8(c))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+impl ExactSizeIterator for SubackCodes<'_> {}
+
+/// Topic filters of a SUBSCRIBE or UNSUBSCRIBE: a caller's list to emit, or
+/// the validated bytes of a parsed packet.
+#[derive(Clone, Copy)]
+pub enum Filters<'a> {
+    /// Filters to emit; for UNSUBSCRIBE the QoS is ignored.
+    List(&'a [(&'a str, QoS)]),
+    /// Filters of a parsed packet, decoded lazily by `iter()`.
+    Encoded(EncodedFilters<'a>),
+}
+
+/// The filter list of a parsed packet; only `parse` makes one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EncodedFilters<'a> {
+    bytes: &'a [u8],
+    /// SUBSCRIBE carries a QoS byte after each filter, UNSUBSCRIBE does not.
+    with_qos: bool,
+}
+
+impl<'a> Filters<'a> {
+    /// Each filter with its QoS (QoS 0 for a parsed UNSUBSCRIBE).
+    pub fn iter(&self) -> FilterIter<'a> {
+        FilterIter(match *self {
+            Filters::List(list) => FilterIterInner::List(list.iter()),
+            Filters::Encoded(e) => FilterIterInner::Encoded(Reader::new(e.bytes), e.with_qos),
+        })
+    }
+
+    /// The number of filters.
+    pub fn len(&self) -> usize {
+        match self {
+            Filters::List(list) => list.len(),
+            Filters::Encoded(_) => self.iter().count(),
+        }
+    }
+
+    /// Whether there are no filters (never true for a parsed packet).
+    pub fn is_empty(&self) -> bool {
+        match self {
+            Filters::List(list) => list.is_empty(),
+            Filters::Encoded(e) => e.bytes.is_empty(),
+        }
+    }
+}
+
+impl fmt::Debug for Filters<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+/// Equal when the same filters with the same QoS come in the same order,
+/// whether listed or encoded.
+impl PartialEq for Filters<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        self.iter().eq(other.iter())
+    }
+}
+
+impl Eq for Filters<'_> {}
+
+/// Iterator over topic filters.
+#[derive(Clone, Debug)]
+pub struct FilterIter<'a>(FilterIterInner<'a>);
+
+#[derive(Clone, Debug)]
+enum FilterIterInner<'a> {
+    List(core::slice::Iter<'a, (&'a str, QoS)>),
+    Encoded(Reader<'a>, bool),
+}
+
+impl<'a> Iterator for FilterIter<'a> {
+    type Item = (&'a str, QoS);
+
+    fn next(&mut self) -> Option<(&'a str, QoS)> {
+        match &mut self.0 {
+            FilterIterInner::List(it) => it.next().copied(),
+            FilterIterInner::Encoded(r, with_qos) => {
+                if r.is_empty() {
+                    return None;
+                }
+                // `parse` validated these bytes with the same function, so
+                // this never fails; if it did, the iteration would just end.
+                let item = read_filter(r, *with_qos).ok();
+                if item.is_none() {
+                    r.rest();
+                }
+                item
+            }
+        }
+    }
+}
+
+/// A control packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Packet<'a> {
+    Connect(Connect<'a>),
+    Connack(Connack),
+    Publish(Publish<'a>),
+    Puback { packet_id: u16 },
+    Subscribe(Subscribe<'a>),
+    Suback(Suback<'a>),
+    Unsubscribe(Unsubscribe<'a>),
+    Unsuback { packet_id: u16 },
+    Pingreq,
+    Pingresp,
+    Disconnect,
+}
+
+impl<'a> Packet<'a> {
+    /// Parses exactly one whole packet; `buf` must end where it ends.
+    pub fn parse(buf: &'a [u8]) -> Result<Packet<'a>, Error> {
+        let (&first, after) = buf.split_first().ok_or(Error::Truncated)?;
+        let ptype = first >> 4;
+        let flags = first & 0x0F;
+        match ptype {
+            kind::PUBREC | kind::PUBREL | kind::PUBCOMP => return Err(Error::Unsupported),
+            kind::CONNECT..=kind::DISCONNECT => {}
+            _ => return Err(Error::UnknownType(ptype)),
+        }
+        let (rl, rl_bytes) = decode_remaining_len(after)?.ok_or(Error::Truncated)?;
+        let body = after.get(rl_bytes..).unwrap_or_default();
+        if body.len() < rl {
+            return Err(Error::Truncated);
+        }
+        if body.len() > rl {
+            return Err(Error::TrailingBytes);
+        }
+
+        // [MQTT-2.2.2-1], [MQTT-2.2.2-2]
+        let expected_flags = match ptype {
+            kind::SUBSCRIBE | kind::UNSUBSCRIBE => Some(0b0010),
+            kind::PUBLISH => None,
+            _ => Some(0),
+        };
+        if expected_flags.is_some_and(|f| f != flags) {
+            return Err(Error::ReservedFlags);
+        }
+
+        let mut r = Reader::new(body);
+        let packet = match ptype {
+            kind::CONNECT => Packet::Connect(Connect::parse(&mut r)?),
+            kind::CONNACK => Packet::Connack(Connack::parse(r.rest())?),
+            kind::PUBLISH => Packet::Publish(Publish::parse(flags, &mut r)?),
+            kind::PUBACK => Packet::Puback {
+                packet_id: r.packet_id()?,
+            },
+            kind::SUBSCRIBE => {
+                let packet_id = r.packet_id()?;
+                let filters = parse_filters(&mut r, true, "subscribe without topic filters")?;
+                Packet::Subscribe(Subscribe { packet_id, filters })
+            }
+            kind::SUBACK => {
+                let packet_id = r.packet_id()?;
+                Packet::Suback(Suback::new(packet_id, r.rest())?)
+            }
+            kind::UNSUBSCRIBE => {
+                let packet_id = r.packet_id()?;
+                let filters = parse_filters(&mut r, false, "unsubscribe without topic filters")?;
+                Packet::Unsubscribe(Unsubscribe { packet_id, filters })
+            }
+            kind::UNSUBACK => Packet::Unsuback {
+                packet_id: r.packet_id()?,
+            },
+            kind::PINGREQ => Packet::Pingreq,
+            kind::PINGRESP => Packet::Pingresp,
+            kind::DISCONNECT => Packet::Disconnect,
+            _ => return Err(Error::UnknownType(ptype)), // excluded above
+        };
+        r.finish()?;
+        Ok(packet)
+    }
+
+    /// The number of bytes `emit` writes (saturating for oversized packets,
+    /// which `emit` refuses).
+    pub fn buffer_len(&self) -> usize {
+        let rl = self.remaining_len();
+        rl.saturating_add(1 + remaining_len_bytes(rl))
+    }
+
+    /// Writes the packet at the start of `buf` and returns its length.
+    pub fn emit(&self, buf: &mut [u8]) -> Result<usize, Error> {
+        self.check()?;
+        let rl = self.remaining_len();
+        if rl > MAX_REMAINING_LEN {
+            return Err(Error::TooLong);
+        }
+        // Cannot overflow: rl <= MAX_REMAINING_LEN.
+        if buf.len() < rl + 1 + remaining_len_bytes(rl) {
+            return Err(Error::BufferTooSmall);
+        }
+        let mut w = Writer { buf, pos: 0 };
+        w.u8(self.first_byte())?;
+        w.remaining_len(rl)?;
+        match self {
+            Packet::Connect(c) => c.write(&mut w)?,
+            Packet::Connack(c) => {
+                w.u8(u8::from(c.session_present))?;
+                w.u8(c.code as u8)?;
+            }
+            Packet::Publish(p) => {
+                w.string(p.topic)?;
+                if let Some(id) = p.packet_id {
+                    w.u16(id)?;
+                }
+                w.bytes(p.payload)?;
+            }
+            Packet::Subscribe(s) => {
+                w.u16(s.packet_id)?;
+                for (filter, qos) in s.filters.iter() {
+                    w.string(filter)?;
+                    w.u8(qos as u8)?;
+                }
+            }
+            Packet::Suback(s) => {
+                w.u16(s.packet_id)?;
+                w.bytes(s.codes)?;
+            }
+            Packet::Unsubscribe(u) => {
+                w.u16(u.packet_id)?;
+                for (filter, _) in u.filters.iter() {
+                    w.string(filter)?;
+                }
+            }
+            Packet::Puback { packet_id } | Packet::Unsuback { packet_id } => w.u16(*packet_id)?,
+            Packet::Pingreq | Packet::Pingresp | Packet::Disconnect => {}
+        }
+        Ok(w.pos)
+    }
+
+    /// The same rules `parse` enforces, minus those the types already do.
+    fn check(&self) -> Result<(), Error> {
+        match self {
+            Packet::Connect(c) => c.check(),
+            Packet::Connack(c) => {
+                if c.session_present && c.code != ConnectReturnCode::Accepted {
+                    return Err(Error::BadConnack); // [MQTT-3.2.2-4]
+                }
+                Ok(())
+            }
+            Packet::Publish(p) => p.check(),
+            Packet::Subscribe(Subscribe { packet_id, filters })
+            | Packet::Unsubscribe(Unsubscribe { packet_id, filters }) => {
+                check_packet_id(*packet_id)?;
+                if filters.is_empty() {
+                    return Err(Error::Protocol("no topic filters")); // [MQTT-3.8.3-3]
+                }
+                for (filter, _) in filters.iter() {
+                    check_string(filter)?;
+                    check_filter(filter)?;
+                }
+                Ok(())
+            }
+            Packet::Suback(s) => check_packet_id(s.packet_id),
+            Packet::Puback { packet_id } | Packet::Unsuback { packet_id } => {
+                check_packet_id(*packet_id)
+            }
+            Packet::Pingreq | Packet::Pingresp | Packet::Disconnect => Ok(()),
+        }
+    }
+
+    fn first_byte(&self) -> u8 {
+        let (ptype, flags) = match self {
+            Packet::Connect(_) => (kind::CONNECT, 0),
+            Packet::Connack(_) => (kind::CONNACK, 0),
+            Packet::Publish(p) => (kind::PUBLISH, p.flags()),
+            Packet::Puback { .. } => (kind::PUBACK, 0),
+            Packet::Subscribe(_) => (kind::SUBSCRIBE, 0b0010),
+            Packet::Suback(_) => (kind::SUBACK, 0),
+            Packet::Unsubscribe(_) => (kind::UNSUBSCRIBE, 0b0010),
+            Packet::Unsuback { .. } => (kind::UNSUBACK, 0),
+            Packet::Pingreq => (kind::PINGREQ, 0),
+            Packet::Pingresp => (kind::PINGRESP, 0),
+            Packet::Disconnect => (kind::DISCONNECT, 0),
+        };
+        ptype << 4 | flags
+    }
+
+    /// Length of the variable header and payload, saturating.
+    fn remaining_len(&self) -> usize {
+        match self {
+            Packet::Connect(c) => c.remaining_len(),
+            Packet::Connack(_) | Packet::Puback { .. } | Packet::Unsuback { .. } => 2,
+            Packet::Publish(p) => publish_remaining_len(p.topic.len(), p.payload.len(), p.qos),
+            Packet::Subscribe(s) => s.filters.iter().fold(2usize, |n, (f, _)| {
+                n.saturating_add(f.len()).saturating_add(3)
+            }),
+            Packet::Suback(s) => s.codes.len().saturating_add(2),
+            Packet::Unsubscribe(u) => u.filters.iter().fold(2usize, |n, (f, _)| {
+                n.saturating_add(f.len()).saturating_add(2)
+            }),
+            Packet::Pingreq | Packet::Pingresp | Packet::Disconnect => 0,
+        }
+    }
+}
+
+impl<'a> Connect<'a> {
+    fn parse(r: &mut Reader<'a>) -> Result<Connect<'a>, Error> {
+        if r.binary()? != PROTOCOL_NAME {
+            return Err(Error::Protocol("protocol name is not mqtt"));
+        }
+        if r.u8()? != PROTOCOL_LEVEL {
+            return Err(Error::Protocol("protocol level is not 4"));
+        }
+        let flags = r.u8()?;
+        if flags & connect_flag::RESERVED != 0 {
+            return Err(Error::ReservedFlags); // [MQTT-3.1.2-3]
+        }
+        if flags & connect_flag::WILL != 0 {
+            return Err(Error::Unsupported);
+        }
+        if flags & connect_flag::WILL_QOS_AND_RETAIN != 0 {
+            // [MQTT-3.1.2-11], [MQTT-3.1.2-13], [MQTT-3.1.2-15]
+            return Err(Error::Protocol("will qos or retain set without a will"));
+        }
+        let has_username = flags & connect_flag::USERNAME != 0;
+        let has_password = flags & connect_flag::PASSWORD != 0;
+        if has_password && !has_username {
+            return Err(Error::Protocol("password without user name")); // [MQTT-3.1.2-22]
+        }
+        let keepalive = r.u16()?;
+        let client_id = r.string()?;
+        let username = if has_username {
+            Some(r.string()?)
+        } else {
+            None
+        };
+        let password = if has_password {
+            Some(r.binary()?)
+        } else {
+            None
+        };
+        Ok(Connect {
+            client_id,
+            keepalive,
+            clean_session: flags & connect_flag::CLEAN_SESSION != 0,
+            username,
+            password,
+        })
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        check_string(self.client_id)?;
+        if let Some(username) = self.username {
+            check_string(username)?;
+        }
+        if let Some(password) = self.password {
+            if password.len() > usize::from(u16::MAX) {
+                return Err(Error::TooLong);
+            }
+            if self.username.is_none() {
+                return Err(Error::Protocol("password without user name"));
+            }
+        }
+        Ok(())
+    }
+
+    fn remaining_len(&self) -> usize {
+        // name (2 + 4), level, flags, keepalive (2), client id length (2)
+        let mut n = 12usize.saturating_add(self.client_id.len());
+        if let Some(username) = self.username {
+            n = n.saturating_add(2).saturating_add(username.len());
+        }
+        if let Some(password) = self.password {
+            n = n.saturating_add(2).saturating_add(password.len());
+        }
+        n
+    }
+
+    fn write(&self, w: &mut Writer<'_>) -> Result<(), Error> {
+        let mut flags = 0;
+        if self.clean_session {
+            flags |= connect_flag::CLEAN_SESSION;
+        }
+        if self.username.is_some() {
+            flags |= connect_flag::USERNAME;
+        }
+        if self.password.is_some() {
+            flags |= connect_flag::PASSWORD;
+        }
+        w.binary(PROTOCOL_NAME)?;
+        w.u8(PROTOCOL_LEVEL)?;
+        w.u8(flags)?;
+        w.u16(self.keepalive)?;
+        w.string(self.client_id)?;
+        if let Some(username) = self.username {
+            w.string(username)?;
+        }
+        if let Some(password) = self.password {
+            w.binary(password)?;
+        }
+        Ok(())
+    }
+}
+
+impl Connack {
+    fn parse(body: &[u8]) -> Result<Connack, Error> {
+        let &[ack_flags, code] = body else {
+            return Err(Error::BadConnack);
+        };
+        if ack_flags & 0xFE != 0 {
+            return Err(Error::BadConnack); // [MQTT-3.2.2.1] bits 7-1 reserved
+        }
+        let session_present = ack_flags != 0;
+        let code = ConnectReturnCode::from_u8(code).ok_or(Error::BadConnack)?;
+        if session_present && code != ConnectReturnCode::Accepted {
+            return Err(Error::BadConnack); // [MQTT-3.2.2-4]
+        }
+        Ok(Connack {
+            session_present,
+            code,
+        })
+    }
+}
+
+impl<'a> Publish<'a> {
+    fn parse(flags: u8, r: &mut Reader<'a>) -> Result<Publish<'a>, Error> {
+        let qos = QoS::from_u8(flags >> publish_flag::QOS_SHIFT & publish_flag::QOS_MASK)
+            .ok_or(Error::InvalidQoS)?;
+        let dup = flags & publish_flag::DUP != 0;
+        if dup && qos == QoS::AtMostOnce {
+            return Err(Error::Protocol("dup flag set on a qos 0 publish")); // [MQTT-3.3.1-2]
+        }
+        let topic = r.string()?;
+        check_topic(topic)?;
+        let packet_id = match qos {
+            QoS::AtMostOnce => None,
+            QoS::AtLeastOnce => Some(r.packet_id()?),
+        };
+        Ok(Publish {
+            dup,
+            qos,
+            retain: flags & publish_flag::RETAIN != 0,
+            topic,
+            packet_id,
+            payload: r.rest(),
+        })
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        check_string(self.topic)?;
+        check_topic(self.topic)?;
+        match (self.qos, self.packet_id) {
+            (QoS::AtMostOnce, None) => {}
+            (QoS::AtMostOnce, Some(_)) => {
+                return Err(Error::Protocol("packet id on a qos 0 publish"))
+            }
+            (QoS::AtLeastOnce, None) => {
+                return Err(Error::Protocol("qos 1 publish without packet id"))
+            }
+            (QoS::AtLeastOnce, Some(id)) => check_packet_id(id)?,
+        }
+        if self.dup && self.qos == QoS::AtMostOnce {
+            return Err(Error::Protocol("dup flag set on a qos 0 publish"));
+        }
+        Ok(())
+    }
+
+    fn flags(&self) -> u8 {
+        let mut flags = (self.qos as u8) << publish_flag::QOS_SHIFT;
+        if self.dup {
+            flags |= publish_flag::DUP;
+        }
+        if self.retain {
+            flags |= publish_flag::RETAIN;
+        }
+        flags
+    }
+}
+
+/// Framer: looks at the start of a receive buffer. Ok(None): the fixed
+/// header is not complete yet. Ok(Some(n)): the first packet is n bytes long
+/// in total (header included), whether or not n bytes are present yet.
+pub fn packet_len(buf: &[u8]) -> Result<Option<usize>, Error> {
+    let Some((_, after)) = buf.split_first() else {
+        return Ok(None);
+    };
+    // Cannot overflow: rl <= MAX_REMAINING_LEN and rl_bytes <= 4.
+    Ok(decode_remaining_len(after)?.map(|(rl, rl_bytes)| 1 + rl_bytes + rl))
+}
+
+/// Total encoded length of a PUBLISH with these parts (saturating), the same
+/// as `buffer_len()` of the `Packet::Publish` built from them.
+pub fn publish_len(topic_len: usize, payload_len: usize, qos: QoS) -> usize {
+    let rl = publish_remaining_len(topic_len, payload_len, qos);
+    rl.saturating_add(1 + remaining_len_bytes(rl))
+}
+
+/// Sets the DUP flag on an encoded QoS 1 PUBLISH before it is resent
+/// [MQTT-3.3.1-1]; leaves anything else (including QoS 0) untouched.
+pub fn set_dup(encoded_publish: &mut [u8]) {
+    if let Some(first) = encoded_publish.first_mut() {
+        let qos = *first >> publish_flag::QOS_SHIFT & publish_flag::QOS_MASK;
+        if *first >> 4 == kind::PUBLISH && qos == QoS::AtLeastOnce as u8 {
+            *first |= publish_flag::DUP;
+        }
+    }
+}
+
+fn publish_remaining_len(topic_len: usize, payload_len: usize, qos: QoS) -> usize {
+    let id_len = match qos {
+        QoS::AtMostOnce => 0,
+        QoS::AtLeastOnce => 2,
+    };
+    topic_len
+        .saturating_add(2 + id_len)
+        .saturating_add(payload_len)
+}
+
+/// Decodes the remaining-length field [2.2.3] at the start of `bytes`:
+/// Ok(None) if it is incomplete, else (value, bytes used). Only the shortest
+/// encoding is accepted, so that parse and emit are inverse.
+fn decode_remaining_len(bytes: &[u8]) -> Result<Option<(usize, usize)>, Error> {
+    let mut value = 0usize;
+    for (i, &b) in bytes.iter().take(4).enumerate() {
+        // i <= 3, so the shift is at most 21 bits: fits a 32-bit usize.
+        value |= usize::from(b & 0x7F) << (7 * i);
+        if b & 0x80 == 0 {
+            if i > 0 && b == 0 {
+                return Err(Error::BadRemainingLength);
+            }
+            return Ok(Some((value, i + 1)));
+        }
+    }
+    if bytes.len() >= 4 {
+        return Err(Error::BadRemainingLength);
+    }
+    Ok(None)
+}
+
+/// Bytes the remaining-length field takes for `rl` (4 past the maximum).
+fn remaining_len_bytes(rl: usize) -> usize {
+    match rl {
+        0..=127 => 1,
+        128..=16_383 => 2,
+        16_384..=2_097_151 => 3,
+        _ => 4,
+    }
+}
+
+fn check_packet_id(id: u16) -> Result<(), Error> {
+    if id == 0 {
+        Err(Error::ZeroPacketId) // [MQTT-2.3.1-1]
+    } else {
+        Ok(())
+    }
+}
+
+/// Emit-side string rules; parsing gets them from `Reader::string`.
+fn check_string(s: &str) -> Result<(), Error> {
+    if s.len() > usize::from(u16::MAX) {
+        return Err(Error::TooLong);
+    }
+    if s.contains('\0') {
+        return Err(Error::InvalidUtf8); // [MQTT-1.5.3-2]
+    }
+    Ok(())
+}
+
+/// A topic name: non-empty and free of wildcards [MQTT-4.7.3-1], [MQTT-3.3.2-2].
+fn check_topic(topic: &str) -> Result<(), Error> {
+    if topic.is_empty() || topic.contains(['+', '#']) {
+        return Err(Error::InvalidTopic);
+    }
+    Ok(())
+}
+
+/// A topic filter: non-empty; '+' fills a whole level, '#' only the last
+/// [MQTT-4.7.1-2], [MQTT-4.7.1-3], [MQTT-4.7.3-1].
+fn check_filter(filter: &str) -> Result<(), Error> {
+    if filter.is_empty() {
+        return Err(Error::InvalidTopic);
+    }
+    let mut levels = filter.split('/').peekable();
+    while let Some(level) = levels.next() {
+        let last = levels.peek().is_none();
+        let ok = match level {
+            "+" => true,
+            "#" => last,
+            _ => !level.contains(['+', '#']),
+        };
+        if !ok {
+            return Err(Error::InvalidTopic);
+        }
+    }
+    Ok(())
+}
+
+/// Reads one filter (and its QoS byte for SUBSCRIBE) [3.8.3], [3.10.3].
+fn read_filter<'a>(r: &mut Reader<'a>, with_qos: bool) -> Result<(&'a str, QoS), Error> {
+    let filter = r.string()?;
+    check_filter(filter)?;
+    let qos = if with_qos {
+        // Bits 7-2 are reserved [MQTT-3.8.3-4]; QoS 2 is not supported.
+        QoS::from_u8(r.u8()?).ok_or(Error::InvalidQoS)?
+    } else {
+        QoS::AtMostOnce
+    };
+    Ok((filter, qos))
+}
+
+/// Validates the rest of `r` as a non-empty filter list and takes it.
+fn parse_filters<'a>(
+    r: &mut Reader<'a>,
+    with_qos: bool,
+    empty: &'static str,
+) -> Result<Filters<'a>, Error> {
+    let bytes = r.rest();
+    if bytes.is_empty() {
+        return Err(Error::Protocol(empty)); // [MQTT-3.8.3-3], [MQTT-3.10.3-2]
+    }
+    let mut check = Reader::new(bytes);
+    while !check.is_empty() {
+        read_filter(&mut check, with_qos)?;
+    }
+    Ok(Filters::Encoded(EncodedFilters { bytes, with_qos }))
+}
+
+/// A cursor over a packet body; every read checks the length first.
+#[derive(Clone, Debug)]
+struct Reader<'a> {
+    rest: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn new(buf: &'a [u8]) -> Reader<'a> {
+        Reader { rest: buf }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    fn u8(&mut self) -> Result<u8, Error> {
+        let (&b, rest) = self.rest.split_first().ok_or(Error::Truncated)?;
+        self.rest = rest;
+        Ok(b)
+    }
+
+    fn u16(&mut self) -> Result<u16, Error> {
+        Ok(u16::from_be_bytes([self.u8()?, self.u8()?]))
+    }
+
+    fn packet_id(&mut self) -> Result<u16, Error> {
+        let id = self.u16()?;
+        check_packet_id(id)?;
+        Ok(id)
+    }
+
+    fn bytes(&mut self, n: usize) -> Result<&'a [u8], Error> {
+        if n > self.rest.len() {
+            return Err(Error::Truncated);
+        }
+        let (head, tail) = self.rest.split_at(n);
+        self.rest = tail;
+        Ok(head)
+    }
+
+    /// Two-byte length, then that many bytes [1.5.3].
+    fn binary(&mut self) -> Result<&'a [u8], Error> {
+        let n = self.u16()?;
+        self.bytes(usize::from(n))
+    }
+
+    /// A UTF-8 string without U+0000 [MQTT-1.5.3-1], [MQTT-1.5.3-2].
+    fn string(&mut self) -> Result<&'a str, Error> {
+        let s = str::from_utf8(self.binary()?).map_err(|_| Error::InvalidUtf8)?;
+        if s.contains('\0') {
+            return Err(Error::InvalidUtf8);
+        }
+        Ok(s)
+    }
+
+    fn rest(&mut self) -> &'a [u8] {
+        core::mem::take(&mut self.rest)
+    }
+
+    fn finish(&self) -> Result<(), Error> {
+        if self.rest.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::TrailingBytes)
+        }
+    }
+}
+
+/// A cursor over an output buffer; every write checks the length first.
+struct Writer<'b> {
+    buf: &'b mut [u8],
+    pos: usize,
+}
+
+impl Writer<'_> {
+    fn bytes(&mut self, b: &[u8]) -> Result<(), Error> {
+        let end = self.pos.checked_add(b.len()).ok_or(Error::BufferTooSmall)?;
+        let dst = self
+            .buf
+            .get_mut(self.pos..end)
+            .ok_or(Error::BufferTooSmall)?;
+        dst.copy_from_slice(b);
+        self.pos = end;
+        Ok(())
+    }
+
+    fn u8(&mut self, b: u8) -> Result<(), Error> {
+        self.bytes(&[b])
+    }
+
+    fn u16(&mut self, v: u16) -> Result<(), Error> {
+        self.bytes(&v.to_be_bytes())
+    }
+
+    fn binary(&mut self, b: &[u8]) -> Result<(), Error> {
+        let n = u16::try_from(b.len()).map_err(|_| Error::TooLong)?;
+        self.u16(n)?;
+        self.bytes(b)
+    }
+
+    fn string(&mut self, s: &str) -> Result<(), Error> {
+        self.binary(s.as_bytes())
+    }
+
+    /// Seven bits per byte, least significant first, bit 7 = more [2.2.3].
+    fn remaining_len(&mut self, mut rl: usize) -> Result<(), Error> {
+        loop {
+            // The low seven bits, taken without a truncating cast.
+            let [low, ..] = rl.to_le_bytes();
+            let mut byte = low & 0x7F;
+            rl >>= 7;
+            if rl != 0 {
+                byte |= 0x80;
+            }
+            self.u8(byte)?;
+            if rl == 0 {
+                return Ok(());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Checks parse, emit, buffer_len and packet_len against hand-derived bytes.
+    fn assert_golden(packet: Packet<'_>, bytes: &[u8]) {
+        assert_eq!(Packet::parse(bytes), Ok(packet), "parse");
+        assert_eq!(packet.buffer_len(), bytes.len(), "buffer_len");
+        let mut out = vec![0xAAu8; bytes.len() + 8];
+        assert_eq!(packet.emit(&mut out), Ok(bytes.len()), "emit length");
+        assert_eq!(&out[..bytes.len()], bytes, "emitted bytes");
+        assert!(
+            out[bytes.len()..].iter().all(|&b| b == 0xAA),
+            "wrote past the end"
+        );
+        assert_eq!(packet_len(bytes), Ok(Some(bytes.len())), "packet_len");
+    }
+
+    fn emit_vec(packet: &Packet<'_>) -> Vec<u8> {
+        let mut out = vec![0u8; packet.buffer_len()];
+        assert_eq!(packet.emit(&mut out), Ok(out.len()), "emit");
+        out
+    }
+
+    /// Emits, parses back, re-emits, and checks all three agree.
+    fn round_trip(packet: Packet<'_>) {
+        let bytes = emit_vec(&packet);
+        let parsed = Packet::parse(&bytes).expect("parse");
+        assert_eq!(parsed, packet);
+        assert_eq!(emit_vec(&parsed), bytes);
+    }
+
+    fn parse_err(bytes: &[u8]) -> Error {
+        Packet::parse(bytes).expect_err("should be rejected")
+    }
+
+    fn emit_err(packet: Packet<'_>) -> Error {
+        let mut buf = [0u8; 512];
+        packet.emit(&mut buf).expect_err("should be refused")
+    }
+
+    fn publish<'a>(
+        qos: QoS,
+        packet_id: Option<u16>,
+        topic: &'a str,
+        payload: &'a [u8],
+    ) -> Packet<'a> {
+        Packet::Publish(Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic,
+            packet_id,
+            payload,
+        })
+    }
+
+    const CONNECT: [u8; 18] = [
+        0x10, 0x10, // CONNECT, flags 0; remaining length 16
+        0x00, 0x04, b'M', b'Q', b'T', b'T', // protocol name "MQTT"
+        0x04, // protocol level 4 (3.1.1)
+        0x02, // connect flags: clean session
+        0x00, 0x3C, // keepalive 60 s
+        0x00, 0x04, b'd', b'e', b'v', b'1', // client id "dev1"
+    ];
+    const CONNECT_REPR: Connect<'static> = Connect {
+        client_id: "dev1",
+        keepalive: 60,
+        clean_session: true,
+        username: None,
+        password: None,
+    };
+    const CONNECT_WITH_CREDENTIALS: [u8; 23] = [
+        0x10, 0x15, // CONNECT; remaining length 21
+        0x00, 0x04, b'M', b'Q', b'T', b'T', // protocol name (6)
+        0x04, // protocol level (1)
+        0xC0, // flags: user name, password; no clean session (1)
+        0x04, 0xB0, // keepalive 1200 s (2)
+        0x00, 0x00, // client id "" (2)
+        0x00, 0x02, b'u', b'1', // user name "u1" (4)
+        0x00, 0x03, 0x00, 0xFF, b'p', // password 00 FF 'p' (5)
+    ];
+    const CONNACK: [u8; 4] = [
+        0x20, 0x02, // CONNACK; remaining length 2
+        0x01, // acknowledge flags: session present
+        0x00, // return code 0: accepted
+    ];
+    const PUBLISH_QOS0: [u8; 9] = [
+        0x30, 0x07, // PUBLISH, dup 0, qos 0, retain 0; remaining length 7
+        0x00, 0x03, b'a', b'/', b'b', // topic "a/b"
+        b'h', b'i', // payload "hi" (no packet id at qos 0)
+    ];
+    const PUBLISH_QOS1: [u8; 11] = [
+        0x3B, 0x09, // PUBLISH, dup 1, qos 1 (0b01 << 1), retain 1; remaining length 9
+        0x00, 0x03, b'a', b'/', b'b', // topic "a/b"
+        0x00, 0x0A, // packet id 10
+        b'h', b'i', // payload "hi"
+    ];
+    const PUBACK: [u8; 4] = [
+        0x40, 0x02, // PUBACK; remaining length 2
+        0x00, 0x0A, // packet id 10
+    ];
+    const SUBSCRIBE: [u8; 16] = [
+        0x82, 0x0E, // SUBSCRIBE, flags 0b0010; remaining length 14
+        0x00, 0x01, // packet id 1
+        0x00, 0x03, b'a', b'/', b'+', // filter "a/+"
+        0x01, // requested qos 1
+        0x00, 0x03, b'b', b'/', b'#', // filter "b/#"
+        0x00, // requested qos 0
+    ];
+    const SUBSCRIBE_FILTERS: [(&str, QoS); 2] =
+        [("a/+", QoS::AtLeastOnce), ("b/#", QoS::AtMostOnce)];
+    const SUBACK: [u8; 8] = [
+        0x90, 0x06, // SUBACK; remaining length 6
+        0x00, 0x01, // packet id 1
+        0x00, 0x01, 0x02, 0x80, // granted qos 0, 1, 2; failure
+    ];
+    const UNSUBSCRIBE: [u8; 14] = [
+        0xA2, 0x0C, // UNSUBSCRIBE, flags 0b0010; remaining length 12
+        0x00, 0x02, // packet id 2
+        0x00, 0x03, b'a', b'/', b'+', // filter "a/+"
+        0x00, 0x03, b'b', b'/', b'#', // filter "b/#"
+    ];
+    const UNSUBACK: [u8; 4] = [
+        0xB0, 0x02, // UNSUBACK; remaining length 2
+        0x00, 0x02, // packet id 2
+    ];
+    const PINGREQ: [u8; 2] = [0xC0, 0x00]; // PINGREQ; remaining length 0
+    const PINGRESP: [u8; 2] = [0xD0, 0x00]; // PINGRESP; remaining length 0
+    const DISCONNECT: [u8; 2] = [0xE0, 0x00]; // DISCONNECT; remaining length 0
+
+    fn goldens() -> Vec<&'static [u8]> {
+        vec![
+            &CONNECT,
+            &CONNECT_WITH_CREDENTIALS,
+            &CONNACK,
+            &PUBLISH_QOS0,
+            &PUBLISH_QOS1,
+            &PUBACK,
+            &SUBSCRIBE,
+            &SUBACK,
+            &UNSUBSCRIBE,
+            &UNSUBACK,
+            &PINGREQ,
+            &PINGRESP,
+            &DISCONNECT,
+        ]
+    }
+
+    // ---- golden bytes ----------------------------------------------------
+
+    #[test]
+    fn connect_without_credentials_matches_golden_bytes() {
+        assert_golden(Packet::Connect(CONNECT_REPR), &CONNECT);
+    }
+
+    #[test]
+    fn connect_with_user_name_and_password_matches_golden_bytes() {
+        let connect = Connect {
+            client_id: "",
+            keepalive: 1200,
+            clean_session: false,
+            username: Some("u1"),
+            password: Some(&[0x00, 0xFF, b'p']),
+        };
+        assert_golden(Packet::Connect(connect), &CONNECT_WITH_CREDENTIALS);
+    }
+
+    #[test]
+    fn connack_matches_golden_bytes() {
+        let connack = Connack {
+            session_present: true,
+            code: ConnectReturnCode::Accepted,
+        };
+        assert_golden(Packet::Connack(connack), &CONNACK);
+        let refused = [
+            0x20, 0x02, // CONNACK; remaining length 2
+            0x00, // no session present
+            0x05, // return code 5: not authorized
+        ];
+        let connack = Connack {
+            session_present: false,
+            code: ConnectReturnCode::NotAuthorized,
+        };
+        assert_golden(Packet::Connack(connack), &refused);
+    }
+
+    #[test]
+    fn qos0_publish_matches_golden_bytes() {
+        assert_golden(publish(QoS::AtMostOnce, None, "a/b", b"hi"), &PUBLISH_QOS0);
+    }
+
+    #[test]
+    fn qos1_publish_with_dup_and_retain_matches_golden_bytes() {
+        let p = Publish {
+            dup: true,
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            topic: "a/b",
+            packet_id: Some(10),
+            payload: b"hi",
+        };
+        assert_golden(Packet::Publish(p), &PUBLISH_QOS1);
+    }
+
+    #[test]
+    fn puback_matches_golden_bytes() {
+        assert_golden(Packet::Puback { packet_id: 10 }, &PUBACK);
+    }
+
+    #[test]
+    fn subscribe_matches_golden_bytes() {
+        let s = Subscribe {
+            packet_id: 1,
+            filters: Filters::List(&SUBSCRIBE_FILTERS),
+        };
+        assert_golden(Packet::Subscribe(s), &SUBSCRIBE);
+    }
+
+    #[test]
+    fn suback_matches_golden_bytes() {
+        let s = Suback::new(1, &[0x00, 0x01, 0x02, 0x80]).unwrap();
+        assert_golden(Packet::Suback(s), &SUBACK);
+    }
+
+    #[test]
+    fn unsubscribe_matches_golden_bytes() {
+        let u = Unsubscribe {
+            packet_id: 2,
+            filters: Filters::List(&SUBSCRIBE_FILTERS),
+        };
+        assert_golden(Packet::Unsubscribe(u), &UNSUBSCRIBE);
+    }
+
+    #[test]
+    fn unsuback_matches_golden_bytes() {
+        assert_golden(Packet::Unsuback { packet_id: 2 }, &UNSUBACK);
+    }
+
+    #[test]
+    fn pingreq_pingresp_and_disconnect_match_golden_bytes() {
+        assert_golden(Packet::Pingreq, &PINGREQ);
+        assert_golden(Packet::Pingresp, &PINGRESP);
+        assert_golden(Packet::Disconnect, &DISCONNECT);
+    }
+
+    // ---- round trips -----------------------------------------------------
+
+    #[test]
+    fn connect_variants_round_trip() {
+        for (username, password) in [
+            (None, None),
+            (Some(""), None),
+            (Some("user"), Some(&b""[..])),
+            (Some("user"), Some(&[0u8, 1, 2, 255][..])),
+        ] {
+            for (keepalive, clean_session) in [(0, true), (30, false), (u16::MAX, true)] {
+                round_trip(Packet::Connect(Connect {
+                    client_id: "thing-01_ß",
+                    keepalive,
+                    clean_session,
+                    username,
+                    password,
+                }));
+            }
+        }
+    }
+
+    #[test]
+    fn connack_with_every_return_code_round_trips() {
+        for v in 0..=5 {
+            let code = ConnectReturnCode::from_u8(v).unwrap();
+            assert_eq!(code as u8, v);
+            round_trip(Packet::Connack(Connack {
+                session_present: false,
+                code,
+            }));
+        }
+        round_trip(Packet::Connack(Connack {
+            session_present: true,
+            code: ConnectReturnCode::Accepted,
+        }));
+    }
+
+    #[test]
+    fn publish_variants_round_trip() {
+        let all_bytes: Vec<u8> = (0..=255).collect();
+        let big = vec![0x5Au8; 200_000];
+        for payload in [&b""[..], b"x", &all_bytes, &big] {
+            for topic in ["t", "$aws/things/dev1/shadow/update", "капля/温度", "a//b/"] {
+                round_trip(publish(QoS::AtMostOnce, None, topic, payload));
+                for retain in [false, true] {
+                    for dup in [false, true] {
+                        round_trip(Packet::Publish(Publish {
+                            dup,
+                            qos: QoS::AtLeastOnce,
+                            retain,
+                            topic,
+                            packet_id: Some(u16::MAX),
+                            payload,
+                        }));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn acks_pings_and_disconnect_round_trip() {
+        for packet_id in [1, 0x1234, u16::MAX] {
+            round_trip(Packet::Puback { packet_id });
+            round_trip(Packet::Unsuback { packet_id });
+        }
+        round_trip(Packet::Pingreq);
+        round_trip(Packet::Pingresp);
+        round_trip(Packet::Disconnect);
+    }
+
+    #[test]
+    fn subscribe_suback_and_unsubscribe_round_trip() {
+        let filters = [
+            ("#", QoS::AtMostOnce),
+            ("+", QoS::AtLeastOnce),
+            ("+/+/#", QoS::AtMostOnce),
+            ("a/#", QoS::AtLeastOnce),
+            ("/", QoS::AtMostOnce),
+            ("a//b", QoS::AtLeastOnce),
+            ("$aws/things/+/shadow/#", QoS::AtLeastOnce),
+            ("sensors/温度/+", QoS::AtMostOnce),
+        ];
+        for n in 1..=filters.len() {
+            round_trip(Packet::Subscribe(Subscribe {
+                packet_id: 7,
+                filters: Filters::List(&filters[..n]),
+            }));
+            round_trip(Packet::Unsubscribe(Unsubscribe {
+                packet_id: 8,
+                filters: Filters::List(&filters[..n]),
+            }));
+        }
+        for codes in [&[0x80u8][..], &[0, 1, 2, 0x80, 1, 1, 0, 0]] {
+            round_trip(Packet::Suback(Suback::new(9, codes).unwrap()));
+        }
+    }
+
+    #[test]
+    fn unsubscribe_ignores_filter_qos() {
+        let q0 = [("a/b", QoS::AtMostOnce)];
+        let q1 = [("a/b", QoS::AtLeastOnce)];
+        let u0 = Packet::Unsubscribe(Unsubscribe {
+            packet_id: 3,
+            filters: Filters::List(&q0),
+        });
+        let u1 = Packet::Unsubscribe(Unsubscribe {
+            packet_id: 3,
+            filters: Filters::List(&q1),
+        });
+        assert_eq!(emit_vec(&u0), emit_vec(&u1));
+        assert_eq!(u0, u1);
+        round_trip(u1);
+    }
+
+    #[test]
+    fn parsed_filters_iterate_count_and_compare_equal_to_the_list() {
+        let Ok(Packet::Subscribe(s)) = Packet::parse(&SUBSCRIBE) else {
+            panic!("subscribe did not parse");
+        };
+        assert_eq!(s.packet_id, 1);
+        assert_eq!(s.filters.len(), 2);
+        assert!(!s.filters.is_empty());
+        assert!(s.filters.iter().eq(SUBSCRIBE_FILTERS.iter().copied()));
+        assert_eq!(s.filters, Filters::List(&SUBSCRIBE_FILTERS));
+        assert_ne!(s.filters, Filters::List(&SUBSCRIBE_FILTERS[..1]));
+        assert_eq!(
+            format!("{:?}", s.filters),
+            r#"[("a/+", AtLeastOnce), ("b/#", AtMostOnce)]"#
+        );
+
+        let Ok(Packet::Unsubscribe(u)) = Packet::parse(&UNSUBSCRIBE) else {
+            panic!("unsubscribe did not parse");
+        };
+        assert_eq!(u.filters.len(), 2);
+        let names: Vec<&str> = u.filters.iter().map(|(f, _)| f).collect();
+        assert_eq!(names, ["a/+", "b/#"]);
+        assert!(u.filters.iter().all(|(_, q)| q == QoS::AtMostOnce));
+    }
+
+    #[test]
+    fn filters_of_a_parsed_subscribe_can_be_emitted_as_an_unsubscribe() {
+        let Ok(Packet::Subscribe(s)) = Packet::parse(&SUBSCRIBE) else {
+            panic!("subscribe did not parse");
+        };
+        let u = Packet::Unsubscribe(Unsubscribe {
+            packet_id: 2,
+            filters: s.filters,
+        });
+        assert_eq!(emit_vec(&u), UNSUBSCRIBE);
+    }
+
+    #[test]
+    fn suback_codes_decode_to_granted_exactly_once_and_failure() {
+        let Ok(Packet::Suback(s)) = Packet::parse(&SUBACK) else {
+            panic!("suback did not parse");
+        };
+        assert_eq!(s.codes().len(), 4);
+        let codes: Vec<SubackCode> = s.codes().collect();
+        assert_eq!(
+            codes,
+            [
+                SubackCode::Granted(QoS::AtMostOnce),
+                SubackCode::Granted(QoS::AtLeastOnce),
+                SubackCode::GrantedExactlyOnce,
+                SubackCode::Failure,
+            ]
+        );
+        for c in codes {
+            assert_eq!(SubackCode::from_u8(c.to_u8()), Some(c));
+        }
+    }
+
+    #[test]
+    fn suback_new_validates_packet_id_and_codes() {
+        assert_eq!(Suback::new(0, &[0]), Err(Error::ZeroPacketId));
+        assert_eq!(Suback::new(1, &[]), Err(Error::BadSuback));
+        assert_eq!(Suback::new(1, &[0, 3]), Err(Error::BadSuback));
+        assert_eq!(Suback::new(1, &[0x81]), Err(Error::BadSuback));
+        assert!(Suback::new(1, &[0, 1, 2, 0x80]).is_ok());
+    }
+
+    #[test]
+    fn qos_from_u8_accepts_only_zero_and_one() {
+        assert_eq!(QoS::from_u8(0), Some(QoS::AtMostOnce));
+        assert_eq!(QoS::from_u8(1), Some(QoS::AtLeastOnce));
+        assert!((2..=255).all(|v| QoS::from_u8(v).is_none()));
+        assert!((6..=255).all(|v| ConnectReturnCode::from_u8(v).is_none()));
+    }
+
+    // ---- framer ----------------------------------------------------------
+
+    /// Remaining lengths at each boundary of the 1–4 byte encoding [2.2.3].
+    const REMAINING_LENGTHS: [(usize, &[u8]); 8] = [
+        (0, &[0x00]),
+        (127, &[0x7F]),
+        (128, &[0x80, 0x01]),
+        (16_383, &[0xFF, 0x7F]),
+        (16_384, &[0x80, 0x80, 0x01]),
+        (2_097_151, &[0xFF, 0xFF, 0x7F]),
+        (2_097_152, &[0x80, 0x80, 0x80, 0x01]),
+        (268_435_455, &[0xFF, 0xFF, 0xFF, 0x7F]),
+    ];
+
+    #[test]
+    fn remaining_length_encodes_on_one_to_four_bytes() {
+        for (rl, encoded) in REMAINING_LENGTHS {
+            let mut buf = [0u8; 4];
+            let mut w = Writer {
+                buf: &mut buf,
+                pos: 0,
+            };
+            w.remaining_len(rl).unwrap();
+            assert_eq!(w.pos, encoded.len());
+            assert_eq!(&buf[..encoded.len()], encoded, "rl {rl}");
+            assert_eq!(remaining_len_bytes(rl), encoded.len());
+            assert_eq!(decode_remaining_len(encoded), Ok(Some((rl, encoded.len()))));
+        }
+    }
+
+    #[test]
+    fn framer_reports_the_total_length_once_the_fixed_header_is_complete() {
+        for (rl, encoded) in REMAINING_LENGTHS {
+            let mut header = vec![0x30];
+            header.extend_from_slice(encoded);
+            for n in 0..header.len() {
+                assert_eq!(packet_len(&header[..n]), Ok(None), "rl {rl} prefix {n}");
+            }
+            assert_eq!(packet_len(&header), Ok(Some(1 + encoded.len() + rl)));
+        }
+        assert_eq!(
+            packet_len(&[0x30, 0xFF, 0xFF, 0xFF, 0x7F]),
+            Ok(Some(5 + MAX_REMAINING_LEN))
+        );
+    }
+
+    #[test]
+    fn framer_rejects_a_fifth_remaining_length_byte() {
+        assert_eq!(packet_len(&[0x30, 0x80, 0x80, 0x80]), Ok(None));
+        assert_eq!(
+            packet_len(&[0x30, 0x80, 0x80, 0x80, 0x80]),
+            Err(Error::BadRemainingLength)
+        );
+        assert_eq!(
+            packet_len(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x01]),
+            Err(Error::BadRemainingLength)
+        );
+    }
+
+    #[test]
+    fn framer_and_parser_reject_non_minimal_remaining_lengths() {
+        assert_eq!(
+            packet_len(&[0xC0, 0x80, 0x00]),
+            Err(Error::BadRemainingLength)
+        );
+        assert_eq!(parse_err(&[0xC0, 0x80, 0x00]), Error::BadRemainingLength);
+        assert_eq!(
+            parse_err(&[0x40, 0x82, 0x80, 0x00, 0x00, 0x01]),
+            Error::BadRemainingLength
+        );
+    }
+
+    #[test]
+    fn framer_fed_one_byte_at_a_time_splits_concatenated_packets() {
+        let payloads: Vec<Vec<u8>> = [124usize, 125, 16_380, 16_381, 2_097_149]
+            .iter()
+            .map(|&n| (0..n).map(|i| u8::try_from(i % 251).unwrap()).collect())
+            .collect();
+        // PUBLISH with topic "t" at QoS 0: remaining length = 2 + 1 + payload.
+        let mut packets = vec![Packet::Pingreq];
+        for p in &payloads {
+            packets.push(publish(QoS::AtMostOnce, None, "t", p));
+            packets.push(Packet::Puback { packet_id: 5 });
+        }
+        packets.push(Packet::Disconnect);
+        let header_lens: Vec<usize> = packets
+            .iter()
+            .map(|p| p.buffer_len() - p.remaining_len())
+            .collect();
+        let rls: Vec<usize> = packets.iter().map(Packet::remaining_len).collect();
+        for rl in [0, 127, 128, 16_383, 16_384, 2_097_152] {
+            assert!(rls.contains(&rl), "missing remaining length {rl}");
+        }
+        // A fixed header of 2 to 5 bytes: type byte plus 1-4 length bytes.
+        for n in 2..=5 {
+            assert!(header_lens.contains(&n), "missing header length {n}");
+        }
+
+        let stream: Vec<u8> = packets.iter().flat_map(emit_vec).collect();
+        let mut window_start = 0;
+        let mut next = 0;
+        for end in 1..=stream.len() {
+            let window = &stream[window_start..end];
+            let len = packet_len(window).unwrap();
+            if window.len() < header_lens[next] {
+                assert_eq!(len, None);
+                continue;
+            }
+            let len = len.expect("header complete");
+            assert_eq!(len, packets[next].buffer_len());
+            if window.len() == len {
+                assert_eq!(Packet::parse(window), Ok(packets[next]));
+                next += 1;
+                window_start = end;
+            }
+        }
+        assert_eq!(next, packets.len());
+        assert_eq!(window_start, stream.len());
+    }
+
+    // ---- malformed input: framing ----------------------------------------
+
+    #[test]
+    fn empty_buffer_and_incomplete_header_are_truncated() {
+        assert_eq!(parse_err(&[]), Error::Truncated);
+        assert_eq!(parse_err(&[0x30]), Error::Truncated);
+        assert_eq!(parse_err(&[0x30, 0x80]), Error::Truncated);
+        assert_eq!(packet_len(&[]), Ok(None));
+    }
+
+    #[test]
+    fn remaining_length_with_five_bytes_is_rejected() {
+        assert_eq!(
+            parse_err(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F]),
+            Error::BadRemainingLength
+        );
+        assert_eq!(
+            parse_err(&[0x30, 0x80, 0x80, 0x80, 0x80, 0x00]),
+            Error::BadRemainingLength
+        );
+    }
+
+    #[test]
+    fn remaining_length_longer_than_the_buffer_is_truncated() {
+        assert_eq!(parse_err(&PUBLISH_QOS0[..8]), Error::Truncated);
+        assert_eq!(parse_err(&[0x40, 0x02, 0x00]), Error::Truncated);
+    }
+
+    #[test]
+    fn remaining_length_shorter_than_the_buffer_leaves_trailing_bytes() {
+        for golden in goldens() {
+            let mut long = golden.to_vec();
+            long.push(0);
+            assert_eq!(parse_err(&long), Error::TrailingBytes);
+        }
+    }
+
+    #[test]
+    fn packet_types_zero_and_fifteen_are_unknown() {
+        assert_eq!(parse_err(&[0x00, 0x00]), Error::UnknownType(0));
+        assert_eq!(parse_err(&[0xF0, 0x00]), Error::UnknownType(15));
+    }
+
+    #[test]
+    fn qos2_acknowledgements_are_unsupported() {
+        assert_eq!(parse_err(&[0x50, 0x02, 0x00, 0x01]), Error::Unsupported); // PUBREC
+        assert_eq!(parse_err(&[0x62, 0x02, 0x00, 0x01]), Error::Unsupported); // PUBREL
+        assert_eq!(parse_err(&[0x70, 0x02, 0x00, 0x01]), Error::Unsupported); // PUBCOMP
+    }
+
+    #[test]
+    fn wrong_reserved_fixed_header_flags_are_rejected() {
+        for golden in goldens() {
+            if golden[0] >> 4 == kind::PUBLISH {
+                continue;
+            }
+            for flags in 0..16u8 {
+                let mut bytes = golden.to_vec();
+                if bytes[0] & 0x0F == flags {
+                    continue;
+                }
+                bytes[0] = bytes[0] & 0xF0 | flags;
+                assert_eq!(parse_err(&bytes), Error::ReservedFlags, "{bytes:02x?}");
+            }
+        }
+    }
+
+    #[test]
+    fn packets_that_must_be_empty_or_two_bytes_reject_other_lengths() {
+        assert_eq!(parse_err(&[0xC0, 0x01, 0x00]), Error::TrailingBytes);
+        assert_eq!(parse_err(&[0xE0, 0x02, 0x00, 0x00]), Error::TrailingBytes);
+        assert_eq!(parse_err(&[0x40, 0x01, 0x01]), Error::Truncated);
+        assert_eq!(
+            parse_err(&[0x40, 0x03, 0x00, 0x01, 0x00]),
+            Error::TrailingBytes
+        );
+        assert_eq!(parse_err(&[0xB0, 0x00]), Error::Truncated);
+    }
+
+    // ---- malformed input: PUBLISH ----------------------------------------
+
+    #[test]
+    fn publish_with_qos_2_or_3_is_rejected() {
+        let mut bytes = PUBLISH_QOS1;
+        bytes[0] = 0x34; // qos 2
+        assert_eq!(parse_err(&bytes), Error::InvalidQoS);
+        bytes[0] = 0x36; // qos 3
+        assert_eq!(parse_err(&bytes), Error::InvalidQoS);
+    }
+
+    #[test]
+    fn dup_on_a_qos0_publish_is_rejected() {
+        let mut bytes = PUBLISH_QOS0;
+        bytes[0] = 0x38;
+        assert!(matches!(parse_err(&bytes), Error::Protocol(_)));
+    }
+
+    #[test]
+    fn zero_packet_ids_are_rejected() {
+        let mut bytes = PUBLISH_QOS1;
+        bytes[7..9].copy_from_slice(&[0, 0]);
+        assert_eq!(parse_err(&bytes), Error::ZeroPacketId);
+        for golden in [&PUBACK[..], &UNSUBACK, &SUBSCRIBE, &SUBACK, &UNSUBSCRIBE] {
+            let mut bytes = golden.to_vec();
+            bytes[2..4].copy_from_slice(&[0, 0]);
+            assert_eq!(parse_err(&bytes), Error::ZeroPacketId, "{bytes:02x?}");
+        }
+    }
+
+    /// A QoS 0 PUBLISH with this topic and payload "x".
+    fn publish_with_topic(topic: &[u8]) -> Vec<u8> {
+        let len = u16::try_from(topic.len()).unwrap();
+        let mut body = len.to_be_bytes().to_vec();
+        body.extend_from_slice(topic);
+        body.push(b'x');
+        let mut bytes = vec![0x30, u8::try_from(body.len()).unwrap()];
+        bytes.extend_from_slice(&body);
+        bytes
+    }
+
+    #[test]
+    fn strings_that_are_not_utf8_or_contain_nul_are_rejected() {
+        assert!(Packet::parse(&publish_with_topic(b"ok")).is_ok());
+        for bad in [
+            &[0xC3, 0x28][..],   // truncated two-byte sequence
+            &[0xED, 0xA0, 0x80], // UTF-16 surrogate U+D800 [MQTT-1.5.3-1]
+            &[0xC0, 0x80],       // overlong encoding of U+0000
+            &[0xFF],             // never valid
+            &[b'a', 0x00],       // U+0000 [MQTT-1.5.3-2]
+        ] {
+            assert_eq!(
+                parse_err(&publish_with_topic(bad)),
+                Error::InvalidUtf8,
+                "{bad:02x?}"
+            );
+        }
+        let mut connect = CONNECT;
+        connect[17] = 0x00; // client id "dev\0"
+        assert_eq!(parse_err(&connect), Error::InvalidUtf8);
+        let mut subscribe = SUBSCRIBE;
+        subscribe[7] = 0xFF; // filter "a\xFF+"
+        assert_eq!(parse_err(&subscribe), Error::InvalidUtf8);
+    }
+
+    #[test]
+    fn publish_topic_that_is_empty_or_has_wildcards_is_rejected() {
+        for bad in [&b""[..], b"+", b"#", b"a/+", b"a/#", b"a+b"] {
+            assert_eq!(
+                parse_err(&publish_with_topic(bad)),
+                Error::InvalidTopic,
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn publish_topic_longer_than_the_packet_is_truncated() {
+        assert_eq!(parse_err(&[0x30, 0x03, 0x00, 0x05, b'a']), Error::Truncated);
+        assert_eq!(parse_err(&[0x30, 0x01, 0x00]), Error::Truncated);
+        // QoS 1 with the packet id cut short.
+        assert_eq!(
+            parse_err(&[0x32, 0x04, 0x00, 0x01, b'a', 0x00]),
+            Error::Truncated
+        );
+    }
+
+    // ---- malformed input: CONNACK and SUBACK -----------------------------
+
+    #[test]
+    fn connack_with_wrong_remaining_length_is_rejected() {
+        assert_eq!(parse_err(&[0x20, 0x01, 0x00]), Error::BadConnack);
+        assert_eq!(
+            parse_err(&[0x20, 0x03, 0x00, 0x00, 0x00]),
+            Error::BadConnack
+        );
+        assert_eq!(parse_err(&[0x20, 0x00]), Error::BadConnack);
+    }
+
+    #[test]
+    fn connack_with_reserved_flag_bits_is_rejected() {
+        for flags in [0x02, 0x80, 0xFE, 0xFF] {
+            assert_eq!(parse_err(&[0x20, 0x02, flags, 0x00]), Error::BadConnack);
+        }
+    }
+
+    #[test]
+    fn connack_with_return_code_above_5_is_rejected() {
+        for code in [6, 0x80, 0xFF] {
+            assert_eq!(parse_err(&[0x20, 0x02, 0x00, code]), Error::BadConnack);
+        }
+    }
+
+    #[test]
+    fn connack_with_session_present_on_a_refusal_is_rejected() {
+        assert_eq!(parse_err(&[0x20, 0x02, 0x01, 0x05]), Error::BadConnack);
+        let refusal = Connack {
+            session_present: true,
+            code: ConnectReturnCode::ServerUnavailable,
+        };
+        assert_eq!(emit_err(Packet::Connack(refusal)), Error::BadConnack);
+    }
+
+    #[test]
+    fn suback_without_codes_is_rejected() {
+        assert_eq!(parse_err(&[0x90, 0x02, 0x00, 0x01]), Error::BadSuback);
+        assert_eq!(parse_err(&[0x90, 0x01, 0x00]), Error::Truncated);
+    }
+
+    #[test]
+    fn suback_with_an_unknown_code_is_rejected() {
+        for code in [0x03, 0x04, 0x7F, 0x81, 0xFF] {
+            assert_eq!(
+                parse_err(&[0x90, 0x04, 0x00, 0x01, 0x00, code]),
+                Error::BadSuback
+            );
+        }
+    }
+
+    // ---- malformed input: SUBSCRIBE and UNSUBSCRIBE ----------------------
+
+    #[test]
+    fn subscribe_and_unsubscribe_without_filters_are_rejected() {
+        assert!(matches!(
+            parse_err(&[0x82, 0x02, 0x00, 0x01]),
+            Error::Protocol(_)
+        ));
+        assert!(matches!(
+            parse_err(&[0xA2, 0x02, 0x00, 0x01]),
+            Error::Protocol(_)
+        ));
+    }
+
+    #[test]
+    fn subscribe_with_a_bad_qos_byte_is_rejected() {
+        // 0x02 is legal MQTT but QoS 2 is not supported; the rest are
+        // reserved bits or the forbidden value 3 [MQTT-3.8.3-4].
+        for qos in [0x02, 0x03, 0x04, 0x41, 0x81, 0xFC] {
+            let mut bytes = SUBSCRIBE;
+            bytes[15] = qos;
+            assert_eq!(parse_err(&bytes), Error::InvalidQoS, "qos byte {qos:#x}");
+        }
+    }
+
+    #[test]
+    fn subscribe_with_a_cut_filter_is_truncated() {
+        assert_eq!(parse_err(&SUBSCRIBE_FILTER_WITHOUT_QOS), Error::Truncated);
+        assert_eq!(
+            parse_err(&[0x82, 0x05, 0x00, 0x01, 0x00, 0x05, b'a']),
+            Error::Truncated
+        );
+        assert_eq!(parse_err(&[0xA2, 0x03, 0x00, 0x01, 0x00]), Error::Truncated);
+    }
+
+    const SUBSCRIBE_FILTER_WITHOUT_QOS: [u8; 7] = [
+        0x82, 0x05, // SUBSCRIBE; remaining length 5
+        0x00, 0x01, // packet id 1
+        0x00, 0x01, b'a', // filter "a", then no qos byte
+    ];
+
+    /// A SUBSCRIBE with one filter at QoS 0, or an UNSUBSCRIBE.
+    fn filter_packet(first: u8, filter: &[u8]) -> Vec<u8> {
+        let mut body = vec![0x00, 0x01];
+        body.extend_from_slice(&u16::try_from(filter.len()).unwrap().to_be_bytes());
+        body.extend_from_slice(filter);
+        if first == 0x82 {
+            body.push(0x00);
+        }
+        let mut bytes = vec![first, u8::try_from(body.len()).unwrap()];
+        bytes.extend_from_slice(&body);
+        bytes
+    }
+
+    #[test]
+    fn topic_filters_with_misplaced_wildcards_are_rejected() {
+        for first in [0x82, 0xA2] {
+            for bad in [
+                &b""[..],
+                b"a#",
+                b"#/a",
+                b"a/#/b",
+                b"+a",
+                b"a/b+",
+                b"++",
+                b"##",
+            ] {
+                assert_eq!(
+                    parse_err(&filter_packet(first, bad)),
+                    Error::InvalidTopic,
+                    "{bad:?}"
+                );
+            }
+            for good in [&b"#"[..], b"+", b"+/+", b"a/#", b"/#", b"+/", b"a//b"] {
+                assert!(
+                    Packet::parse(&filter_packet(first, good)).is_ok(),
+                    "{good:?}"
+                );
+            }
+        }
+    }
+
+    // ---- malformed input: CONNECT ----------------------------------------
+
+    #[test]
+    fn connect_with_the_wrong_protocol_name_or_level_is_rejected() {
+        let mut bytes = CONNECT;
+        bytes[7] = b't'; // "MQTt"
+        assert!(matches!(parse_err(&bytes), Error::Protocol(_)));
+        let mut bytes = CONNECT;
+        bytes[8] = 3; // MQTT 3.1
+        assert!(matches!(parse_err(&bytes), Error::Protocol(_)));
+        bytes[8] = 5; // MQTT 5
+        assert!(matches!(parse_err(&bytes), Error::Protocol(_)));
+        // MQTT 3.1's "MQIsdp", level 3.
+        let old = [
+            0x10, 0x12, 0x00, 0x06, b'M', b'Q', b'I', b's', b'd', b'p', 0x03, 0x02, 0x00, 0x3C,
+            0x00, 0x04, b'd', b'e', b'v', b'1',
+        ];
+        assert!(matches!(parse_err(&old), Error::Protocol(_)));
+    }
+
+    #[test]
+    fn connect_with_the_reserved_flag_bit_set_is_rejected() {
+        let mut bytes = CONNECT;
+        bytes[9] = 0x03;
+        assert_eq!(parse_err(&bytes), Error::ReservedFlags);
+    }
+
+    #[test]
+    fn connect_with_a_will_is_unsupported() {
+        for flags in [0x06, 0x0E, 0x26, 0x36] {
+            let mut bytes = CONNECT;
+            bytes[9] = flags;
+            assert_eq!(parse_err(&bytes), Error::Unsupported, "flags {flags:#x}");
+        }
+    }
+
+    #[test]
+    fn connect_with_will_qos_or_retain_but_no_will_is_rejected() {
+        for flags in [0x0A, 0x12, 0x22] {
+            let mut bytes = CONNECT;
+            bytes[9] = flags;
+            assert!(
+                matches!(parse_err(&bytes), Error::Protocol(_)),
+                "flags {flags:#x}"
+            );
+        }
+    }
+
+    #[test]
+    fn connect_with_a_password_but_no_user_name_is_rejected() {
+        let mut bytes = CONNECT_WITH_CREDENTIALS;
+        bytes[9] = 0x40;
+        assert!(matches!(parse_err(&bytes), Error::Protocol(_)));
+    }
+
+    #[test]
+    fn connect_missing_announced_fields_is_truncated() {
+        let mut bytes = CONNECT;
+        bytes[9] = 0x82; // announces a user name that is not there
+        assert_eq!(parse_err(&bytes), Error::Truncated);
+        assert_eq!(parse_err(&CONNECT_WITH_CREDENTIALS_CUT), Error::Truncated);
+    }
+
+    const CONNECT_WITH_CREDENTIALS_CUT: [u8; 20] = [
+        0x10, 0x12, // CONNECT; remaining length 18
+        0x00, 0x04, b'M', b'Q', b'T', b'T', 0x04, 0xC0, 0x04, 0xB0, // header
+        0x00, 0x00, // client id ""
+        0x00, 0x02, b'u', b'1', // user name "u1"
+        0x00, 0x03, // password of 3 bytes, none present
+    ];
+
+    // ---- emit ------------------------------------------------------------
+
+    #[test]
+    fn emit_into_a_short_buffer_fails_for_every_length() {
+        for golden in goldens() {
+            let packet = Packet::parse(golden).unwrap();
+            let mut buf = vec![0u8; golden.len()];
+            for n in 0..golden.len() {
+                assert_eq!(packet.emit(&mut buf[..n]), Err(Error::BufferTooSmall));
+            }
+            assert_eq!(packet.emit(&mut buf), Ok(golden.len()));
+        }
+    }
+
+    #[test]
+    fn emit_rejects_strings_longer_than_65535_bytes() {
+        let long = "a".repeat(65_536);
+        let ok = "a".repeat(65_535);
+        assert_eq!(
+            emit_err(publish(QoS::AtMostOnce, None, &long, b"")),
+            Error::TooLong
+        );
+        let c = |client_id, username, password| {
+            Packet::Connect(Connect {
+                client_id,
+                keepalive: 30,
+                clean_session: true,
+                username,
+                password,
+            })
+        };
+        assert_eq!(emit_err(c(&long, None, None)), Error::TooLong);
+        assert_eq!(emit_err(c("id", Some(&long), None)), Error::TooLong);
+        assert_eq!(
+            emit_err(c("id", Some("u"), Some(long.as_bytes()))),
+            Error::TooLong
+        );
+        let filters = [(long.as_str(), QoS::AtMostOnce)];
+        let s = Subscribe {
+            packet_id: 1,
+            filters: Filters::List(&filters),
+        };
+        assert_eq!(emit_err(Packet::Subscribe(s)), Error::TooLong);
+        // The longest string that fits is fine.
+        round_trip(publish(QoS::AtMostOnce, None, &ok, b"x"));
+        round_trip(c(&ok, Some(&ok), Some(ok.as_bytes())));
+    }
+
+    #[test]
+    fn emit_rejects_a_remaining_length_over_the_maximum() {
+        // Zeroed allocations are lazy, and emit refuses before touching them.
+        let payload = vec![0u8; MAX_REMAINING_LEN - 2];
+        let fits = publish(
+            QoS::AtMostOnce,
+            None,
+            "t",
+            &payload[..MAX_REMAINING_LEN - 3],
+        );
+        assert_eq!(fits.buffer_len(), MAX_REMAINING_LEN + 5);
+        assert_eq!(emit_err(fits), Error::BufferTooSmall);
+        let over = publish(QoS::AtMostOnce, None, "t", &payload);
+        assert_eq!(over.buffer_len(), MAX_REMAINING_LEN + 6);
+        assert_eq!(emit_err(over), Error::TooLong);
+        let over = publish(
+            QoS::AtLeastOnce,
+            Some(1),
+            "t",
+            &payload[..MAX_REMAINING_LEN - 4],
+        );
+        assert_eq!(emit_err(over), Error::TooLong);
+    }
+
+    #[test]
+    fn emit_rejects_inconsistent_publish_packet_ids_and_dup() {
+        assert!(matches!(
+            emit_err(publish(QoS::AtMostOnce, Some(1), "t", b"")),
+            Error::Protocol(_)
+        ));
+        assert!(matches!(
+            emit_err(publish(QoS::AtLeastOnce, None, "t", b"")),
+            Error::Protocol(_)
+        ));
+        assert_eq!(
+            emit_err(publish(QoS::AtLeastOnce, Some(0), "t", b"")),
+            Error::ZeroPacketId
+        );
+        let dup0 = Publish {
+            dup: true,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            topic: "t",
+            packet_id: None,
+            payload: b"",
+        };
+        assert!(matches!(
+            emit_err(Packet::Publish(dup0)),
+            Error::Protocol(_)
+        ));
+    }
+
+    #[test]
+    fn emit_rejects_zero_packet_ids() {
+        let f = [("a", QoS::AtMostOnce)];
+        for packet in [
+            Packet::Puback { packet_id: 0 },
+            Packet::Unsuback { packet_id: 0 },
+            Packet::Subscribe(Subscribe {
+                packet_id: 0,
+                filters: Filters::List(&f),
+            }),
+            Packet::Unsubscribe(Unsubscribe {
+                packet_id: 0,
+                filters: Filters::List(&f),
+            }),
+        ] {
+            assert_eq!(emit_err(packet), Error::ZeroPacketId, "{packet:?}");
+        }
+        let mut suback = Suback::new(1, &[0]).unwrap();
+        suback.packet_id = 0;
+        assert_eq!(emit_err(Packet::Suback(suback)), Error::ZeroPacketId);
+    }
+
+    #[test]
+    fn emit_rejects_bad_topics_and_filters() {
+        for (topic, err) in [
+            ("", Error::InvalidTopic),
+            ("a/#", Error::InvalidTopic),
+            ("a/+/b", Error::InvalidTopic),
+            ("a\0", Error::InvalidUtf8),
+        ] {
+            assert_eq!(
+                emit_err(publish(QoS::AtMostOnce, None, topic, b"")),
+                err,
+                "{topic:?}"
+            );
+        }
+        for (filter, err) in [
+            ("", Error::InvalidTopic),
+            ("a#", Error::InvalidTopic),
+            ("#/a", Error::InvalidTopic),
+            ("\0", Error::InvalidUtf8),
+        ] {
+            let f = [("ok/+", QoS::AtMostOnce), (filter, QoS::AtLeastOnce)];
+            let s = Subscribe {
+                packet_id: 1,
+                filters: Filters::List(&f),
+            };
+            assert_eq!(emit_err(Packet::Subscribe(s)), err, "{filter:?}");
+            let u = Unsubscribe {
+                packet_id: 1,
+                filters: Filters::List(&f),
+            };
+            assert_eq!(emit_err(Packet::Unsubscribe(u)), err, "{filter:?}");
+        }
+    }
+
+    #[test]
+    fn emit_rejects_empty_filter_lists() {
+        let s = Subscribe {
+            packet_id: 1,
+            filters: Filters::List(&[]),
+        };
+        assert!(matches!(emit_err(Packet::Subscribe(s)), Error::Protocol(_)));
+        let u = Unsubscribe {
+            packet_id: 1,
+            filters: Filters::List(&[]),
+        };
+        assert!(matches!(
+            emit_err(Packet::Unsubscribe(u)),
+            Error::Protocol(_)
+        ));
+    }
+
+    #[test]
+    fn emit_rejects_a_password_without_a_user_name_and_nul_in_strings() {
+        let mut c = CONNECT_REPR;
+        c.password = Some(b"secret");
+        assert!(matches!(emit_err(Packet::Connect(c)), Error::Protocol(_)));
+        let mut c = CONNECT_REPR;
+        c.client_id = "a\0b";
+        assert_eq!(emit_err(Packet::Connect(c)), Error::InvalidUtf8);
+        let mut c = CONNECT_REPR;
+        c.username = Some("\0");
+        assert_eq!(emit_err(Packet::Connect(c)), Error::InvalidUtf8);
+    }
+
+    // ---- spool helpers ---------------------------------------------------
+
+    #[test]
+    fn publish_len_matches_buffer_len_across_header_sizes() {
+        let payload = vec![0u8; 2_097_200];
+        let topic = "a".repeat(300);
+        for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+            let packet_id = (qos == QoS::AtLeastOnce).then_some(1);
+            let fixed: usize = if packet_id.is_some() { 4 } else { 2 };
+            for topic_len in [1, 2, 300] {
+                for boundary in [0usize, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152] {
+                    for rl in boundary.saturating_sub(2)..=boundary + 2 {
+                        let Some(n) = rl.checked_sub(fixed + topic_len) else {
+                            continue;
+                        };
+                        let p = publish(qos, packet_id, &topic[..topic_len], &payload[..n]);
+                        assert_eq!(publish_len(topic_len, n, qos), p.buffer_len());
+                    }
+                }
+            }
+        }
+        assert_eq!(publish_len(3, 2, QoS::AtMostOnce), PUBLISH_QOS0.len());
+        assert_eq!(publish_len(3, 2, QoS::AtLeastOnce), PUBLISH_QOS1.len());
+        assert!(publish_len(usize::MAX, usize::MAX, QoS::AtLeastOnce) > MAX_REMAINING_LEN);
+    }
+
+    #[test]
+    fn set_dup_marks_an_encoded_qos1_publish_as_a_duplicate() {
+        let mut bytes = emit_vec(&publish(QoS::AtLeastOnce, Some(10), "a/b", b"hi"));
+        set_dup(&mut bytes);
+        let Ok(Packet::Publish(p)) = Packet::parse(&bytes) else {
+            panic!("publish did not parse");
+        };
+        assert!(p.dup);
+        assert_eq!(p.packet_id, Some(10));
+        let once = bytes.clone();
+        set_dup(&mut bytes); // idempotent
+        assert_eq!(bytes, once);
+    }
+
+    #[test]
+    fn set_dup_leaves_qos0_publishes_and_other_packets_alone() {
+        for golden in [&PUBLISH_QOS0[..], &PUBACK, &SUBSCRIBE, &[]] {
+            let mut bytes = golden.to_vec();
+            set_dup(&mut bytes);
+            assert_eq!(bytes, golden);
+        }
+    }
+
+    // ---- display ---------------------------------------------------------
+
+    #[test]
+    fn errors_display_as_lower_case_phrases() {
+        assert_eq!(Error::Truncated.to_string(), "truncated packet");
+        assert_eq!(Error::UnknownType(15).to_string(), "unknown packet type 15");
+        assert_eq!(Error::Protocol("x y").to_string(), "protocol error: x y");
+        for e in [
+            Error::Truncated,
+            Error::BadRemainingLength,
+            Error::ReservedFlags,
+            Error::UnknownType(0),
+            Error::Unsupported,
+            Error::InvalidUtf8,
+            Error::InvalidTopic,
+            Error::InvalidQoS,
+            Error::ZeroPacketId,
+            Error::BadConnack,
+            Error::BadSuback,
+            Error::TrailingBytes,
+            Error::BufferTooSmall,
+            Error::TooLong,
+            Error::Protocol("password without user name"),
+        ] {
+            let s = e.to_string();
+            assert!(!s.is_empty() && s == s.to_lowercase(), "{s}");
+        }
+    }
+
+    #[test]
+    fn connect_return_codes_display_as_lower_case_phrases() {
+        assert_eq!(
+            ConnectReturnCode::NotAuthorized.to_string(),
+            "not authorized"
+        );
+        for v in 0..=5 {
+            let s = ConnectReturnCode::from_u8(v).unwrap().to_string();
+            assert!(!s.is_empty() && s == s.to_lowercase(), "{s}");
+        }
+    }
+
+    // ---- robustness ------------------------------------------------------
+
+    /// Parse must not panic, and whatever parses must re-emit identically.
+    fn check_input(bytes: &[u8], out: &mut [u8]) -> bool {
+        let framed = packet_len(bytes);
+        let Ok(packet) = Packet::parse(bytes) else {
+            return false;
+        };
+        assert_eq!(framed, Ok(Some(bytes.len())), "{bytes:02x?}");
+        assert_eq!(packet.buffer_len(), bytes.len(), "{bytes:02x?}");
+        let n = packet.emit(out).expect("a parsed packet emits");
+        assert_eq!(&out[..n], bytes, "{packet:?}");
+        true
+    }
+
+    #[test]
+    fn every_input_of_one_to_three_bytes_parses_or_errors() {
+        let mut out = [0u8; 8];
+        let mut parsed = 0;
+        for a in 0..=255u8 {
+            parsed += usize::from(check_input(&[a], &mut out));
+            for b in 0..=255u8 {
+                parsed += usize::from(check_input(&[a, b], &mut out));
+                for c in 0..=255u8 {
+                    parsed += usize::from(check_input(&[a, b, c], &mut out));
+                }
+            }
+        }
+        // Only PINGREQ, PINGRESP and DISCONNECT fit in three bytes.
+        assert_eq!(parsed, 3);
+    }
+
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            usize::try_from(self.next() % u64::try_from(n).unwrap()).unwrap()
+        }
+
+        fn byte(&mut self) -> u8 {
+            self.next().to_le_bytes()[0]
+        }
+    }
+
+    #[test]
+    fn random_mutations_of_valid_packets_never_panic_and_reparse_identically() {
+        let mut seeds = goldens();
+        let more = [
+            emit_vec(&publish(
+                QoS::AtLeastOnce,
+                Some(0x0102),
+                "$aws/things/t/shadow/update",
+                &[0; 40],
+            )),
+            emit_vec(&Packet::Subscribe(Subscribe {
+                packet_id: 9,
+                filters: Filters::List(&[
+                    ("a", QoS::AtMostOnce),
+                    ("+/b/#", QoS::AtLeastOnce),
+                    ("c/+", QoS::AtMostOnce),
+                ]),
+            })),
+            emit_vec(&publish(QoS::AtMostOnce, None, "big", &[7; 300])), // two-byte remaining length
+        ];
+        seeds.extend(more.iter().map(Vec::as_slice));
+
+        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        let mut out = vec![0u8; 1024];
+        let (mut ok, mut rejected) = (0, 0);
+        for _ in 0..20_000 {
+            let mut bytes = seeds[rng.below(seeds.len())].to_vec();
+            for _ in 0..=rng.below(3) {
+                let len = bytes.len();
+                match rng.below(6) {
+                    0 if len > 0 => {
+                        let i = rng.below(len);
+                        bytes[i] ^= 1 << rng.below(8);
+                    }
+                    1 if len > 0 => {
+                        let i = rng.below(len);
+                        bytes[i] = rng.byte();
+                    }
+                    2 => bytes.truncate(rng.below(len + 1)),
+                    3 => bytes.push(rng.byte()),
+                    4 => {
+                        let i = rng.below(len + 1);
+                        bytes.insert(i, rng.byte());
+                    }
+                    5 if len > 0 => {
+                        bytes.remove(rng.below(len));
+                    }
+                    _ => {}
+                }
+            }
+            if check_input(&bytes, &mut out) {
+                ok += 1;
+            } else {
+                rejected += 1;
+            }
+        }
+        // Both outcomes must be exercised for the test to mean anything.
+        assert!(
+            ok > 1_000 && rejected > 1_000,
+            "ok {ok}, rejected {rejected}"
+        );
+    }
+}

@@ -1,0 +1,374 @@
+//! The command line: arguments in, a validated `Config` out (lexopt).
+//!
+//! [iotcored-param-endpoint-*], [iotcored-param-id-*],
+//! [iotcored-param-rootca-*], [iotcored-param-cert-*], [iotcored-param-key-*]:
+//! all five are required. Everything else has a default. Validation here is
+//! about the values themselves; the files are opened later, by `tls`.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::path::PathBuf;
+
+/// AWS IoT Core's keepalive range; a value outside it is moved into it by
+/// AWS, so iotcored warns when asked for one.
+pub const AWS_KEEPALIVE_SECS: core::ops::RangeInclusive<u16> = 30..=1200;
+
+/// AWS IoT Core's limit on the client id, in bytes of UTF-8.
+pub const MAX_CLIENT_ID_LEN: usize = 128;
+
+/// [bus-sock-1] The interface name is at most 50 bytes.
+pub const MAX_INTERFACE_NAME_LEN: usize = 50;
+
+/// A Unix socket path must fit `sockaddr_un.sun_path` with its NUL.
+pub const MAX_SOCKET_PATH_LEN: usize = 107;
+
+/// The validated daemon configuration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    /// Host name or IP literal of the broker [iotcored-param-endpoint-1].
+    pub endpoint: String,
+    /// TCP port; 443 makes the handshake offer ALPN `x-amzn-mqtt-ca`.
+    pub port: u16,
+    /// MQTT client id of connection 0 [iotcored-param-id-1].
+    pub client_id: String,
+    /// Root CA file used to verify the broker [iotcored-param-rootca-1].
+    pub rootca: PathBuf,
+    /// Client certificate (chain) file [iotcored-param-cert-1].
+    pub cert: PathBuf,
+    /// Private key file of `cert` [iotcored-param-key-1].
+    pub key: PathBuf,
+    /// MQTT keepalive in seconds (1..=65535).
+    pub keepalive: u16,
+    /// Bus interface name; the socket is `<socket_dir>/<interface_name>`.
+    pub interface_name: String,
+    /// Directory of the bus sockets.
+    pub socket_dir: PathBuf,
+}
+
+impl Config {
+    /// The path of this daemon's bus socket.
+    pub fn socket_path(&self) -> PathBuf {
+        self.socket_dir.join(&self.interface_name)
+    }
+
+    /// Whether the keepalive lies outside the range AWS IoT Core honours.
+    pub fn keepalive_outside_aws_range(&self) -> bool {
+        !AWS_KEEPALIVE_SECS.contains(&self.keepalive)
+    }
+}
+
+/// What the command line asked for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Run the daemon.
+    Run(Config),
+    /// Print the help text and exit 0.
+    Help,
+    /// Print the version and exit 0.
+    Version,
+}
+
+/// A usage error: the message says which option is wrong and why.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+impl fmt::Display for UsageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<lexopt::Error> for UsageError {
+    fn from(e: lexopt::Error) -> Self {
+        UsageError(e.to_string())
+    }
+}
+
+/// The help text printed by `-h`.
+pub const HELP: &str = "\
+Usage: iotcored -e ENDPOINT -i CLIENT_ID -r ROOTCA -c CERT -k KEY [OPTIONS]
+
+MQTT 3.1.1 spooler daemon for AWS IoT Core, serving the Greengrass Lite core bus.
+
+Required:
+  -e, --endpoint HOST         AWS IoT Core endpoint (host name or IP address)
+  -i, --id CLIENT_ID          MQTT client id (extra connections add _1, _2, ...)
+  -r, --rootca FILE           root CA certificate(s), PEM, to verify the endpoint
+  -c, --cert FILE             client certificate (chain), PEM
+  -k, --key FILE              private key of the client certificate, PEM
+
+Options:
+      --port N                TCP port [default: 8883; 443 offers ALPN x-amzn-mqtt-ca]
+      --keepalive SECONDS     MQTT keepalive, 1-65535 [default: 60; AWS honours 30-1200]
+  -n, --interface_name NAME   core bus interface name [default: aws_iot_mqtt]
+      --socket-dir DIR        directory of core bus sockets [default: /run/greengrass]
+  -h, --help                  print this help
+  -V, --version               print the version
+
+Logging: RUST_LOG=error|warn|info|debug|trace (default info), to stderr.
+Exit status: 0 stopped by SIGTERM/SIGINT, 1 error, 2 usage,
+             3 authentication failure, 4 server certificate not trusted.
+";
+
+/// Parses the command line (without the program name).
+pub fn parse<I>(args: I) -> Result<Command, UsageError>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    use lexopt::prelude::*;
+
+    let mut endpoint = None;
+    let mut client_id = None;
+    let mut rootca = None;
+    let mut cert = None;
+    let mut key = None;
+    let mut port: u16 = 8883;
+    let mut keepalive: u16 = 60;
+    let mut interface_name = String::from("aws_iot_mqtt");
+    let mut socket_dir = PathBuf::from("/run/greengrass");
+
+    let mut parser = lexopt::Parser::from_args(args);
+    while let Some(arg) = parser.next()? {
+        match arg {
+            Short('e') | Long("endpoint") => endpoint = Some(string(&mut parser, "endpoint")?),
+            Short('i') | Long("id") => client_id = Some(string(&mut parser, "id")?),
+            Short('r') | Long("rootca") => rootca = Some(PathBuf::from(parser.value()?)),
+            Short('c') | Long("cert") => cert = Some(PathBuf::from(parser.value()?)),
+            Short('k') | Long("key") => key = Some(PathBuf::from(parser.value()?)),
+            Long("port") => port = number(&mut parser, "port", 1)?,
+            Long("keepalive") => keepalive = number(&mut parser, "keepalive", 1)?,
+            Short('n') | Long("interface_name") | Long("interface-name") => {
+                interface_name = string(&mut parser, "interface_name")?
+            }
+            Long("socket-dir") => socket_dir = PathBuf::from(parser.value()?),
+            Short('h') | Long("help") => return Ok(Command::Help),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+
+    let config = Config {
+        endpoint: required(endpoint, "endpoint", 'e')?,
+        port,
+        client_id: required(client_id, "id", 'i')?,
+        rootca: required(rootca, "rootca", 'r')?,
+        cert: required(cert, "cert", 'c')?,
+        key: required(key, "key", 'k')?,
+        keepalive,
+        interface_name,
+        socket_dir,
+    };
+    validate(&config)?;
+    Ok(Command::Run(config))
+}
+
+fn required<T>(value: Option<T>, long: &str, short: char) -> Result<T, UsageError> {
+    value.ok_or_else(|| UsageError(format!("missing required option -{short}/--{long}")))
+}
+
+fn string(parser: &mut lexopt::Parser, name: &str) -> Result<String, UsageError> {
+    let value = parser.value()?;
+    value
+        .into_string()
+        .map_err(|_| UsageError(format!("--{name}: the value is not valid UTF-8")))
+}
+
+fn number(parser: &mut lexopt::Parser, name: &str, min: u16) -> Result<u16, UsageError> {
+    let text = string(parser, name)?;
+    match text.parse::<u16>() {
+        Ok(v) if v >= min => Ok(v),
+        _ => Err(UsageError(format!(
+            "--{name}: {text:?} is not a whole number from {min} to 65535"
+        ))),
+    }
+}
+
+fn validate(config: &Config) -> Result<(), UsageError> {
+    let fail = |msg: String| Err(UsageError(msg));
+    if config.endpoint.is_empty() {
+        return fail("--endpoint: the host name is empty".into());
+    }
+    if config.endpoint.contains('/') || config.endpoint.contains(':') && !is_ip(&config.endpoint) {
+        return fail(format!(
+            "--endpoint: {:?} is not a host name (give the port with --port)",
+            config.endpoint
+        ));
+    }
+    let id = &config.client_id;
+    // Extra connections append "_N"; keep room for the longest suffix.
+    let suffix = if crate::consts::MAX_CONNECTIONS > 1 {
+        1 + (crate::consts::MAX_CONNECTIONS - 1).to_string().len()
+    } else {
+        0
+    };
+    if id.is_empty() || id.len() + suffix > MAX_CLIENT_ID_LEN {
+        return fail(format!(
+            "--id: the client id must be 1 to {} bytes long (AWS IoT Core allows {MAX_CLIENT_ID_LEN})",
+            MAX_CLIENT_ID_LEN - suffix
+        ));
+    }
+    if id.contains('\0') {
+        return fail("--id: the client id contains a NUL character".into());
+    }
+    let name = &config.interface_name;
+    if name.is_empty() || name.len() > MAX_INTERFACE_NAME_LEN || name.contains(['/', '\0']) {
+        return fail(format!(
+            "--interface_name: {name:?} must be 1 to {MAX_INTERFACE_NAME_LEN} bytes without '/'"
+        ));
+    }
+    let path = config.socket_path();
+    if path.as_os_str().len() > MAX_SOCKET_PATH_LEN {
+        return fail(format!(
+            "the bus socket path {} is longer than {MAX_SOCKET_PATH_LEN} bytes",
+            path.display()
+        ));
+    }
+    Ok(())
+}
+
+fn is_ip(host: &str) -> bool {
+    host.parse::<std::net::IpAddr>().is_ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: [&str; 10] = [
+        "-e",
+        "example.com",
+        "-i",
+        "dev1",
+        "-r",
+        "ca.pem",
+        "-c",
+        "c.pem",
+        "-k",
+        "c.key",
+    ];
+
+    fn parse_with(extra: &[&str]) -> Result<Command, UsageError> {
+        parse(BASE.iter().chain(extra).copied())
+    }
+
+    fn config(extra: &[&str]) -> Config {
+        match parse_with(extra) {
+            Ok(Command::Run(c)) => c,
+            other => panic!("expected a config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn short_options_fill_every_required_field_and_defaults_apply() {
+        let c = config(&[]);
+        assert_eq!(c.endpoint, "example.com");
+        assert_eq!(c.client_id, "dev1");
+        assert_eq!(c.rootca, PathBuf::from("ca.pem"));
+        assert_eq!(c.cert, PathBuf::from("c.pem"));
+        assert_eq!(c.key, PathBuf::from("c.key"));
+        assert_eq!(c.port, 8883);
+        assert_eq!(c.keepalive, 60);
+        assert_eq!(
+            c.socket_path(),
+            PathBuf::from("/run/greengrass/aws_iot_mqtt")
+        );
+    }
+
+    #[test]
+    fn long_options_are_equivalent_to_short_ones() {
+        let long = parse([
+            "--endpoint=example.com",
+            "--id",
+            "dev1",
+            "--rootca",
+            "ca.pem",
+            "--cert",
+            "c.pem",
+            "--key",
+            "c.key",
+        ]);
+        assert_eq!(long, parse_with(&[]));
+    }
+
+    #[test]
+    fn each_required_option_missing_is_a_usage_error_naming_it() {
+        // [iotcored-param-*-3]: every one of the five is required.
+        for (i, name) in ["endpoint", "id", "rootca", "cert", "key"]
+            .iter()
+            .enumerate()
+        {
+            let mut args: Vec<&str> = BASE.to_vec();
+            args.drain(i * 2..i * 2 + 2);
+            let err = parse(args).unwrap_err();
+            assert!(err.0.contains(name), "{err} should name --{name}");
+        }
+    }
+
+    #[test]
+    fn optional_settings_are_parsed() {
+        let c = config(&[
+            "--port",
+            "443",
+            "--keepalive",
+            "5",
+            "-n",
+            "mqtt2",
+            "--socket-dir",
+            "/tmp/x",
+        ]);
+        assert_eq!(c.port, 443);
+        assert_eq!(c.keepalive, 5);
+        assert!(c.keepalive_outside_aws_range());
+        assert_eq!(c.socket_path(), PathBuf::from("/tmp/x/mqtt2"));
+        assert!(!config(&["--keepalive", "1200"]).keepalive_outside_aws_range());
+    }
+
+    #[test]
+    fn bad_numbers_unknown_options_and_stray_values_are_usage_errors() {
+        for extra in [
+            &["--port", "0"][..],
+            &["--port", "65536"],
+            &["--port", "x"],
+            &["--keepalive", "0"],
+            &["--keepalive", "-5"],
+            &["--bogus"],
+            &["stray"],
+            &["--port"],
+        ] {
+            assert!(parse_with(extra).is_err(), "{extra:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn help_and_version_win_over_missing_options() {
+        assert_eq!(parse(["-h"]), Ok(Command::Help));
+        assert_eq!(parse(["--version"]), Ok(Command::Version));
+    }
+
+    #[test]
+    fn client_id_over_the_aws_limit_is_refused() {
+        // consts::MAX_CONNECTIONS is 3 in tests, so "_2" must still fit.
+        let long = "x".repeat(MAX_CLIENT_ID_LEN - 2);
+        assert!(parse_with(&["-i", &long]).is_ok());
+        let too_long = "x".repeat(MAX_CLIENT_ID_LEN - 1);
+        assert!(parse_with(&["-i", &too_long]).is_err());
+        assert!(parse_with(&["-i", ""]).is_err());
+    }
+
+    #[test]
+    fn socket_path_that_cannot_fit_a_unix_address_is_refused() {
+        let dir = format!("/{}", "d".repeat(100));
+        let err = parse_with(&["--socket-dir", &dir]).unwrap_err();
+        assert!(err.0.contains("aws_iot_mqtt"), "{err}");
+        assert!(parse_with(&["-n", &"n".repeat(51)]).is_err());
+        assert!(parse_with(&["-n", "a/b"]).is_err());
+    }
+
+    #[test]
+    fn endpoint_with_a_port_or_scheme_is_refused_but_ipv6_literals_are_fine() {
+        assert!(parse_with(&["-e", "example.com:8883"]).is_err());
+        assert!(parse_with(&["-e", "mqtts://example.com"]).is_err());
+        assert_eq!(config(&["-e", "::1"]).endpoint, "::1");
+    }
+}
