@@ -3,6 +3,7 @@
 //! The event loop (`event_loop`) owns every socket and the clock; everything
 //! it drives is sans-I/O and takes `now` as an argument.
 
+pub mod bus;
 pub mod config;
 pub mod consts;
 pub mod event_loop;
