@@ -108,10 +108,16 @@ pub fn client_config(
             rustls::Error::General(msg) => file_error(key, format!("unusable private key: {msg}")),
             other => file_error(cert, format!("unusable certificate: {other}")),
         })?;
-    if port == 443 {
-        config.alpn_protocols = vec![ALPN_AWS_MQTT_443.to_vec()];
-    }
+    config.alpn_protocols = alpn_for_port(port)
+        .map(|p| vec![p.to_vec()])
+        .unwrap_or_default();
     Ok(Arc::new(config))
+}
+
+/// The ALPN protocol to offer: AWS IoT Core serves MQTT on 443 only to a
+/// handshake that asks for `x-amzn-mqtt-ca`.
+pub fn alpn_for_port(port: u16) -> Option<&'static [u8]> {
+    (port == 443).then_some(ALPN_AWS_MQTT_443)
 }
 
 /// The name to verify the server against: a DNS name (sent as SNI) or an IP
@@ -335,6 +341,12 @@ mod tests {
     fn a_server_certificate_we_reject_is_its_own_failure() {
         let e = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
         assert_eq!(classify(&e), TlsFailure::ServerUntrusted);
+    }
+
+    #[test]
+    fn alpn_is_offered_on_port_443_only() {
+        assert_eq!(alpn_for_port(443), Some(&b"x-amzn-mqtt-ca"[..]));
+        assert_eq!(alpn_for_port(8883), None);
     }
 
     #[test]

@@ -541,3 +541,25 @@ fn a_broker_that_never_answers_connect_times_out_and_is_retried() {
         d.log()
     );
 }
+
+#[test]
+fn a_tls_handshake_that_never_completes_times_out_and_is_retried() {
+    // The proxy accepts TCP but forwards nothing: the ClientHello is never
+    // answered. The loop must not block; after 10 s the attempt fails.
+    let broker = Mosquitto::start();
+    let proxy = Proxy::start(broker.port());
+    proxy.blackhole(true);
+    let d = start(proxy.port(), "gw-hstimeout", &[]);
+    assert!(
+        d.wait_log("TLS handshake timed out", SECS(15)),
+        "{}",
+        d.log()
+    );
+    proxy.blackhole(false);
+    proxy.cut(Cut::Rst);
+    assert!(
+        d.wait_log("connected (session present", SECS(15)),
+        "{}",
+        d.log()
+    );
+}
