@@ -9,6 +9,8 @@ pub mod consts;
 pub mod event_loop;
 pub mod limits;
 pub mod mqtt;
+pub mod router;
+pub mod service;
 pub mod sys;
 pub mod time;
 pub mod tls;

@@ -1,0 +1,592 @@
+//! The core bus socket: the Unix listener and a fixed table of client slots,
+//! each with a receive buffer for one whole frame and a bounded output
+//! backlog. Bytes in, frames out; frames in, bytes out. What a request means
+//! is decided by the caller.
+//!
+//! [bus-sock-1] one socket per interface; [bus-sock-2] parents created,
+//! stale socket removed, mode 0660; [bus-sock-3] systemd socket activation.
+//! Every socket is non-blocking: a slow, silent or hostile client costs its
+//! own slot and nothing else. Outbound connections (deliveries to a
+//! `response_endpoint` [iotcored-bus-subscribe-3]) use slots of the same
+//! table.
+
+use std::fmt;
+use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use mio::net::{UnixListener, UnixStream};
+use mio::{Interest, Registry, Token};
+
+use super::frame::{self, FrameLen};
+use crate::consts;
+use crate::time::Instant;
+
+/// How long the bytes of an oversized frame are read and discarded before
+/// NOMEM is sent anyway [bus-err-2].
+pub const DISCARD_TIMEOUT: core::time::Duration = core::time::Duration::from_secs(3);
+
+/// The first token of the client slots; slot `i` is `Token(CLIENT_TOKEN_BASE + i)`.
+pub const CLIENT_TOKEN_BASE: usize = 1 << 16;
+
+/// A start-up error of the bus socket; names the path.
+#[derive(Debug)]
+pub struct BindError {
+    /// The socket path.
+    pub path: PathBuf,
+    /// What went wrong.
+    pub what: String,
+}
+
+impl fmt::Display for BindError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "bus socket {}: {}", self.path.display(), self.what)
+    }
+}
+
+/// Who opened a slot's connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Peer {
+    /// A local client connected to us.
+    Client,
+    /// We connected to `<socket-dir>/<name>` to deliver messages.
+    Endpoint(heapless::String<50>),
+}
+
+/// What the caller should do with a slot after reading.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// A complete frame of this many bytes is at the start of `frame()`.
+    Frame(usize),
+    /// Nothing complete yet.
+    Idle,
+    /// A framing error: answer with this code, then close [bus-err-1/2].
+    Malformed(frame::ErrorCode),
+    /// The peer closed (or reset) its side.
+    Closed,
+}
+
+/// One connection.
+pub struct Slot {
+    stream: Option<UnixStream>,
+    generation: u32,
+    peer: Peer,
+    rx: Box<[u8]>,
+    rx_len: usize,
+    /// Bytes of an oversized frame still to discard, and until when.
+    discard: Option<(usize, Instant)>,
+    /// Input after a subscribe is read and thrown away [bus-req-4.2].
+    ignore_input: bool,
+    read_closed: bool,
+    /// More input may be waiting (edge-triggered readiness).
+    readable: bool,
+    tx: Box<[u8]>,
+    tx_head: usize,
+    tx_len: usize,
+    /// Close once the backlog is written.
+    close_after_flush: bool,
+}
+
+impl Slot {
+    fn new() -> Self {
+        Self {
+            stream: None,
+            generation: 0,
+            peer: Peer::Client,
+            rx: vec![0u8; consts::BUS_MAX_FRAME].into_boxed_slice(),
+            rx_len: 0,
+            discard: None,
+            ignore_input: false,
+            read_closed: false,
+            readable: false,
+            tx: vec![0u8; consts::BUS_CLIENT_TX].into_boxed_slice(),
+            tx_head: 0,
+            tx_len: 0,
+            close_after_flush: false,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.stream = None;
+        self.rx_len = 0;
+        self.discard = None;
+        self.ignore_input = false;
+        self.read_closed = false;
+        self.readable = false;
+        self.tx_head = 0;
+        self.tx_len = 0;
+        self.close_after_flush = false;
+        self.peer = Peer::Client;
+    }
+
+    /// Whether the slot holds a connection.
+    pub fn is_open(&self) -> bool {
+        self.stream.is_some()
+    }
+
+    /// Changes every time the slot gets a new connection.
+    pub fn generation(&self) -> u32 {
+        self.generation
+    }
+
+    /// Who is at the other end.
+    pub fn peer(&self) -> &Peer {
+        &self.peer
+    }
+
+    /// Whether output is waiting in the backlog.
+    pub fn has_backlog(&self) -> bool {
+        self.tx_len > 0
+    }
+
+    /// Whether the slot will close once its backlog is written.
+    pub fn is_closing(&self) -> bool {
+        self.close_after_flush
+    }
+
+    /// Whether more input may be waiting to be read.
+    pub fn readable(&self) -> bool {
+        self.readable && !self.close_after_flush
+    }
+
+    /// The received bytes (a complete frame first, after `Input::Frame`).
+    pub fn frame(&self, len: usize) -> &[u8] {
+        &self.rx[..len.min(self.rx_len)]
+    }
+
+    /// When an oversized frame's discarding ends.
+    pub fn discard_deadline(&self) -> Option<Instant> {
+        self.discard.map(|(_, until)| until)
+    }
+
+    fn tx_free(&self) -> usize {
+        self.tx.len() - self.tx_len
+    }
+
+    fn push_tx(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            let cap = self.tx.len();
+            let tail = (self.tx_head + self.tx_len) % cap;
+            let run = (cap - tail).min(bytes.len()).min(self.tx_free());
+            if run == 0 {
+                return;
+            }
+            self.tx[tail..tail + run].copy_from_slice(&bytes[..run]);
+            self.tx_len += run;
+            bytes = &bytes[run..];
+        }
+    }
+}
+
+/// The listener and the slot table.
+pub struct Server {
+    listener: UnixListener,
+    path: Option<PathBuf>,
+    socket_dir: PathBuf,
+    slots: Vec<Slot>,
+    refused: u64,
+    last_refusal_log: Option<Instant>,
+}
+
+/// Why a frame could not be queued for a slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SendError {
+    /// The slot is closed.
+    Closed,
+    /// The kernel buffer and the backlog are full: the peer is not reading.
+    Full,
+}
+
+impl Server {
+    /// Binds `<socket_dir>/<name>` or takes it from systemd [bus-sock-3].
+    pub fn bind(socket_dir: &Path, name: &str) -> Result<Self, BindError> {
+        let path = socket_dir.join(name);
+        let err = |what: String| BindError {
+            path: path.clone(),
+            what,
+        };
+        let (listener, owned_path) = match activated_fd(name) {
+            Some(fd) => {
+                // SAFETY: systemd passed us this listening socket and nothing
+                // else owns it; LISTEN_* are cleared so it is taken once.
+                let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+                std_listener
+                    .set_nonblocking(true)
+                    .map_err(|e| err(format!("socket from systemd unusable: {e}")))?;
+                log::info!("bus: serving {} (socket from systemd)", path.display());
+                (UnixListener::from_std(std_listener), None)
+            }
+            None => {
+                prepare_path(&path).map_err(err)?;
+                let listener =
+                    UnixListener::bind(&path).map_err(|e| err(format!("cannot bind: {e}")))?;
+                std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660))
+                    .map_err(|e| err(format!("cannot set mode 0660: {e}")))?;
+                log::info!("bus: serving {}", path.display());
+                (listener, Some(path.clone()))
+            }
+        };
+        Ok(Self {
+            listener,
+            path: owned_path,
+            socket_dir: socket_dir.to_path_buf(),
+            slots: (0..consts::MAX_BUS_CLIENTS).map(|_| Slot::new()).collect(),
+            refused: 0,
+            last_refusal_log: None,
+        })
+    }
+
+    /// Registers the listener.
+    pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        registry.register(&mut self.listener, token, Interest::READABLE)
+    }
+
+    /// The number of slots.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Slot `i`.
+    pub fn slot(&self, i: usize) -> &Slot {
+        &self.slots[i]
+    }
+
+    /// Open connections now.
+    pub fn open_count(&self) -> usize {
+        self.slots.iter().filter(|s| s.is_open()).count()
+    }
+
+    /// Connections refused because the table was full.
+    pub fn refused(&self) -> u64 {
+        self.refused
+    }
+
+    /// Accepts every pending connection. When the table is full a new
+    /// connection is closed at once (logged at most once a second).
+    /// Returns the slots that were filled.
+    pub fn accept(&mut self, registry: &Registry, now: Instant) -> heapless::Vec<usize, 16> {
+        let mut filled = heapless::Vec::new();
+        while !filled.is_full() {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // EMFILE and friends: leave the rest in the backlog.
+                    log::warn!("bus: accept failed: {e}");
+                    break;
+                }
+            };
+            match self.install(registry, stream, Peer::Client) {
+                Some(i) => {
+                    log::debug!("bus: client connected (slot {i})");
+                    // `filled` has room: checked by the loop condition.
+                    let _ = filled.push(i);
+                }
+                None => {
+                    self.refused += 1;
+                    let quiet = self
+                        .last_refusal_log
+                        .is_some_and(|t| now.saturating_since(t).as_secs() < 1);
+                    if !quiet {
+                        log::warn!(
+                            "bus: all {} client slots busy; connection refused ({} so far)",
+                            self.slots.len(),
+                            self.refused
+                        );
+                        self.last_refusal_log = Some(now);
+                    }
+                }
+            }
+        }
+        filled
+    }
+
+    /// Opens a connection to `<socket-dir>/<endpoint>` in a free slot.
+    pub fn connect_endpoint(&mut self, registry: &Registry, endpoint: &str) -> io::Result<usize> {
+        let name = heapless::String::try_from(endpoint)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "endpoint name too long"))?;
+        let stream = UnixStream::connect(self.socket_dir.join(endpoint))?;
+        self.install(registry, stream, Peer::Endpoint(name))
+            .ok_or_else(|| io::Error::other("no free bus slot"))
+    }
+
+    /// The open slot connected to this endpoint, if any.
+    pub fn endpoint_slot(&self, endpoint: &str) -> Option<usize> {
+        self.slots.iter().position(|s| {
+            s.is_open()
+                && !s.read_closed
+                && !s.close_after_flush
+                && matches!(&s.peer, Peer::Endpoint(n) if n.as_str() == endpoint)
+        })
+    }
+
+    fn install(
+        &mut self,
+        registry: &Registry,
+        mut stream: UnixStream,
+        peer: Peer,
+    ) -> Option<usize> {
+        let i = self.slots.iter().position(|s| !s.is_open())?;
+        let token = Token(CLIENT_TOKEN_BASE + i);
+        if let Err(e) =
+            registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
+        {
+            log::warn!("bus: cannot register a connection: {e}");
+            return None;
+        }
+        let slot = &mut self.slots[i];
+        slot.reset();
+        slot.generation = slot.generation.wrapping_add(1);
+        slot.stream = Some(stream);
+        slot.peer = peer;
+        slot.readable = true;
+        Some(i)
+    }
+
+    /// Reads what slot `i` has and reports the first complete frame.
+    pub fn read(&mut self, i: usize, now: Instant) -> Input {
+        let slot = &mut self.slots[i];
+        let Some(stream) = slot.stream.as_mut() else {
+            return Input::Closed;
+        };
+        loop {
+            // An oversized frame: read and drop its bytes, then NOMEM.
+            if let Some((remaining, until)) = slot.discard {
+                if remaining == 0 || now >= until {
+                    slot.discard = None;
+                    slot.rx_len = 0;
+                    return Input::Malformed(frame::ErrorCode::NoMem);
+                }
+                let take = remaining.min(slot.rx.len());
+                match stream.read(&mut slot.rx[..take]) {
+                    Ok(0) => {
+                        slot.read_closed = true;
+                        slot.discard = None;
+                        return Input::Malformed(frame::ErrorCode::NoMem);
+                    }
+                    Ok(n) => slot.discard = Some((remaining - n, until)),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        slot.readable = false;
+                        return Input::Idle;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => return Input::Closed,
+                }
+                continue;
+            }
+            if slot.ignore_input {
+                let mut sink = [0u8; 512];
+                match stream.read(&mut sink) {
+                    Ok(0) => return Input::Closed,
+                    Ok(_) => continue,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        slot.readable = false;
+                        return Input::Idle;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => return Input::Closed,
+                }
+            }
+            // A complete frame already buffered?
+            match frame::frame_len(&slot.rx[..slot.rx_len], slot.rx.len()) {
+                FrameLen::Invalid(e) => return Input::Malformed(e.code()),
+                FrameLen::Oversized { total_len } => {
+                    let remaining = total_len - slot.rx_len;
+                    slot.rx_len = 0;
+                    slot.discard = Some((remaining, now + DISCARD_TIMEOUT));
+                    continue;
+                }
+                FrameLen::Len(n) if n <= slot.rx_len => return Input::Frame(n),
+                FrameLen::Len(_) | FrameLen::NeedPrelude => {}
+            }
+            if slot.read_closed {
+                return Input::Closed;
+            }
+            // Read at most up to the end of the current frame, so the
+            // buffer never holds more than one frame beyond what we parse.
+            let want = match frame::frame_len(&slot.rx[..slot.rx_len], slot.rx.len()) {
+                FrameLen::Len(n) => n,
+                _ => frame::PRELUDE_LEN,
+            };
+            match stream.read(&mut slot.rx[slot.rx_len..want]) {
+                Ok(0) => {
+                    slot.read_closed = true;
+                    if slot.rx_len > 0 {
+                        // A truncated frame [bus-err-1]: PARSE, then close.
+                        return Input::Malformed(frame::ErrorCode::Parse);
+                    }
+                    return Input::Closed;
+                }
+                Ok(n) => slot.rx_len += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    slot.readable = false;
+                    return Input::Idle;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return Input::Closed,
+            }
+        }
+    }
+
+    /// Drops the first `len` received bytes (a handled frame).
+    pub fn consume(&mut self, i: usize, len: usize) {
+        let slot = &mut self.slots[i];
+        let len = len.min(slot.rx_len);
+        slot.rx.copy_within(len..slot.rx_len, 0);
+        slot.rx_len -= len;
+    }
+
+    /// From now on, slot `i`'s input is read and discarded [bus-req-4.2].
+    pub fn ignore_input(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        slot.ignore_input = true;
+        slot.rx_len = 0;
+    }
+
+    /// Marks that slot `i` may have input again (a readiness event).
+    pub fn set_readable(&mut self, i: usize) {
+        self.slots[i].readable = true;
+    }
+
+    /// Sends a frame given as parts (written with one `writev` when the
+    /// backlog is empty; what the kernel does not take goes to the backlog).
+    /// A frame is never partly queued: if it does not fit, nothing is sent.
+    pub fn send(&mut self, i: usize, parts: &[&[u8]]) -> Result<(), SendError> {
+        let slot = &mut self.slots[i];
+        let Some(stream) = slot.stream.as_mut() else {
+            return Err(SendError::Closed);
+        };
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut written = 0;
+        if slot.tx_len == 0 {
+            let slices: heapless::Vec<IoSlice<'_>, 4> =
+                parts.iter().take(4).map(|p| IoSlice::new(p)).collect();
+            loop {
+                match stream.write_vectored(&slices) {
+                    Ok(n) => {
+                        written = n;
+                        break;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        slot.read_closed = true;
+                        return Err(SendError::Closed);
+                    }
+                }
+            }
+        }
+        if total - written > slot.tx_free() {
+            if written > 0 {
+                // Part of the frame is out; the peer would see a torn frame.
+                // Nothing sensible can follow it: close after what we have.
+                slot.close_after_flush = true;
+            }
+            return Err(SendError::Full);
+        }
+        let mut skip = written;
+        for part in parts {
+            if skip >= part.len() {
+                skip -= part.len();
+                continue;
+            }
+            slot.push_tx(&part[skip..]);
+            skip = 0;
+        }
+        Ok(())
+    }
+
+    /// Writes slot `i`'s backlog until the kernel stops taking it. Returns
+    /// whether the slot should now be closed (done closing, or failed).
+    pub fn flush(&mut self, i: usize) -> bool {
+        let slot = &mut self.slots[i];
+        let Some(stream) = slot.stream.as_mut() else {
+            return false;
+        };
+        while slot.tx_len > 0 {
+            let cap = slot.tx.len();
+            let run = (cap - slot.tx_head).min(slot.tx_len);
+            match stream.write(&slot.tx[slot.tx_head..slot.tx_head + run]) {
+                Ok(0) => return true,
+                Ok(n) => {
+                    slot.tx_head = (slot.tx_head + n) % cap;
+                    slot.tx_len -= n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return true,
+            }
+        }
+        slot.tx_head = 0;
+        slot.close_after_flush
+    }
+
+    /// Closes slot `i` once its backlog is written.
+    pub fn close_after_flush(&mut self, i: usize) {
+        self.slots[i].close_after_flush = true;
+    }
+
+    /// Closes slot `i` now.
+    pub fn close(&mut self, registry: &Registry, i: usize) {
+        let slot = &mut self.slots[i];
+        if let Some(mut stream) = slot.stream.take() {
+            let _ = registry.deregister(&mut stream);
+            log::debug!("bus: slot {i} closed");
+        }
+        slot.reset();
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(path) = &self.path {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// [bus-sock-2] Creates missing parents (0755) and removes a stale socket;
+/// refuses to remove anything that is not a socket, or a socket another
+/// daemon still serves.
+fn prepare_path(path: &Path) -> Result<(), String> {
+    if let Some(parent) = path.parent() {
+        if !parent.as_os_str().is_empty() && !parent.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o755)
+                .create(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err("another process is serving it".into());
+            }
+            std::fs::remove_file(path).map_err(|e| format!("cannot remove the stale socket: {e}"))
+        }
+        Ok(_) => Err("exists and is not a socket".into()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(format!("cannot inspect: {e}")),
+    }
+}
+
+/// [bus-sock-3] The listening fd systemd passed for interface `name`, if
+/// `LISTEN_PID` is our pid and `LISTEN_FDNAMES` names it. The variables are
+/// removed so the fd is taken once.
+fn activated_fd(name: &str) -> Option<RawFd> {
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    if pid != std::process::id() {
+        return None;
+    }
+    let count: usize = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    let index = names.split(':').take(count).position(|n| n == name)?;
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    // SD_LISTEN_FDS_START is 3.
+    RawFd::try_from(3 + index).ok()
+}

@@ -1,0 +1,2436 @@
+//! The subscription router, sans-I/O: topic validation and matching, the
+//! table of distinct broker filters and the links (MQTT connections) holding
+//! them, and the local subscriptions they serve [iotcored-4], [iotcored-5],
+//! [iotcored-bus-subscribe-*].
+//!
+//! Invariants:
+//! - Each distinct filter string has one entry. An entry is *placed* on one
+//!   link while it has broker users or the broker may hold it (a request in
+//!   flight, granted, or unknown after a lost link); a link never has more
+//!   than `SUBSCRIPTIONS_PER_CONNECTION` placed entries, so AWS's
+//!   per-connection limit holds even while UNSUBSCRIBEs are owed.
+//! - An entry's user counts equal the number of live local subscriptions
+//!   naming it; the first broker user causes a SUBSCRIBE, the last one
+//!   leaving an UNSUBSCRIBE (or nothing, if the broker never had it).
+//! - Virtual subscriptions (GGL's local-only matching) use entries for
+//!   matching but never place them; the table has `MAX_SUBSCRIPTIONS` spare
+//!   entries beyond the links' capacity for them.
+//! - Packet ids are 32768..=65535 (the publish side uses the lower half),
+//!   unique among one link's outstanding SUBSCRIBE and UNSUBSCRIBE.
+//! - Answers flow only through `take_settled`, in order; a subscription is
+//!   routed to only after its `Accepted` was taken, so no message frame can
+//!   overtake the `accepted` frame.
+//!
+//! Tables are allocated once in `new`; nothing allocates afterwards.
+
+use core::fmt;
+use core::str;
+
+use heapless::{Deque, String, Vec};
+
+use crate::consts::{MAX_CONNECTIONS, MAX_SUBSCRIPTIONS, SUBSCRIPTIONS_PER_CONNECTION};
+use crate::mqtt::packet::{Filters, Packet, QoS, SubackCode, Subscribe, Unsubscribe};
+
+/// Longest topic name or filter AWS IoT Core accepts, in bytes.
+pub const MAX_TOPIC_LEN: usize = 256;
+/// Most forward slashes in a topic or filter, not counting the
+/// `$aws/rules/<rule-name>/` prefix of Basic Ingest.
+pub const MAX_SLASHES: usize = 7;
+/// Most filters in one SUBSCRIBE or UNSUBSCRIBE packet (AWS, hard).
+pub const MAX_FILTERS_PER_PACKET: usize = 8;
+/// Most distinct filters in one local subscribe request.
+pub const MAX_FILTERS_PER_REQUEST: usize = 16;
+/// Longest `response_endpoint` name.
+pub const MAX_ENDPOINT_LEN: usize = 50;
+/// First packet id of the router's half of the id space.
+pub const FIRST_PACKET_ID: u16 = 32_768;
+/// Distinct filters the links can hold at the broker.
+pub const BROKER_FILTERS: usize = MAX_CONNECTIONS * SUBSCRIPTIONS_PER_CONNECTION;
+
+/// Entries: the links' capacity plus room for virtual-only filters.
+const FILTER_SLOTS: usize = BROKER_FILTERS + MAX_SUBSCRIPTIONS;
+/// Words of the per-topic match bitset over the entries.
+const MATCH_WORDS: usize = FILTER_SLOTS.div_ceil(64);
+/// Packet ids in the router's half.
+const PACKET_ID_SPAN: usize = 32_768;
+
+// Entry and slot indices are stored as u32 (slots are fewer than entries).
+const _: () = assert!(FILTER_SLOTS <= u32::MAX as usize);
+
+/// Core bus error codes this module's errors map to.
+pub mod code {
+    /// A malformed parameter.
+    pub const INVALID: i32 = 5;
+    /// A value outside AWS IoT Core's limits.
+    pub const RANGE: i32 = 8;
+    /// A full table.
+    pub const NOMEM: i32 = 9;
+    /// The broker refused.
+    pub const REMOTE: i32 = 14;
+}
+
+// ---- validation and matching ----------------------------------------------
+
+/// Why a topic name or filter is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopicError {
+    /// Not UTF-8 [MQTT-1.5.3-1].
+    NotUtf8,
+    /// Contains U+0000 [MQTT-1.5.3-2].
+    Nul,
+    /// Empty [MQTT-4.7.3-1].
+    Empty,
+    /// A topic name containing `+` or `#` [MQTT-3.3.2-2].
+    Wildcard,
+    /// A filter with `+` or `#` not filling a level, or `#` not last
+    /// [MQTT-4.7.1-2], [MQTT-4.7.1-3].
+    BadWildcard,
+    /// Starts with `$` but not with `$aws/` (reserved by AWS IoT Core).
+    Reserved,
+    /// Over `MAX_TOPIC_LEN` bytes.
+    TooLong,
+    /// Over `MAX_SLASHES` slashes.
+    TooManyLevels,
+}
+
+impl TopicError {
+    /// The core bus error code: RANGE for AWS limits, INVALID otherwise.
+    pub fn code(&self) -> i32 {
+        match self {
+            TopicError::TooLong | TopicError::TooManyLevels => code::RANGE,
+            _ => code::INVALID,
+        }
+    }
+}
+
+impl fmt::Display for TopicError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            TopicError::NotUtf8 => "topic is not valid utf-8",
+            TopicError::Nul => "topic contains u+0000",
+            TopicError::Empty => "topic is empty",
+            TopicError::Wildcard => "topic name contains a wildcard",
+            TopicError::BadWildcard => "topic filter misplaces a wildcard",
+            TopicError::Reserved => "topics starting with $ must start with $aws/",
+            TopicError::TooLong => "topic is longer than 256 bytes",
+            TopicError::TooManyLevels => "topic has more than 7 slashes",
+        })
+    }
+}
+
+impl std::error::Error for TopicError {}
+
+/// Checks a PUBLISH topic name against MQTT and AWS IoT Core's limits.
+pub fn validate_topic(bytes: &[u8]) -> Result<&str, TopicError> {
+    let topic = check_common(bytes)?;
+    if topic.contains(['+', '#']) {
+        return Err(TopicError::Wildcard);
+    }
+    check_limits(topic)?;
+    Ok(topic)
+}
+
+/// Checks a topic filter against MQTT and AWS IoT Core's limits.
+pub fn validate_filter(bytes: &[u8]) -> Result<&str, TopicError> {
+    let filter = check_common(bytes)?;
+    let mut levels = filter.split('/').peekable();
+    while let Some(level) = levels.next() {
+        let ok = match level {
+            "+" => true,
+            "#" => levels.peek().is_none(),
+            _ => !level.contains(['+', '#']),
+        };
+        if !ok {
+            return Err(TopicError::BadWildcard);
+        }
+    }
+    check_limits(filter)?;
+    Ok(filter)
+}
+
+/// The rules topic names and filters share, except wildcards and limits.
+fn check_common(bytes: &[u8]) -> Result<&str, TopicError> {
+    let s = str::from_utf8(bytes).map_err(|_| TopicError::NotUtf8)?;
+    if s.is_empty() {
+        return Err(TopicError::Empty);
+    }
+    if s.contains('\0') {
+        return Err(TopicError::Nul);
+    }
+    if s.starts_with('$') && !s.starts_with("$aws/") {
+        return Err(TopicError::Reserved);
+    }
+    Ok(s)
+}
+
+fn check_limits(s: &str) -> Result<(), TopicError> {
+    if s.len() > MAX_TOPIC_LEN {
+        return Err(TopicError::TooLong);
+    }
+    let counted = basic_ingest_suffix(s).unwrap_or(s);
+    if counted.bytes().filter(|&b| b == b'/').count() > MAX_SLASHES {
+        return Err(TopicError::TooManyLevels);
+    }
+    Ok(())
+}
+
+/// What follows a `$aws/rules/<rule-name>/` prefix, if `s` has one.
+fn basic_ingest_suffix(s: &str) -> Option<&str> {
+    let (rule, rest) = s.strip_prefix("$aws/rules/")?.split_once('/')?;
+    (!rule.is_empty()).then_some(rest)
+}
+
+/// Whether `topic` matches `filter` (MQTT 3.1.1 section 4.7): `+` is one
+/// level, `#` any number including none (`a/#` matches `a`), and a filter
+/// starting with a wildcard does not match a `$` topic [MQTT-4.7.2-1].
+pub fn matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
+        return false;
+    }
+    let mut f = filter.split('/');
+    let mut t = topic.split('/');
+    loop {
+        match (f.next(), t.next()) {
+            (Some("#"), _) => return true,
+            (Some("+"), Some(_)) => {}
+            (Some(fl), Some(tl)) if fl == tl => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
+// ---- public types -----------------------------------------------------------
+
+/// Where a local subscription's messages go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dest {
+    /// The subscribe stream of a bus client connection (GGL style).
+    Stream { client: u16, generation: u32 },
+    /// `iotcored_response` notifies to this bus interface.
+    Endpoint(String<MAX_ENDPOINT_LEN>),
+}
+
+impl Dest {
+    /// An endpoint destination; `None` if the name is over 50 bytes.
+    pub fn endpoint(name: &str) -> Option<Dest> {
+        String::try_from(name).ok().map(Dest::Endpoint)
+    }
+}
+
+/// A local subscription; stale once it is removed (slots are reused).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct SubId {
+    slot: u32,
+    generation: u32,
+}
+
+/// Where a local subscription is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubState {
+    /// Waiting for SUBACKs.
+    Pending,
+    /// Granted (or accepted while its links were down).
+    Active,
+    /// Refused by the broker; reported by `take_settled`, then freed.
+    Failed,
+}
+
+/// What to tell a subscriber.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Answer `accepted` (or the call's null result); messages may follow.
+    Accepted,
+    /// The broker refused a filter before the client was answered: answer
+    /// REMOTE. The subscription is gone.
+    Refused,
+    /// The broker refused a filter of a subscription already answered
+    /// `Accepted` (made offline, or re-made after a reconnect): close the
+    /// stream or drop the endpoint subscription. The subscription is gone.
+    Dropped,
+}
+
+/// One answer owed to a subscriber.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Settled {
+    pub id: SubId,
+    pub dest: Dest,
+    pub outcome: Outcome,
+}
+
+/// Why a subscribe request is refused; nothing changed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SubscribeError {
+    /// A filter failed `validate_filter`.
+    Filter(TopicError),
+    /// No filters at all.
+    NoFilters,
+    /// More than `MAX_FILTERS_PER_REQUEST` distinct filters.
+    TooManyFilters,
+    /// Every local subscription slot is taken.
+    TableFull,
+    /// The new distinct filters do not fit on the links.
+    NoRoom,
+}
+
+impl SubscribeError {
+    /// The core bus error code.
+    pub fn code(&self) -> i32 {
+        match self {
+            SubscribeError::Filter(e) => e.code(),
+            SubscribeError::NoFilters => code::INVALID,
+            SubscribeError::TooManyFilters => code::RANGE,
+            SubscribeError::TableFull | SubscribeError::NoRoom => code::NOMEM,
+        }
+    }
+}
+
+impl fmt::Display for SubscribeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SubscribeError::Filter(e) => e.fmt(f),
+            SubscribeError::NoFilters => f.write_str("no topic filters"),
+            SubscribeError::TooManyFilters => write!(
+                f,
+                "more than {MAX_FILTERS_PER_REQUEST} topic filters in one request"
+            ),
+            SubscribeError::TableFull => f.write_str("local subscription table is full"),
+            SubscribeError::NoRoom => f.write_str("every connection's subscription table is full"),
+        }
+    }
+}
+
+impl std::error::Error for SubscribeError {}
+
+/// The kind of a broker request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RequestKind {
+    Subscribe,
+    Unsubscribe,
+}
+
+/// A SUBSCRIBE or UNSUBSCRIBE the loop must send on a link now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BrokerRequest<'a> {
+    pub kind: RequestKind,
+    pub packet_id: u16,
+    /// Filters with their QoS (QoS 0, ignored, for UNSUBSCRIBE).
+    pub filters: Vec<(&'a str, QoS), MAX_FILTERS_PER_PACKET>,
+}
+
+impl BrokerRequest<'_> {
+    /// The packet to emit.
+    pub fn packet(&self) -> Packet<'_> {
+        let packet_id = self.packet_id;
+        let filters = Filters::List(&self.filters);
+        match self.kind {
+            RequestKind::Subscribe => Packet::Subscribe(Subscribe { packet_id, filters }),
+            RequestKind::Unsubscribe => Packet::Unsubscribe(Unsubscribe { packet_id, filters }),
+        }
+    }
+}
+
+/// One link as `stats` and the logs see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkStats {
+    /// Broker filters placed on it (including UNSUBSCRIBEs still owed).
+    pub filters: usize,
+    /// Whether the loop should keep it connected (link 0 always).
+    pub wanted: bool,
+    /// Whether `link_up` was called last.
+    pub up: bool,
+}
+
+// ---- internal state ---------------------------------------------------------
+
+/// What the broker session holds of an entry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Broker {
+    /// Known not to hold it.
+    Absent,
+    /// SUBSCRIBE at this QoS in flight.
+    Subscribing { id: u16, qos: QoS },
+    /// Granted for a SUBSCRIBE at this QoS.
+    Granted(QoS),
+    /// UNSUBSCRIBE in flight.
+    Unsubscribing { id: u16 },
+    /// A request was in flight when the link went down: may hold it or not.
+    Uncertain,
+}
+
+/// One distinct filter.
+#[derive(Debug)]
+struct Entry {
+    live: bool,
+    text: String<MAX_TOPIC_LEN>,
+    /// Broker users by requested QoS (index 0 and 1).
+    users: [u32; 2],
+    virtual_users: u32,
+    /// Counted on `link`.
+    placed: bool,
+    link: usize,
+    broker: Broker,
+}
+
+impl Entry {
+    const FREE: Entry = Entry {
+        live: false,
+        text: String::new(),
+        users: [0; 2],
+        virtual_users: 0,
+        placed: false,
+        link: 0,
+        broker: Broker::Absent,
+    };
+
+    fn broker_users(&self) -> u32 {
+        self.users[0].saturating_add(self.users[1])
+    }
+
+    fn users_mut(&mut self, qos: QoS) -> &mut u32 {
+        match qos {
+            QoS::AtMostOnce => &mut self.users[0],
+            QoS::AtLeastOnce => &mut self.users[1],
+        }
+    }
+
+    /// The QoS to hold it at: the highest its users asked for.
+    fn want(&self) -> QoS {
+        if self.users[1] > 0 {
+            QoS::AtLeastOnce
+        } else {
+            QoS::AtMostOnce
+        }
+    }
+
+    fn on(&self, link: usize) -> bool {
+        self.live && self.placed && self.link == link
+    }
+
+    fn in_flight(&self) -> Option<u16> {
+        match self.broker {
+            Broker::Subscribing { id, .. } | Broker::Unsubscribing { id } => Some(id),
+            _ => None,
+        }
+    }
+
+    fn needs_unsubscribe(&self) -> bool {
+        self.broker_users() == 0 && matches!(self.broker, Broker::Granted(_) | Broker::Uncertain)
+    }
+
+    fn needs_subscribe(&self) -> bool {
+        self.broker_users() > 0
+            && match self.broker {
+                Broker::Absent | Broker::Uncertain => true,
+                Broker::Granted(q) => (q as u8) < (self.want() as u8),
+                Broker::Subscribing { .. } | Broker::Unsubscribing { .. } => false,
+            }
+    }
+}
+
+/// One local subscription slot.
+#[derive(Debug)]
+struct Sub {
+    generation: u32,
+    /// `None`: free.
+    state: Option<SubState>,
+    dest: Dest,
+    filters: Vec<u32, MAX_FILTERS_PER_REQUEST>,
+    qos: QoS,
+    is_virtual: bool,
+    /// `Accepted` was handed out by `take_settled`.
+    answered: bool,
+    /// In the settled queue (kept across reuse of the slot).
+    queued: bool,
+}
+
+impl Sub {
+    const FREE: Sub = Sub {
+        generation: 0,
+        state: None,
+        dest: Dest::Stream {
+            client: 0,
+            generation: 0,
+        },
+        filters: Vec::new(),
+        qos: QoS::AtMostOnce,
+        is_virtual: false,
+        answered: false,
+        queued: false,
+    };
+
+    fn is_live(&self) -> bool {
+        matches!(self.state, Some(SubState::Pending | SubState::Active))
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Link {
+    up: bool,
+    /// Placed entries.
+    filters: usize,
+    next_id: u16,
+    /// Something may be owed to the broker; cleared by a `next_request`
+    /// that found nothing.
+    dirty: bool,
+}
+
+impl Link {
+    const DOWN: Link = Link {
+        up: false,
+        filters: 0,
+        next_id: FIRST_PACKET_ID,
+        dirty: false,
+    };
+}
+
+/// The router: broker filters, links and local subscriptions.
+#[derive(Debug)]
+pub struct Router {
+    entries: Box<[Entry]>,
+    subs: Box<[Sub]>,
+    links: [Link; MAX_CONNECTIONS],
+    /// Broker filters per link: `SUBSCRIPTIONS_PER_CONNECTION` (tests vary it).
+    link_capacity: usize,
+    settled: Deque<u32, MAX_SUBSCRIPTIONS>,
+}
+
+impl Default for Router {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Router {
+    /// Empty tables, every link down. The only allocation the router makes.
+    pub fn new() -> Self {
+        Self {
+            entries: (0..FILTER_SLOTS).map(|_| Entry::FREE).collect(),
+            subs: (0..MAX_SUBSCRIPTIONS).map(|_| Sub::FREE).collect(),
+            links: [Link::DOWN; MAX_CONNECTIONS],
+            link_capacity: SUBSCRIPTIONS_PER_CONNECTION,
+            settled: Deque::new(),
+        }
+    }
+
+    /// A router whose links hold `n` filters each, within the table's size.
+    #[cfg(test)]
+    fn with_link_capacity(n: usize) -> Self {
+        Self {
+            link_capacity: n.min(BROKER_FILTERS),
+            ..Self::new()
+        }
+    }
+
+    // ---- local subscriptions ------------------------------------------------
+
+    /// Adds a local subscription to `filters` (duplicates count once). It is
+    /// `Pending` until the broker granted every filter, or at once `Active`
+    /// when they are granted already, their links are down (made at the
+    /// next connect) or it is virtual; either way `take_settled` reports it.
+    /// On error nothing changed.
+    pub fn subscribe(
+        &mut self,
+        dest: Dest,
+        filters: &[&str],
+        qos: QoS,
+        is_virtual: bool,
+    ) -> Result<SubId, SubscribeError> {
+        let mut distinct: Vec<&str, MAX_FILTERS_PER_REQUEST> = Vec::new();
+        for &f in filters {
+            validate_filter(f.as_bytes()).map_err(SubscribeError::Filter)?;
+            if !distinct.contains(&f) {
+                distinct
+                    .push(f)
+                    .map_err(|_| SubscribeError::TooManyFilters)?;
+            }
+        }
+        if distinct.is_empty() {
+            return Err(SubscribeError::NoFilters);
+        }
+        let slot = self
+            .subs
+            .iter()
+            .position(|s| s.state.is_none())
+            .ok_or(SubscribeError::TableFull)?;
+
+        // Plan everything before changing anything.
+        let mut found: Vec<Option<usize>, MAX_FILTERS_PER_REQUEST> = Vec::new();
+        let (mut new_entries, mut to_place) = (0, 0);
+        for f in &distinct {
+            let idx = self.find_entry(f);
+            new_entries += usize::from(idx.is_none());
+            let placed = idx
+                .and_then(|i| self.entries.get(i))
+                .is_some_and(|e| e.placed);
+            to_place += usize::from(!is_virtual && !placed);
+            // Cannot fail: as many as `distinct`.
+            let _ = found.push(idx);
+        }
+        let mut free: Vec<usize, MAX_FILTERS_PER_REQUEST> = Vec::new();
+        for (i, _) in self.entries.iter().enumerate().filter(|(_, e)| !e.live) {
+            if free.len() == new_entries {
+                break;
+            }
+            // Cannot fail: stops at `new_entries` <= the capacity.
+            let _ = free.push(i);
+        }
+        if free.len() < new_entries {
+            return Err(SubscribeError::NoRoom);
+        }
+        let plan = self.place(to_place).ok_or(SubscribeError::NoRoom)?;
+
+        // Commit; nothing below can fail.
+        let (mut free, mut plan) = (free.into_iter(), plan.into_iter());
+        let mut indices: Vec<u32, MAX_FILTERS_PER_REQUEST> = Vec::new();
+        for (f, idx) in distinct.iter().zip(found) {
+            let Some(idx) = idx.or_else(|| free.next()) else {
+                continue;
+            };
+            let Some(e) = self.entries.get_mut(idx) else {
+                continue;
+            };
+            if !e.live {
+                *e = Entry::FREE;
+                e.live = true;
+                // Fits: validate_filter allowed at most MAX_TOPIC_LEN bytes.
+                let _ = e.text.push_str(f);
+            }
+            if is_virtual {
+                e.virtual_users = e.virtual_users.saturating_add(1);
+            } else {
+                if !e.placed {
+                    e.link = plan.next().unwrap_or(0);
+                }
+                let n = e.users_mut(qos);
+                *n = n.saturating_add(1);
+            }
+            self.refresh(idx);
+            // Both cannot fail: FILTER_SLOTS fits u32; one per distinct filter.
+            let _ = indices.push(u32::try_from(idx).unwrap_or(u32::MAX));
+        }
+        let Some(sub) = self.subs.get_mut(slot) else {
+            return Err(SubscribeError::TableFull); // `position` found it
+        };
+        sub.generation = sub.generation.wrapping_add(1);
+        sub.state = Some(SubState::Pending);
+        sub.dest = dest;
+        sub.filters = indices;
+        sub.qos = qos;
+        sub.is_virtual = is_virtual;
+        sub.answered = false;
+        let id = SubId {
+            slot: u32::try_from(slot).unwrap_or(u32::MAX),
+            generation: sub.generation,
+        };
+        self.activate_if_ready(slot);
+        Ok(id)
+    }
+
+    /// Ends a local subscription; false if `id` is stale.
+    pub fn unsubscribe(&mut self, id: SubId) -> bool {
+        let Some(slot) = self.slot_of(id) else {
+            return false;
+        };
+        self.release(slot);
+        if let Some(sub) = self.subs.get_mut(slot) {
+            sub.state = None;
+            sub.answered = false;
+        }
+        true
+    }
+
+    /// Ends every local subscription whose destination satisfies `pred`;
+    /// returns how many.
+    pub fn remove_dest(&mut self, mut pred: impl FnMut(&Dest) -> bool) -> usize {
+        let mut removed = 0;
+        for slot in 0..self.subs.len() {
+            let id = match self.subs.get(slot) {
+                Some(s) if s.state.is_some() && pred(&s.dest) => self.id_of(slot),
+                _ => continue,
+            };
+            removed += usize::from(self.unsubscribe(id));
+        }
+        removed
+    }
+
+    /// Ends the subscriptions of a closed bus stream.
+    pub fn remove_stream(&mut self, client: u16, generation: u32) -> usize {
+        let target = Dest::Stream { client, generation };
+        self.remove_dest(|d| *d == target)
+    }
+
+    /// The live endpoint subscription with exactly this filter list (order
+    /// and duplicates aside) and endpoint, for the `unsubscribe` method.
+    pub fn find_endpoint(&self, endpoint: &str, filters: &[&str]) -> Option<SubId> {
+        let mut distinct: Vec<&str, MAX_FILTERS_PER_REQUEST> = Vec::new();
+        for &f in filters {
+            if !distinct.contains(&f) {
+                distinct.push(f).ok()?;
+            }
+        }
+        let slot = self.subs.iter().position(|s| {
+            s.is_live()
+                && matches!(&s.dest, Dest::Endpoint(e) if e.as_str() == endpoint)
+                && s.filters.len() == distinct.len()
+                && distinct.iter().all(|f| {
+                    s.filters
+                        .iter()
+                        .any(|&i| self.entry(i).is_some_and(|e| e.text.as_str() == *f))
+                })
+        })?;
+        Some(self.id_of(slot))
+    }
+
+    /// The next answer owed to a subscriber, oldest first. Call until `None`
+    /// after every call that may settle subscriptions (`subscribe`,
+    /// `on_suback`, `link_down`).
+    pub fn take_settled(&mut self) -> Option<Settled> {
+        while let Some(slot) = self.settled.pop_front() {
+            let slot = usize::try_from(slot).unwrap_or(usize::MAX);
+            let id = self.id_of(slot);
+            let Some(sub) = self.subs.get_mut(slot) else {
+                continue;
+            };
+            sub.queued = false;
+            match sub.state {
+                Some(SubState::Active) if !sub.answered => {
+                    sub.answered = true;
+                    let dest = sub.dest.clone();
+                    return Some(Settled {
+                        id,
+                        dest,
+                        outcome: Outcome::Accepted,
+                    });
+                }
+                Some(SubState::Failed) => {
+                    let outcome = if sub.answered {
+                        Outcome::Dropped
+                    } else {
+                        Outcome::Refused
+                    };
+                    sub.state = None;
+                    sub.answered = false;
+                    return Some(Settled {
+                        id,
+                        dest: sub.dest.clone(),
+                        outcome,
+                    });
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    /// Calls `deliver` once per answered active subscription with a filter
+    /// matching `topic`; returns how many.
+    pub fn route(&self, topic: &str, mut deliver: impl FnMut(SubId, &Dest)) -> usize {
+        let mut bits = [0u64; MATCH_WORDS];
+        let mut any = false;
+        for (i, e) in self.entries.iter().enumerate() {
+            if e.live && matches(&e.text, topic) {
+                if let Some(w) = bits.get_mut(i / 64) {
+                    *w |= 1 << (i % 64);
+                    any = true;
+                }
+            }
+        }
+        if !any {
+            return 0;
+        }
+        let hit = |i: u32| {
+            let i = usize::try_from(i).unwrap_or(usize::MAX);
+            bits.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+        };
+        let mut delivered = 0;
+        for (slot, sub) in self.subs.iter().enumerate() {
+            if sub.state == Some(SubState::Active)
+                && sub.answered
+                && sub.filters.iter().any(|&i| hit(i))
+            {
+                deliver(self.id_of(slot), &sub.dest);
+                delivered += 1;
+            }
+        }
+        delivered
+    }
+
+    // ---- links and the broker -----------------------------------------------
+
+    /// Link `link` completed CONNACK. Without a session every filter of it
+    /// is subscribed again; with one, granted filters stay granted and
+    /// UNSUBSCRIBEs owed from before are sent.
+    pub fn link_up(&mut self, link: usize, session_present: bool) {
+        if self.links.get(link).is_some_and(|l| l.up) {
+            self.link_down(link);
+        }
+        let Some(l) = self.links.get_mut(link) else {
+            return;
+        };
+        l.up = true;
+        l.dirty = true;
+        for i in 0..self.entries.len() {
+            if let Some(e) = self.entries.get_mut(i).filter(|e| e.on(link)) {
+                if !session_present {
+                    e.broker = Broker::Absent;
+                }
+                self.refresh(i);
+            }
+        }
+    }
+
+    /// Link `link` was lost: outstanding requests are forgotten, and
+    /// pending subscriptions waiting only on it are accepted (offline).
+    pub fn link_down(&mut self, link: usize) {
+        let Some(l) = self.links.get_mut(link) else {
+            return;
+        };
+        l.up = false;
+        for i in 0..self.entries.len() {
+            if let Some(e) = self.entries.get_mut(i).filter(|e| e.on(link)) {
+                if e.in_flight().is_some() {
+                    e.broker = Broker::Uncertain;
+                }
+                self.refresh(i);
+            }
+        }
+        self.check_pending();
+    }
+
+    /// The next SUBSCRIBE or UNSUBSCRIBE to send on `link` (UNSUBSCRIBEs
+    /// first, to free broker capacity); the filters count as in flight from
+    /// now on. `None` while the link is down or nothing is owed.
+    pub fn next_request(&mut self, link: usize) -> Option<BrokerRequest<'_>> {
+        let l = self.links.get(link)?;
+        if !l.up || !l.dirty {
+            return None;
+        }
+        let mut kind = RequestKind::Unsubscribe;
+        let mut picked = self.pick(link, Entry::needs_unsubscribe);
+        if picked.is_empty() {
+            kind = RequestKind::Subscribe;
+            picked = self.pick(link, Entry::needs_subscribe);
+        }
+        if picked.is_empty() {
+            if let Some(l) = self.links.get_mut(link) {
+                l.dirty = false;
+            }
+            return None;
+        }
+        let packet_id = self.alloc_packet_id(link)?;
+        for &i in &picked {
+            if let Some(e) = self.entries.get_mut(i) {
+                e.broker = match kind {
+                    RequestKind::Subscribe => Broker::Subscribing {
+                        id: packet_id,
+                        qos: e.want(),
+                    },
+                    RequestKind::Unsubscribe => Broker::Unsubscribing { id: packet_id },
+                };
+            }
+        }
+        let mut filters = Vec::new();
+        for &i in &picked {
+            if let Some(e) = self.entries.get(i) {
+                let qos = match e.broker {
+                    Broker::Subscribing { qos, .. } => qos,
+                    _ => QoS::AtMostOnce,
+                };
+                // Cannot fail: `pick` takes at most MAX_FILTERS_PER_PACKET.
+                let _ = filters.push((e.text.as_str(), qos));
+            }
+        }
+        Some(BrokerRequest {
+            kind,
+            packet_id,
+            filters,
+        })
+    }
+
+    /// The broker answered SUBSCRIBE `packet_id` on `link`; false if the id
+    /// is unknown. A refused filter (or a missing code) fails every
+    /// subscription using it; their other filters are released.
+    pub fn on_suback(
+        &mut self,
+        link: usize,
+        packet_id: u16,
+        codes: impl IntoIterator<Item = SubackCode>,
+    ) -> bool {
+        if !self.links.get(link).is_some_and(|l| l.up) {
+            return false;
+        }
+        // Entries in index order are the order of the SUBSCRIBE's filters.
+        let mut batch: Vec<usize, MAX_FILTERS_PER_PACKET> = Vec::new();
+        for (i, e) in self.entries.iter().enumerate() {
+            if e.on(link) && matches!(e.broker, Broker::Subscribing { id, .. } if id == packet_id) {
+                // Cannot fail: one request holds at most MAX_FILTERS_PER_PACKET.
+                let _ = batch.push(i);
+            }
+        }
+        if batch.is_empty() {
+            return false;
+        }
+        let mut codes = codes.into_iter();
+        let mut refused: Vec<usize, MAX_FILTERS_PER_PACKET> = Vec::new();
+        for &i in &batch {
+            let granted = matches!(
+                codes.next(),
+                Some(SubackCode::Granted(_) | SubackCode::GrantedExactlyOnce)
+            );
+            if let Some(e) = self.entries.get_mut(i) {
+                if let Broker::Subscribing { qos, .. } = e.broker {
+                    e.broker = if granted {
+                        Broker::Granted(qos)
+                    } else {
+                        let _ = refused.push(i); // same bound as `batch`
+                        Broker::Absent
+                    };
+                }
+            }
+        }
+        for &i in &refused {
+            self.fail_users(i);
+        }
+        for &i in &batch {
+            self.refresh(i);
+        }
+        self.check_pending();
+        true
+    }
+
+    /// The broker answered UNSUBSCRIBE `packet_id` on `link`; false if the
+    /// id is unknown.
+    pub fn on_unsuback(&mut self, link: usize, packet_id: u16) -> bool {
+        if !self.links.get(link).is_some_and(|l| l.up) {
+            return false;
+        }
+        let mut known = false;
+        for i in 0..self.entries.len() {
+            if let Some(e) = self.entries.get_mut(i).filter(|e| e.on(link)) {
+                if e.broker == (Broker::Unsubscribing { id: packet_id }) {
+                    e.broker = Broker::Absent;
+                    known = true;
+                    self.refresh(i);
+                }
+            }
+        }
+        known
+    }
+
+    // ---- inspection -----------------------------------------------------------
+
+    /// Counters of one link (`None` past `MAX_CONNECTIONS`).
+    pub fn link_stats(&self, link: usize) -> Option<LinkStats> {
+        let l = self.links.get(link)?;
+        Some(LinkStats {
+            filters: l.filters,
+            wanted: link == 0 || l.filters > 0,
+            up: l.up,
+        })
+    }
+
+    /// Whether the loop should keep link `link` connected: link 0 always,
+    /// another while it holds a broker filter.
+    pub fn link_wanted(&self, link: usize) -> bool {
+        self.link_stats(link).is_some_and(|s| s.wanted)
+    }
+
+    /// Local subscriptions held (failed ones until reported).
+    pub fn subscriptions(&self) -> usize {
+        self.subs.iter().filter(|s| s.state.is_some()).count()
+    }
+
+    /// Distinct filters held, virtual-only ones included.
+    pub fn filters(&self) -> usize {
+        self.entries.iter().filter(|e| e.live).count()
+    }
+
+    /// The state of a subscription; `None` if `id` is stale.
+    pub fn state(&self, id: SubId) -> Option<SubState> {
+        self.subs.get(self.slot_of(id)?)?.state
+    }
+
+    /// The destination of a subscription; `None` if `id` is stale.
+    pub fn dest(&self, id: SubId) -> Option<&Dest> {
+        Some(&self.subs.get(self.slot_of(id)?)?.dest)
+    }
+
+    // ---- internals ------------------------------------------------------------
+
+    fn entry(&self, i: u32) -> Option<&Entry> {
+        self.entries.get(usize::try_from(i).ok()?)
+    }
+
+    fn find_entry(&self, text: &str) -> Option<usize> {
+        self.entries
+            .iter()
+            .position(|e| e.live && e.text.as_str() == text)
+    }
+
+    fn id_of(&self, slot: usize) -> SubId {
+        SubId {
+            slot: u32::try_from(slot).unwrap_or(u32::MAX),
+            generation: self.subs.get(slot).map_or(0, |s| s.generation),
+        }
+    }
+
+    fn slot_of(&self, id: SubId) -> Option<usize> {
+        let slot = usize::try_from(id.slot).ok()?;
+        let sub = self.subs.get(slot)?;
+        (sub.state.is_some() && sub.generation == id.generation).then_some(slot)
+    }
+
+    /// Links for `n` new broker filters: all on the lowest link with room
+    /// for all, else spread over the links in order.
+    fn place(&self, n: usize) -> Option<Vec<usize, MAX_FILTERS_PER_REQUEST>> {
+        let room = |l: &Link| self.link_capacity.saturating_sub(l.filters);
+        let mut plan = Vec::new();
+        if n == 0 {
+            return Some(plan);
+        }
+        if let Some(link) = self.links.iter().position(|l| room(l) >= n) {
+            for _ in 0..n {
+                plan.push(link).ok()?;
+            }
+            return Some(plan);
+        }
+        for (link, l) in self.links.iter().enumerate() {
+            for _ in 0..room(l).min(n - plan.len()) {
+                plan.push(link).ok()?;
+            }
+        }
+        (plan.len() == n).then_some(plan)
+    }
+
+    /// Recomputes entry `i`'s placement and link count after any change to
+    /// it, frees it when nothing uses it, and marks its link for
+    /// `next_request`.
+    fn refresh(&mut self, i: usize) {
+        let Some(e) = self.entries.get_mut(i).filter(|e| e.live) else {
+            return;
+        };
+        let place = e.broker_users() > 0 || e.broker != Broker::Absent;
+        if let Some(l) = self.links.get_mut(e.link) {
+            if place && !e.placed {
+                l.filters = l.filters.saturating_add(1);
+            } else if !place && e.placed {
+                l.filters = l.filters.saturating_sub(1);
+            }
+            l.dirty = true;
+        }
+        e.placed = place;
+        if !place && e.virtual_users == 0 {
+            *e = Entry::FREE;
+        }
+    }
+
+    /// Drops subscription `slot`'s uses of its entries.
+    fn release(&mut self, slot: usize) {
+        let Some(sub) = self.subs.get_mut(slot) else {
+            return;
+        };
+        let filters = core::mem::take(&mut sub.filters);
+        let (qos, is_virtual) = (sub.qos, sub.is_virtual);
+        for i in filters {
+            let i = usize::try_from(i).unwrap_or(usize::MAX);
+            if let Some(e) = self.entries.get_mut(i) {
+                let n = if is_virtual {
+                    &mut e.virtual_users
+                } else {
+                    e.users_mut(qos)
+                };
+                *n = n.saturating_sub(1);
+                self.refresh(i);
+            }
+        }
+    }
+
+    /// Fails every live broker subscription using entry `i`.
+    fn fail_users(&mut self, i: usize) {
+        let Ok(i) = u32::try_from(i) else {
+            return;
+        };
+        for slot in 0..self.subs.len() {
+            let uses = self
+                .subs
+                .get(slot)
+                .is_some_and(|s| s.is_live() && !s.is_virtual && s.filters.contains(&i));
+            if uses {
+                self.release(slot);
+                if let Some(sub) = self.subs.get_mut(slot) {
+                    sub.state = Some(SubState::Failed);
+                }
+                self.enqueue(slot);
+            }
+        }
+    }
+
+    /// Whether every filter of `sub` is granted at its QoS or waits for a
+    /// link that is down.
+    fn satisfied(&self, sub: &Sub) -> bool {
+        sub.is_virtual
+            || sub.filters.iter().all(|&i| {
+                self.entry(i).is_some_and(|e| {
+                    !self.links.get(e.link).is_some_and(|l| l.up)
+                        || matches!(e.broker, Broker::Granted(q) if q as u8 >= sub.qos as u8)
+                })
+            })
+    }
+
+    fn activate_if_ready(&mut self, slot: usize) {
+        let ready = self
+            .subs
+            .get(slot)
+            .is_some_and(|s| s.state == Some(SubState::Pending) && self.satisfied(s));
+        if ready {
+            if let Some(sub) = self.subs.get_mut(slot) {
+                sub.state = Some(SubState::Active);
+            }
+            self.enqueue(slot);
+        }
+    }
+
+    fn check_pending(&mut self) {
+        for slot in 0..self.subs.len() {
+            self.activate_if_ready(slot);
+        }
+    }
+
+    fn enqueue(&mut self, slot: usize) {
+        let Some(sub) = self.subs.get_mut(slot) else {
+            return;
+        };
+        if !sub.queued {
+            // Cannot fail: each slot is queued at most once, and the queue
+            // holds MAX_SUBSCRIPTIONS.
+            if let Ok(s) = u32::try_from(slot) {
+                sub.queued = self.settled.push_back(s).is_ok();
+            }
+        }
+    }
+
+    /// Up to one packet's worth of entries on `link` that satisfy `want`.
+    fn pick(&self, link: usize, want: fn(&Entry) -> bool) -> Vec<usize, MAX_FILTERS_PER_PACKET> {
+        let mut picked = Vec::new();
+        for (i, e) in self.entries.iter().enumerate() {
+            if e.on(link) && want(e) && picked.push(i).is_err() {
+                break;
+            }
+        }
+        picked
+    }
+
+    /// A packet id of the upper half not outstanding on `link`.
+    fn alloc_packet_id(&mut self, link: usize) -> Option<u16> {
+        let mut id = self.links.get(link)?.next_id;
+        for _ in 0..PACKET_ID_SPAN {
+            let candidate = id;
+            id = candidate.checked_add(1).unwrap_or(FIRST_PACKET_ID);
+            let in_use = self
+                .entries
+                .iter()
+                .any(|e| e.on(link) && e.in_flight() == Some(candidate));
+            if !in_use {
+                if let Some(l) = self.links.get_mut(link) {
+                    l.next_id = id;
+                }
+                return Some(candidate);
+            }
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet, VecDeque};
+    use std::string::String as StdString;
+    use std::vec::Vec as StdVec;
+
+    const Q0: QoS = QoS::AtMostOnce;
+    const Q1: QoS = QoS::AtLeastOnce;
+    const GRANTED: SubackCode = SubackCode::Granted(QoS::AtLeastOnce);
+    const REFUSED: SubackCode = SubackCode::Failure;
+
+    fn stream(client: u16) -> Dest {
+        Dest::Stream {
+            client,
+            generation: 1,
+        }
+    }
+
+    /// A broker request as owned data.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    struct Req {
+        kind: RequestKind,
+        id: u16,
+        filters: StdVec<(StdString, QoS)>,
+    }
+
+    impl Req {
+        fn names(&self) -> StdVec<&str> {
+            self.filters.iter().map(|(f, _)| f.as_str()).collect()
+        }
+    }
+
+    /// The next request on `link`, checked to emit and parse back as
+    /// itself.
+    fn next(r: &mut Router, link: usize) -> Option<Req> {
+        let q = r.next_request(link)?;
+        assert!(!q.filters.is_empty() && q.filters.len() <= MAX_FILTERS_PER_PACKET);
+        let mut buf = [0u8; 4096];
+        let packet = q.packet();
+        let n = packet.emit(&mut buf).unwrap();
+        assert_eq!(Packet::parse(&buf[..n]), Ok(packet));
+        Some(Req {
+            kind: q.kind,
+            id: q.packet_id,
+            filters: q
+                .filters
+                .iter()
+                .map(|(f, qos)| (StdString::from(*f), *qos))
+                .collect(),
+        })
+    }
+
+    /// Sends every owed request on `link` and answers it at once, refusing
+    /// the filters in `refuse`; returns the requests.
+    fn exchange(r: &mut Router, link: usize, refuse: &[&str]) -> StdVec<Req> {
+        let mut sent = StdVec::new();
+        while let Some(req) = next(r, link) {
+            let known = match req.kind {
+                RequestKind::Subscribe => {
+                    let codes = req.filters.iter().map(|(f, _)| {
+                        if refuse.contains(&f.as_str()) {
+                            REFUSED
+                        } else {
+                            GRANTED
+                        }
+                    });
+                    r.on_suback(link, req.id, codes)
+                }
+                RequestKind::Unsubscribe => r.on_unsuback(link, req.id),
+            };
+            assert!(known, "{req:?}");
+            sent.push(req);
+        }
+        sent
+    }
+
+    fn settled(r: &mut Router) -> StdVec<(SubId, Outcome)> {
+        core::iter::from_fn(|| r.take_settled())
+            .map(|s| (s.id, s.outcome))
+            .collect()
+    }
+
+    fn routed(r: &Router, topic: &str) -> StdVec<SubId> {
+        let mut hits = StdVec::new();
+        r.route(topic, |id, _| hits.push(id));
+        hits
+    }
+
+    fn link_filters(r: &Router) -> [usize; MAX_CONNECTIONS] {
+        core::array::from_fn(|l| r.link_stats(l).map_or(0, |s| s.filters))
+    }
+
+    fn entry<'r>(r: &'r Router, text: &str) -> Option<&'r Entry> {
+        r.find_entry(text).and_then(|i| r.entries.get(i))
+    }
+
+    fn sub(r: &mut Router, dest: Dest, filters: &[&str], qos: QoS) -> SubId {
+        r.subscribe(dest, filters, qos, false).unwrap()
+    }
+
+    // ---- validation ---------------------------------------------------------
+
+    #[test]
+    fn topic_names_are_validated_rule_by_rule() {
+        let long = "a".repeat(256);
+        let too_long = "a".repeat(257);
+        for ok in [
+            "a",
+            "a/b",
+            "/",
+            "a//b",
+            "é/ü",
+            "$aws/things/t/shadow/update",
+            "a/b/c/d/e/f/g/h",
+            "$aws/things/a/b/c/d/e/f",
+            "$aws/rules/r/a/b/c/d/e/f/g/h",
+            long.as_str(),
+        ] {
+            assert_eq!(validate_topic(ok.as_bytes()), Ok(ok), "{ok:?}");
+        }
+        let cases: &[(&[u8], TopicError)] = &[
+            (b"", TopicError::Empty),
+            (b"\xff", TopicError::NotUtf8),
+            (b"a/\xc3", TopicError::NotUtf8),
+            (b"a\0b", TopicError::Nul),
+            (b"a/+", TopicError::Wildcard),
+            (b"a/#", TopicError::Wildcard),
+            (b"a+b", TopicError::Wildcard),
+            (b"$SYS/broker", TopicError::Reserved),
+            (b"$aws", TopicError::Reserved),
+            (b"$", TopicError::Reserved),
+            (b"a/b/c/d/e/f/g/h/i", TopicError::TooManyLevels),
+            (b"$aws/things/a/b/c/d/e/f/g", TopicError::TooManyLevels),
+            (b"$aws/rules/r/a/b/c/d/e/f/g/h/i", TopicError::TooManyLevels),
+            (b"$aws/rules//a/b/c/d/e/f", TopicError::TooManyLevels),
+            (too_long.as_bytes(), TopicError::TooLong),
+        ];
+        for (bytes, err) in cases {
+            assert_eq!(validate_topic(bytes), Err(*err), "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn topic_filters_are_validated_rule_by_rule() {
+        let long = "a".repeat(256);
+        let too_long = "a".repeat(257);
+        for ok in [
+            "#",
+            "+",
+            "+/+",
+            "/+",
+            "+/",
+            "a/+/b",
+            "a/#",
+            "/#",
+            "$aws/things/+/shadow/#",
+            "a/b/c/d/e/f/g/#",
+            "$aws/rules/r/a/b/c/d/e/f/g/+",
+            "a",
+            long.as_str(),
+        ] {
+            assert_eq!(validate_filter(ok.as_bytes()), Ok(ok), "{ok:?}");
+        }
+        let cases: &[(&[u8], TopicError)] = &[
+            (b"", TopicError::Empty),
+            (b"\xc3", TopicError::NotUtf8),
+            (b"\0", TopicError::Nul),
+            (b"a#", TopicError::BadWildcard),
+            (b"a/#/b", TopicError::BadWildcard),
+            (b"#/a", TopicError::BadWildcard),
+            (b"a+/b", TopicError::BadWildcard),
+            (b"++", TopicError::BadWildcard),
+            (b"$SYS/#", TopicError::Reserved),
+            (b"a/b/c/d/e/f/g/h/#", TopicError::TooManyLevels),
+            (too_long.as_bytes(), TopicError::TooLong),
+        ];
+        for (bytes, err) in cases {
+            assert_eq!(validate_filter(bytes), Err(*err), "{bytes:?}");
+        }
+    }
+
+    #[test]
+    fn errors_map_to_bus_codes() {
+        assert_eq!(TopicError::TooLong.code(), 8);
+        assert_eq!(TopicError::TooManyLevels.code(), 8);
+        for e in [
+            TopicError::NotUtf8,
+            TopicError::Nul,
+            TopicError::Empty,
+            TopicError::Wildcard,
+            TopicError::BadWildcard,
+            TopicError::Reserved,
+        ] {
+            assert_eq!(e.code(), 5, "{e:?}");
+            assert_eq!(SubscribeError::Filter(e).code(), 5);
+        }
+        assert_eq!(SubscribeError::Filter(TopicError::TooLong).code(), 8);
+        assert_eq!(SubscribeError::TooManyFilters.code(), 8);
+        assert_eq!(SubscribeError::NoFilters.code(), 5);
+        assert_eq!(SubscribeError::TableFull.code(), 9);
+        assert_eq!(SubscribeError::NoRoom.code(), 9);
+        assert_eq!(
+            SubscribeError::NoRoom.to_string(),
+            "every connection's subscription table is full"
+        );
+    }
+
+    // ---- matching -----------------------------------------------------------
+
+    #[test]
+    fn the_matcher_follows_the_examples_of_mqtt_section_4_7() {
+        let cases = [
+            // 4.7.1.2 multi-level wildcard
+            ("sport/tennis/player1/#", "sport/tennis/player1", true),
+            (
+                "sport/tennis/player1/#",
+                "sport/tennis/player1/ranking",
+                true,
+            ),
+            (
+                "sport/tennis/player1/#",
+                "sport/tennis/player1/score/wimbledon",
+                true,
+            ),
+            ("sport/tennis/player1/#", "sport/tennis/player2", false),
+            ("sport/#", "sport", true),
+            ("#", "sport/tennis", true),
+            ("#", "/", true),
+            // 4.7.1.3 single-level wildcard
+            ("sport/tennis/+", "sport/tennis/player1", true),
+            ("sport/tennis/+", "sport/tennis/player2", true),
+            ("sport/tennis/+", "sport/tennis/player1/ranking", false),
+            ("sport/+", "sport", false),
+            ("sport/+", "sport/", true),
+            ("+/+", "/finance", true),
+            ("/+", "/finance", true),
+            ("+", "/finance", false),
+            ("+/tennis/#", "sport/tennis/player1", true),
+            // empty levels
+            ("+/+", "/", true),
+            ("a/+/c", "a//c", true),
+            ("+", "a", true),
+            // 4.7.3 literal levels are case-sensitive and exact
+            ("ACCOUNTS", "Accounts", false),
+            ("a/b", "a/b/", false),
+            ("a/b/", "a/b", false),
+            ("a/b", "a/b", true),
+        ];
+        for (filter, topic, expected) in cases {
+            assert_eq!(matches(filter, topic), expected, "{filter} vs {topic}");
+        }
+    }
+
+    #[test]
+    fn dollar_topics_are_not_matched_by_leading_wildcards() {
+        assert!(!matches("#", "$SYS/monitor/Clients"));
+        assert!(!matches("+/monitor/Clients", "$SYS/monitor/Clients"));
+        assert!(matches("$SYS/#", "$SYS/monitor/Clients"));
+        assert!(matches("$SYS/monitor/+", "$SYS/monitor/Clients"));
+        assert!(!matches(
+            "+/things/t/shadow/update",
+            "$aws/things/t/shadow/update"
+        ));
+        assert!(matches(
+            "$aws/things/+/shadow/#",
+            "$aws/things/t/shadow/update"
+        ));
+    }
+
+    // ---- sharing and routing ------------------------------------------------
+
+    #[test]
+    fn two_local_subscribers_to_one_filter_share_one_broker_subscription() {
+        let mut r = Router::new();
+        r.link_up(0, false);
+        let a = sub(&mut r, stream(1), &["t/1"], Q0);
+        let first = next(&mut r, 0).unwrap();
+        assert_eq!(first.kind, RequestKind::Subscribe);
+        assert_eq!(first.names(), ["t/1"]);
+        // The second user arrives while the SUBSCRIBE is in flight.
+        let b = sub(&mut r, stream(2), &["t/1"], Q0);
+        assert_eq!(next(&mut r, 0), None);
+        assert!(settled(&mut r).is_empty());
+        assert!(r.on_suback(0, first.id, [GRANTED]));
+        assert_eq!(
+            settled(&mut r),
+            [(a, Outcome::Accepted), (b, Outcome::Accepted)]
+        );
+        assert_eq!(routed(&r, "t/1"), [a, b]);
+        assert_eq!(routed(&r, "t/2"), []);
+
+        assert!(r.unsubscribe(a));
+        assert_eq!(next(&mut r, 0), None);
+        assert_eq!(routed(&r, "t/1"), [b]);
+        assert!(r.unsubscribe(b));
+        let unsub = next(&mut r, 0).unwrap();
+        assert_eq!(unsub.kind, RequestKind::Unsubscribe);
+        assert_eq!(unsub.names(), ["t/1"]);
+        assert_eq!(r.link_stats(0).unwrap().filters, 1);
+        assert!(r.on_unsuback(0, unsub.id));
+        assert_eq!(r.link_stats(0).unwrap().filters, 0);
+        assert_eq!(r.filters(), 0);
+        assert_eq!(r.subscriptions(), 0);
+    }
+
+    #[test]
+    fn overlapping_filters_of_one_subscription_deliver_once() {
+        let mut r = Router::new();
+        let a = sub(&mut r, stream(1), &["a/+", "a/#", "a/b", "#"], Q0);
+        let b = sub(&mut r, stream(2), &["a/b"], Q0);
+        settled(&mut r);
+        assert_eq!(routed(&r, "a/b"), [a, b]);
+        assert_eq!(routed(&r, "a/c"), [a]);
+        assert_eq!(routed(&r, "x"), [a]);
+        assert_eq!(routed(&r, "$aws/x"), []);
+    }
+
+    #[test]
+    fn a_subscription_is_routed_only_after_its_answer_was_taken() {
+        let mut r = Router::new();
+        r.link_up(0, false);
+        let a = sub(&mut r, stream(1), &["x"], Q0);
+        assert_eq!(r.state(a), Some(SubState::Pending));
+        exchange(&mut r, 0, &[]);
+        assert_eq!(r.state(a), Some(SubState::Active));
+        assert_eq!(routed(&r, "x"), []);
+        assert_eq!(settled(&mut r), [(a, Outcome::Accepted)]);
+        assert_eq!(routed(&r, "x"), [a]);
+    }
+
+    #[test]
+    fn virtual_subscriptions_match_without_a_broker_filter() {
+        let mut r = Router::new();
+        r.link_up(0, false);
+        let v = r.subscribe(stream(1), &["v/#"], Q0, true).unwrap();
+        assert_eq!(settled(&mut r), [(v, Outcome::Accepted)]);
+        assert_eq!(next(&mut r, 0), None);
+        assert_eq!(r.link_stats(0).unwrap().filters, 0);
+        assert_eq!(r.filters(), 1);
+        assert_eq!(routed(&r, "v/x"), [v]);
+
+        // A broker user of the same filter places it and subscribes.
+        let b = sub(&mut r, stream(2), &["v/#"], Q1);
+        assert_eq!(r.filters(), 1);
+        assert_eq!(exchange(&mut r, 0, &[])[0].names(), ["v/#"]);
+        assert_eq!(settled(&mut r), [(b, Outcome::Accepted)]);
+        assert_eq!(routed(&r, "v/x"), [v, b]);
+        // When it leaves, the broker filter goes and the virtual one stays.
+        r.unsubscribe(b);
+        let sent = exchange(&mut r, 0, &[]);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].kind, RequestKind::Unsubscribe);
+        assert_eq!(r.link_stats(0).unwrap().filters, 0);
+        assert_eq!(routed(&r, "v/x"), [v]);
+        // A broker refusal does not touch virtual users.
+        let c = sub(&mut r, stream(3), &["v/#"], Q0);
+        exchange(&mut r, 0, &["v/#"]);
+        assert_eq!(settled(&mut r), [(c, Outcome::Refused)]);
+        assert_eq!(r.state(v), Some(SubState::Active));
+        r.unsubscribe(v);
+        assert_eq!(r.filters(), 0);
+    }
+
+    // ---- broker requests ------------------------------------------------------
+
+    #[test]
+    fn subscribe_packets_carry_at_most_eight_filters() {
+        let mut r = Router::with_link_capacity(12);
+        r.link_up(0, false);
+        let names: StdVec<StdString> = (0..12).map(|i| format!("f/{i}")).collect();
+        let filters: StdVec<&str> = names.iter().map(StdString::as_str).collect();
+        let a = sub(&mut r, stream(1), &filters, Q1);
+        assert_eq!(link_filters(&r), [12, 0, 0]);
+        let first = next(&mut r, 0).unwrap();
+        let second = next(&mut r, 0).unwrap();
+        assert_eq!(next(&mut r, 0), None);
+        assert_eq!(first.filters.len(), 8);
+        assert_eq!(second.filters.len(), 4);
+        assert_ne!(first.id, second.id);
+        assert!(first
+            .filters
+            .iter()
+            .chain(&second.filters)
+            .all(|(_, q)| *q == Q1));
+        let mut all: StdVec<&str> = first.names();
+        all.extend(second.names());
+        assert_eq!(all, filters);
+
+        assert!(r.on_suback(0, second.id, [GRANTED; 4]));
+        assert!(settled(&mut r).is_empty());
+        assert!(r.on_suback(0, first.id, [GRANTED; 8]));
+        assert_eq!(settled(&mut r), [(a, Outcome::Accepted)]);
+    }
+
+    #[test]
+    fn a_suback_refusal_fails_the_subscription_and_releases_its_other_filters() {
+        let mut r = Router::new();
+        r.link_up(0, false);
+        let a = sub(&mut r, stream(1), &["ok/1", "bad/1", "ok/2"], Q0);
+        let b = sub(&mut r, stream(2), &["ok/1"], Q0);
+        let req = next(&mut r, 0).unwrap();
+        assert_eq!(req.names(), ["ok/1", "bad/1", "ok/2"]);
+        assert!(r.on_suback(0, req.id, [GRANTED, REFUSED, GRANTED]));
+        assert_eq!(
+            settled(&mut r),
+            [(a, Outcome::Refused), (b, Outcome::Accepted)]
+        );
+        assert_eq!(r.state(a), None);
+        assert_eq!(r.subscriptions(), 1);
+        // ok/2 lost its only user; bad/1 was never held by the broker.
+        let unsub = next(&mut r, 0).unwrap();
+        assert_eq!(unsub.kind, RequestKind::Unsubscribe);
+        assert_eq!(unsub.names(), ["ok/2"]);
+        assert!(r.on_unsuback(0, unsub.id));
+        assert_eq!(r.filters(), 1);
+        assert_eq!(routed(&r, "ok/2"), []);
+        assert_eq!(routed(&r, "ok/1"), [b]);
+    }
+
+    #[test]
+    fn a_missing_suback_code_counts_as_a_refusal() {
+        let mut r = Router::new();
+        r.link_up(0, false);
+        let a = sub(&mut r, stream(1), &["x"], Q0);
+        let b = sub(&mut r, stream(2), &["y"], Q0);
+        let req = next(&mut r, 0).unwrap();
+        assert_eq!(req.names(), ["x", "y"]);
+        assert!(r.on_suback(0, req.id, [GRANTED]));
+        assert_eq!(
+            settled(&mut r),
+            [(b, Outcome::Refused), (a, Outcome::Accepted)]
+        );
+    }
+
+    #[test]
+    fn unknown_packet_ids_and_links_are_ignored() {
+        let mut r = Router::new();
+        r.link_up(0, false);
+        let a = sub(&mut r, stream(1), &["x"], Q0);
+        let req = next(&mut r, 0).unwrap();
+        assert!(!r.on_suback(0, req.id.wrapping_add(1), [GRANTED]));
+        assert!(!r.on_unsuback(0, req.id));
+        assert!(!r.on_suback(1, req.id, [GRANTED]));
+        assert!(!r.on_suback(99, req.id, [GRANTED]));
+        r.link_up(99, true);
+        r.link_down(99);
+        assert_eq!(r.next_request(99), None);
+        assert_eq!(r.link_stats(99), None);
+        assert!(!r.link_wanted(99));
+        assert_eq!(r.state(a), Some(SubState::Pending));
+        assert!(r.on_suback(0, req.id, [GRANTED]));
+        assert!(!r.on_suback(0, req.id, [GRANTED]), "answered twice");
+    }
+
+    #[test]
+    fn packet_ids_are_in_the_upper_half_and_unique_per_link() {
+        let mut r = Router::new();
+        r.link_up(0, false);
+        r.link_up(1, false);
+        let mut ids = BTreeSet::new();
+        for f in ["a", "b", "c", "d"] {
+            sub(&mut r, stream(1), &[f], Q0);
+            let req = next(&mut r, 0).unwrap();
+            assert!(req.id >= FIRST_PACKET_ID);
+            assert!(ids.insert(req.id), "{ids:?}");
+        }
+        // Wrapping skips ids still outstanding.
+        r.links[0].next_id = u16::MAX;
+        let outstanding = *ids.iter().next().unwrap();
+        assert_eq!(outstanding, FIRST_PACKET_ID);
+        sub(&mut r, stream(1), &["a", "b", "c", "d"], Q1);
+        // The QoS upgrade of a waits for its first SUBACK; none is owed yet.
+        assert_eq!(next(&mut r, 0), None);
+        for id in ids.clone() {
+            assert!(r.on_suback(0, id, [GRANTED]));
+        }
+        let upgrade = next(&mut r, 0).unwrap();
+        assert_eq!(upgrade.id, u16::MAX);
+        assert_eq!(upgrade.filters.len(), 4);
+        // Ids on another link are independent.
+        sub(&mut r, stream(2), &["e", "f", "g", "h"], Q0);
+        let other = next(&mut r, 1).unwrap();
+        assert_eq!(other.id, FIRST_PACKET_ID);
+        assert_eq!(other.names(), ["e", "f", "g", "h"]);
+        // Next on link 0 wraps to the first id, now free again.
+        r.links[0].next_id = u16::MAX;
+        assert!(r.on_suback(0, u16::MAX, [GRANTED; 4]));
+        let s = sub(&mut r, stream(3), &["a"], Q0);
+        assert_eq!(r.state(s), Some(SubState::Active));
+    }
+
+    #[test]
+    fn a_packet_id_still_outstanding_is_skipped() {
+        let mut r = Router::new();
+        r.link_up(0, false);
+        sub(&mut r, stream(1), &["a"], Q0);
+        let first = next(&mut r, 0).unwrap();
+        assert_eq!(first.id, FIRST_PACKET_ID);
+        r.links[0].next_id = FIRST_PACKET_ID;
+        sub(&mut r, stream(1), &["b"], Q0);
+        assert_eq!(next(&mut r, 0).unwrap().id, FIRST_PACKET_ID + 1);
+    }
+
+    #[test]
+    fn a_qos_upgrade_resubscribes_the_filter() {
+        let mut r = Router::new();
+        r.link_up(0, false);
+        let a = sub(&mut r, stream(1), &["q"], Q0);
+        let first = exchange(&mut r, 0, &[]);
+        assert_eq!(first[0].filters, [("q".into(), Q0)]);
+        let b = sub(&mut r, stream(2), &["q"], Q1);
+        assert_eq!(r.state(b), Some(SubState::Pending));
+        assert_eq!(settled(&mut r), [(a, Outcome::Accepted)]);
+        let again = exchange(&mut r, 0, &[]);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].kind, RequestKind::Subscribe);
+        assert_eq!(again[0].filters, [("q".into(), Q1)]);
+        assert_eq!(settled(&mut r), [(b, Outcome::Accepted)]);
+        // Nothing is downgraded when the QoS 1 user leaves.
+        r.unsubscribe(b);
+        assert_eq!(next(&mut r, 0), None);
+        // A QoS 0 newcomer on a QoS 1 filter is active at once.
+        let c = sub(&mut r, stream(3), &["q"], Q0);
+        assert_eq!(settled(&mut r), [(c, Outcome::Accepted)]);
+    }
+
+    #[test]
+    fn a_new_user_during_an_unsubscribe_resubscribes_after_the_unsuback() {
+        let mut r = Router::new();
+        r.link_up(0, false);
+        let a = sub(&mut r, stream(1), &["x"], Q0);
+        exchange(&mut r, 0, &[]);
+        r.unsubscribe(a);
+        let unsub = next(&mut r, 0).unwrap();
+        let b = sub(&mut r, stream(2), &["x"], Q0);
+        assert_eq!(next(&mut r, 0), None);
+        assert!(r.on_unsuback(0, unsub.id));
+        let again = exchange(&mut r, 0, &[]);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].kind, RequestKind::Subscribe);
+        assert_eq!(settled(&mut r), [(b, Outcome::Accepted)]);
+    }
+
+    // ---- placement ------------------------------------------------------------
+
+    #[test]
+    fn filters_fill_the_links_in_order_and_the_thirteenth_is_refused() {
+        let mut r = Router::new();
+        let names: StdVec<StdString> = (0..13).map(|i| format!("f{i}")).collect();
+        let f: StdVec<&str> = names.iter().map(StdString::as_str).collect();
+        // Ten filters: two per request, as the test table holds 8 requests.
+        let mut ids = StdVec::new();
+        for pair in f[..10].chunks(2) {
+            ids.push(sub(&mut r, stream(1), pair, Q0));
+        }
+        assert_eq!(link_filters(&r), [4, 4, 2]);
+        assert!((0..3).all(|l| r.link_wanted(l)));
+        ids.push(sub(&mut r, stream(1), &[f[10]], Q0));
+        ids.push(sub(&mut r, stream(1), &[f[11]], Q0));
+        assert_eq!(link_filters(&r), [4, 4, 4]);
+        settled(&mut r);
+
+        assert_eq!(
+            r.subscribe(stream(1), &[f[12]], Q0, false),
+            Err(SubscribeError::NoRoom)
+        );
+        assert_eq!(
+            r.subscribe(stream(1), &[f[0], f[12]], Q1, false),
+            Err(SubscribeError::NoRoom)
+        );
+        assert_eq!(link_filters(&r), [4, 4, 4]);
+        assert_eq!(r.subscriptions(), 7);
+        assert_eq!(r.filters(), 12);
+        assert_eq!(entry(&r, "f0").unwrap().users, [1, 0]);
+        assert!(entry(&r, "f12").is_none());
+        assert!(settled(&mut r).is_empty());
+        // Existing filters still fit.
+        let extra = sub(&mut r, stream(2), &[f[0], f[11]], Q0);
+        r.unsubscribe(extra);
+
+        // Link 2 holds f8..f11: its users leave, and it is no longer wanted.
+        for id in &ids[4..] {
+            assert!(r.unsubscribe(*id));
+        }
+        assert_eq!(link_filters(&r), [4, 4, 0]);
+        assert!(!r.link_wanted(2));
+        assert!(r.link_wanted(1));
+        assert!(r.link_wanted(0));
+    }
+
+    #[test]
+    fn a_request_goes_whole_to_the_first_link_with_room_for_it() {
+        let mut r = Router::new();
+        sub(&mut r, stream(1), &["a", "b"], Q0);
+        sub(&mut r, stream(1), &["c", "d", "e"], Q0);
+        assert_eq!(link_filters(&r), [2, 3, 0]);
+        assert_eq!(entry(&r, "c").unwrap().link, 1);
+        assert_eq!(entry(&r, "e").unwrap().link, 1);
+        sub(&mut r, stream(1), &["f"], Q0);
+        assert_eq!(link_filters(&r), [3, 3, 0]);
+        sub(&mut r, stream(1), &["g", "h", "i", "j"], Q0);
+        assert_eq!(link_filters(&r), [3, 3, 4]);
+        assert_eq!(
+            r.subscribe(stream(1), &["k", "l", "m"], Q0, false),
+            Err(SubscribeError::NoRoom)
+        );
+        // When no single link has room, the request is spread in order.
+        sub(&mut r, stream(1), &["k", "l"], Q0);
+        assert_eq!(link_filters(&r), [4, 4, 4]);
+        assert_eq!(entry(&r, "k").unwrap().link, 0);
+        assert_eq!(entry(&r, "l").unwrap().link, 1);
+    }
+
+    #[test]
+    fn an_extra_link_stays_wanted_until_its_unsubscribes_are_answered() {
+        let mut r = Router::new();
+        r.link_up(0, false);
+        sub(&mut r, stream(1), &["a", "b", "c", "d"], Q0);
+        let e = sub(&mut r, stream(1), &["e"], Q0);
+        assert_eq!(link_filters(&r), [4, 1, 0]);
+        assert!(r.link_wanted(1));
+        assert_eq!(r.state(e), Some(SubState::Active), "link 1 is down");
+        r.link_up(1, false);
+        exchange(&mut r, 1, &[]);
+        r.unsubscribe(e);
+        assert!(r.link_wanted(1));
+        let unsub = next(&mut r, 1).unwrap();
+        assert_eq!(unsub.names(), ["e"]);
+        assert!(r.link_wanted(1));
+        assert!(r.on_unsuback(1, unsub.id));
+        assert!(!r.link_wanted(1));
+    }
+
+    // ---- links ------------------------------------------------------------------
+
+    #[test]
+    fn an_offline_subscribe_is_accepted_at_once_and_made_after_link_up() {
+        let mut r = Router::new();
+        let a = sub(&mut r, stream(1), &["x", "y"], Q1);
+        assert_eq!(settled(&mut r), [(a, Outcome::Accepted)]);
+        assert_eq!(next(&mut r, 0), None);
+        r.link_up(0, false);
+        let sent = exchange(&mut r, 0, &[]);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].filters, [("x".into(), Q1), ("y".into(), Q1)]);
+        assert!(settled(&mut r).is_empty(), "answered once only");
+        assert_eq!(routed(&r, "y"), [a]);
+    }
+
+    #[test]
+    fn a_late_refusal_drops_a_subscription_accepted_offline() {
+        let mut r = Router::new();
+        let a = sub(&mut r, stream(1), &["x", "deny"], Q0);
+        let b = sub(&mut r, stream(2), &["x"], Q0);
+        assert_eq!(
+            settled(&mut r),
+            [(a, Outcome::Accepted), (b, Outcome::Accepted)]
+        );
+        r.link_up(0, false);
+        exchange(&mut r, 0, &["deny"]);
+        let out = settled(&mut r);
+        assert_eq!(out, [(a, Outcome::Dropped)]);
+        assert_eq!(routed(&r, "x"), [b]);
+        assert!(entry(&r, "deny").is_none());
+    }
+
+    #[test]
+    fn a_pending_subscription_is_accepted_when_its_link_goes_down() {
+        let mut r = Router::new();
+        r.link_up(0, false);
+        let a = sub(&mut r, stream(1), &["x"], Q0);
+        let req = next(&mut r, 0).unwrap();
+        r.link_down(0);
+        assert_eq!(settled(&mut r), [(a, Outcome::Accepted)]);
+        assert!(!r.on_suback(0, req.id, [GRANTED]), "forgotten");
+        r.link_up(0, false);
+        assert_eq!(exchange(&mut r, 0, &[])[0].names(), ["x"]);
+    }
+
+    #[test]
+    fn link_down_and_up_resubscribes_every_filter_without_a_session() {
+        let mut r = Router::new();
+        r.link_up(0, false);
+        let a = sub(&mut r, stream(1), &["a", "b"], Q0);
+        let b = sub(&mut r, stream(2), &["c"], Q1);
+        exchange(&mut r, 0, &[]);
+        settled(&mut r);
+        r.link_down(0);
+        assert_eq!(next(&mut r, 0), None);
+        r.link_up(0, false);
+        let sent = exchange(&mut r, 0, &[]);
+        assert_eq!(sent.len(), 1);
+        assert_eq!(
+            sent[0].filters,
+            [("a".into(), Q0), ("b".into(), Q0), ("c".into(), Q1)]
+        );
+        assert!(settled(&mut r).is_empty());
+        assert_eq!(r.state(a), Some(SubState::Active));
+        assert_eq!(r.state(b), Some(SubState::Active));
+        // A refusal after a reconnect drops the subscriptions using it.
+        r.link_down(0);
+        r.link_up(0, false);
+        exchange(&mut r, 0, &["c"]);
+        assert_eq!(settled(&mut r), [(b, Outcome::Dropped)]);
+    }
+
+    #[test]
+    fn a_present_session_keeps_granted_filters_and_resends_uncertain_ones() {
+        let mut r = Router::new();
+        r.link_up(0, false);
+        sub(&mut r, stream(1), &["a", "b"], Q0);
+        exchange(&mut r, 0, &[]);
+        r.link_down(0);
+        r.link_up(0, true);
+        assert_eq!(next(&mut r, 0), None);
+        // A SUBSCRIBE lost with the link is sent again.
+        sub(&mut r, stream(1), &["c"], Q0);
+        let lost = next(&mut r, 0).unwrap();
+        r.link_down(0);
+        r.link_up(0, true);
+        let again = next(&mut r, 0).unwrap();
+        assert_eq!(again.names(), ["c"]);
+        assert_eq!(again.id, lost.id.wrapping_add(1));
+        assert_eq!(next(&mut r, 0), None);
+    }
+
+    #[test]
+    fn a_filter_left_offline_is_unsubscribed_only_if_the_session_persists() {
+        for session_present in [false, true] {
+            let mut r = Router::new();
+            r.link_up(0, false);
+            let a = sub(&mut r, stream(1), &["x"], Q0);
+            exchange(&mut r, 0, &[]);
+            r.link_down(0);
+            r.unsubscribe(a);
+            assert_eq!(link_filters(&r), [1, 0, 0], "the broker may hold it");
+            r.link_up(0, session_present);
+            let sent = exchange(&mut r, 0, &[]);
+            if session_present {
+                assert_eq!(sent.len(), 1);
+                assert_eq!(sent[0].kind, RequestKind::Unsubscribe);
+                assert_eq!(sent[0].names(), ["x"]);
+            } else {
+                assert!(sent.is_empty());
+            }
+            assert_eq!(link_filters(&r), [0, 0, 0]);
+            assert_eq!(r.filters(), 0);
+        }
+    }
+
+    #[test]
+    fn a_filter_never_sent_is_forgotten_when_its_last_user_leaves() {
+        let mut r = Router::new();
+        let a = sub(&mut r, stream(1), &["x"], Q0);
+        r.unsubscribe(a);
+        assert_eq!(r.filters(), 0);
+        r.link_up(0, true);
+        assert_eq!(next(&mut r, 0), None);
+    }
+
+    // ---- the local table ----------------------------------------------------------
+
+    #[test]
+    fn a_full_local_table_is_nomem_and_changes_nothing() {
+        let mut r = Router::new();
+        for i in 0..MAX_SUBSCRIPTIONS {
+            sub(&mut r, stream(1), &["x"], Q0);
+            assert_eq!(r.subscriptions(), i + 1);
+        }
+        assert_eq!(
+            r.subscribe(stream(1), &["y"], Q0, false),
+            Err(SubscribeError::TableFull)
+        );
+        assert_eq!(r.filters(), 1);
+        assert_eq!(entry(&r, "x").unwrap().users, [8, 0]);
+    }
+
+    #[test]
+    fn request_sizes_and_filters_are_checked() {
+        let mut r = Router::new();
+        let names: StdVec<StdString> = (0..17).map(|i| format!("f{i}")).collect();
+        let f: StdVec<&str> = names.iter().map(StdString::as_str).collect();
+        assert_eq!(
+            r.subscribe(stream(1), &f, Q0, true),
+            Err(SubscribeError::TooManyFilters)
+        );
+        // Duplicates count once: 16 distinct of 20.
+        let mut dup = f[..16].to_vec();
+        dup.extend_from_slice(&f[..4]);
+        let v = r.subscribe(stream(1), &dup, Q0, true).unwrap();
+        assert_eq!(r.filters(), 16);
+        r.unsubscribe(v);
+        assert_eq!(
+            r.subscribe(stream(1), &[], Q0, false),
+            Err(SubscribeError::NoFilters)
+        );
+        assert_eq!(
+            r.subscribe(stream(1), &["ok", "a/#/b"], Q0, false),
+            Err(SubscribeError::Filter(TopicError::BadWildcard))
+        );
+        assert_eq!(
+            r.subscribe(stream(1), &["a/b/c/d/e/f/g/h/i"], Q0, false),
+            Err(SubscribeError::Filter(TopicError::TooManyLevels))
+        );
+        assert_eq!(r.filters(), 0);
+        assert_eq!(r.subscriptions(), 0);
+        // A broker request over the links' total capacity.
+        assert_eq!(
+            r.subscribe(stream(1), &f[..13], Q0, false),
+            Err(SubscribeError::NoRoom)
+        );
+        let all = sub(&mut r, stream(1), &f[..12], Q0);
+        assert_eq!(link_filters(&r), [4, 4, 4]);
+        r.unsubscribe(all);
+        assert_eq!(r.filters(), 0);
+    }
+
+    #[test]
+    fn find_endpoint_needs_exactly_this_filter_list_and_endpoint() {
+        let mut r = Router::new();
+        let ep = Dest::endpoint("my_component").unwrap();
+        assert_eq!(Dest::endpoint(&"e".repeat(51)), None);
+        let a = sub(&mut r, ep.clone(), &["a", "b"], Q0);
+        let s = sub(&mut r, stream(1), &["a", "b"], Q0);
+        assert_eq!(r.find_endpoint("my_component", &["a", "b"]), Some(a));
+        assert_eq!(r.find_endpoint("my_component", &["b", "a", "a"]), Some(a));
+        assert_eq!(r.find_endpoint("my_component", &["a"]), None);
+        assert_eq!(r.find_endpoint("my_component", &["a", "b", "c"]), None);
+        assert_eq!(r.find_endpoint("other", &["a", "b"]), None);
+        assert_eq!(r.dest(a), Some(&ep));
+        assert!(r.unsubscribe(a));
+        assert_eq!(r.find_endpoint("my_component", &["a", "b"]), None);
+        assert_eq!(r.state(s), Some(SubState::Active));
+    }
+
+    #[test]
+    fn removing_a_stream_ends_only_its_subscriptions() {
+        let mut r = Router::new();
+        let old = Dest::Stream {
+            client: 1,
+            generation: 1,
+        };
+        let new = Dest::Stream {
+            client: 1,
+            generation: 2,
+        };
+        sub(&mut r, old.clone(), &["a"], Q0);
+        sub(&mut r, old, &["b"], Q0);
+        let n = sub(&mut r, new, &["a"], Q0);
+        let other = sub(&mut r, stream(2), &["c"], Q0);
+        assert_eq!(r.remove_stream(1, 1), 2);
+        assert_eq!(r.remove_stream(1, 1), 0);
+        assert_eq!(r.subscriptions(), 2);
+        assert_eq!(r.filters(), 2);
+        assert!(entry(&r, "b").is_none());
+        assert_eq!(
+            r.remove_dest(|d| matches!(d, Dest::Stream { client: 2, .. })),
+            1
+        );
+        assert_eq!(r.state(other), None);
+        assert_eq!(r.state(n), Some(SubState::Active));
+    }
+
+    #[test]
+    fn stale_ids_are_refused_after_their_slot_is_reused() {
+        let mut r = Router::new();
+        let a = sub(&mut r, stream(1), &["a"], Q0);
+        assert!(r.unsubscribe(a));
+        assert!(!r.unsubscribe(a));
+        let b = sub(&mut r, stream(2), &["b"], Q0);
+        assert_eq!(a.slot, b.slot);
+        assert_eq!(r.state(a), None);
+        assert!(!r.unsubscribe(a));
+        assert_eq!(r.state(b), Some(SubState::Active));
+        // The answer queued for `a` now belongs to `b`, reported once.
+        assert_eq!(settled(&mut r), [(b, Outcome::Accepted)]);
+    }
+
+    #[test]
+    fn a_subscription_removed_before_its_refusal_is_reported_is_not_reported() {
+        let mut r = Router::new();
+        r.link_up(0, false);
+        let a = sub(&mut r, stream(1), &["deny"], Q0);
+        exchange(&mut r, 0, &["deny"]);
+        assert_eq!(r.state(a), Some(SubState::Failed));
+        assert_eq!(r.subscriptions(), 1);
+        assert_eq!(r.remove_stream(1, 1), 1);
+        assert!(settled(&mut r).is_empty());
+        assert_eq!(r.subscriptions(), 0);
+    }
+
+    // ---- randomized -----------------------------------------------------------
+
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            usize::try_from(self.next() % u64::try_from(n).unwrap()).unwrap()
+        }
+
+        fn chance(&mut self, percent: usize) -> bool {
+            self.below(100) < percent
+        }
+    }
+
+    /// The broker: one session per link and the answers on their way.
+    #[derive(Default)]
+    struct FakeBroker {
+        up: [bool; MAX_CONNECTIONS],
+        session: [Option<BTreeMap<StdString, QoS>>; MAX_CONNECTIONS],
+        acks: [VecDeque<Req>; MAX_CONNECTIONS],
+    }
+
+    const POOL: [&str; 16] = [
+        "a",
+        "a/b",
+        "a/+",
+        "a/#",
+        "b/c",
+        "#",
+        "+/c",
+        "deny/1",
+        "deny/+",
+        "c/d",
+        "e",
+        "f/+/g",
+        "h",
+        "i",
+        "j",
+        "$aws/things/t/#",
+    ];
+    const TOPICS: [&str; 9] = [
+        "a",
+        "a/b",
+        "a/c",
+        "b/c",
+        "deny/1",
+        "c/d",
+        "f/x/g",
+        "h",
+        "$aws/things/t/x",
+    ];
+
+    #[derive(Clone, Debug)]
+    struct Model {
+        filters: BTreeSet<&'static str>,
+        qos: QoS,
+        is_virtual: bool,
+        answered: bool,
+    }
+
+    fn check_invariants(r: &Router, model: &BTreeMap<SubId, Model>, b: &FakeBroker) {
+        let mut texts = BTreeSet::new();
+        let mut placed = [0usize; MAX_CONNECTIONS];
+        for (i, e) in r.entries.iter().enumerate() {
+            if !e.live {
+                continue;
+            }
+            assert!(texts.insert(e.text.as_str()), "duplicate {}", e.text);
+            let idx = u32::try_from(i).unwrap();
+            let users = |qos: QoS, virt: bool| {
+                r.subs
+                    .iter()
+                    .filter(|s| s.is_live() && s.is_virtual == virt && s.filters.contains(&idx))
+                    .filter(|s| virt || s.qos == qos)
+                    .count()
+            };
+            let counted = [
+                usize::try_from(e.users[0]).unwrap(),
+                usize::try_from(e.users[1]).unwrap(),
+                usize::try_from(e.virtual_users).unwrap(),
+            ];
+            assert_eq!(
+                counted,
+                [users(Q0, false), users(Q1, false), users(Q0, true)],
+                "{}",
+                e.text
+            );
+            let model_users = model
+                .iter()
+                .filter(|(id, m)| {
+                    r.state(**id) != Some(SubState::Failed) && m.filters.contains(e.text.as_str())
+                })
+                .count();
+            assert_eq!(counted.iter().sum::<usize>(), model_users, "{}", e.text);
+            assert_eq!(e.placed, e.broker_users() > 0 || e.broker != Broker::Absent);
+            if e.placed {
+                placed[e.link] += 1;
+            }
+            if e.broker_users() == 0 && e.virtual_users == 0 {
+                // Only while the broker may still hold it.
+                assert_ne!(e.broker, Broker::Absent, "{}", e.text);
+            }
+            if !r.links[e.link].up && e.placed {
+                assert!(e.in_flight().is_none(), "in flight on a down link");
+            }
+        }
+        for (l, link) in r.links.iter().enumerate() {
+            assert_eq!(link.filters, placed[l]);
+            assert!(link.filters <= SUBSCRIPTIONS_PER_CONNECTION);
+            assert_eq!(link.up, b.up[l]);
+            // Every in-flight id is one request of one kind, of at most 8.
+            let mut by_id: BTreeMap<u16, (bool, usize)> = BTreeMap::new();
+            for e in r.entries.iter().filter(|e| e.on(l)) {
+                if let Some(id) = e.in_flight() {
+                    assert!(id >= FIRST_PACKET_ID);
+                    let sub = matches!(e.broker, Broker::Subscribing { .. });
+                    let slot = by_id.entry(id).or_insert((sub, 0));
+                    assert_eq!(slot.0, sub);
+                    slot.1 += 1;
+                    assert!(slot.1 <= MAX_FILTERS_PER_PACKET);
+                }
+            }
+        }
+        // The router's live subscriptions are the model's.
+        let live: BTreeSet<SubId> = (0..r.subs.len())
+            .filter(|&s| r.subs[s].is_live())
+            .map(|s| r.id_of(s))
+            .collect();
+        let modelled: BTreeSet<SubId> = model
+            .keys()
+            .copied()
+            .filter(|id| r.state(*id) != Some(SubState::Failed))
+            .collect();
+        assert_eq!(live, modelled);
+        for (id, m) in model {
+            if r.state(*id) == Some(SubState::Failed) {
+                // Refused, not yet reported: it held a refused filter.
+                assert!(!m.is_virtual && m.filters.iter().any(|f| f.starts_with("deny")));
+                continue;
+            }
+            let s = &r.subs[usize::try_from(id.slot).unwrap()];
+            let names: BTreeSet<&str> = s
+                .filters
+                .iter()
+                .map(|&i| r.entry(i).unwrap().text.as_str())
+                .collect();
+            assert_eq!(names, m.filters);
+            assert_eq!(s.answered, m.answered);
+            assert_eq!((s.qos, s.is_virtual), (m.qos, m.is_virtual));
+        }
+    }
+
+    impl PartialOrd for SubId {
+        fn partial_cmp(&self, other: &Self) -> Option<core::cmp::Ordering> {
+            Some(self.cmp(other))
+        }
+    }
+
+    impl Ord for SubId {
+        fn cmp(&self, other: &Self) -> core::cmp::Ordering {
+            (self.slot, self.generation).cmp(&(other.slot, other.generation))
+        }
+    }
+
+    /// Sends one request on `link`: the broker applies it at once and its
+    /// answer travels until `deliver`.
+    fn send(r: &mut Router, b: &mut FakeBroker, link: usize) -> bool {
+        let Some(req) = next(r, link) else {
+            return false;
+        };
+        let session = b.session[link].get_or_insert_with(BTreeMap::new);
+        for (f, qos) in &req.filters {
+            match req.kind {
+                RequestKind::Subscribe if !f.starts_with("deny") => {
+                    session.insert(f.clone(), *qos);
+                }
+                RequestKind::Subscribe => {}
+                RequestKind::Unsubscribe => {
+                    session.remove(f);
+                }
+            }
+        }
+        b.acks[link].push_back(req);
+        true
+    }
+
+    fn deliver(r: &mut Router, b: &mut FakeBroker, link: usize) -> bool {
+        let Some(req) = b.acks[link].pop_front() else {
+            return false;
+        };
+        let known = match req.kind {
+            RequestKind::Subscribe => {
+                let codes = req.filters.iter().map(|(f, _)| {
+                    if f.starts_with("deny") {
+                        REFUSED
+                    } else {
+                        GRANTED
+                    }
+                });
+                r.on_suback(link, req.id, codes)
+            }
+            RequestKind::Unsubscribe => r.on_unsuback(link, req.id),
+        };
+        assert!(known, "{req:?}");
+        true
+    }
+
+    fn take_all(
+        r: &mut Router,
+        model: &mut BTreeMap<SubId, Model>,
+        seen: &mut BTreeMap<&'static str, usize>,
+    ) {
+        while let Some(s) = r.take_settled() {
+            *seen
+                .entry(match s.outcome {
+                    Outcome::Accepted => "accepted",
+                    Outcome::Refused => "refused",
+                    Outcome::Dropped => "dropped",
+                })
+                .or_default() += 1;
+            let m = model
+                .get_mut(&s.id)
+                .expect("a reported subscription is live");
+            match s.outcome {
+                Outcome::Accepted => {
+                    assert!(!m.answered);
+                    m.answered = true;
+                }
+                Outcome::Refused | Outcome::Dropped => {
+                    assert_eq!(m.answered, s.outcome == Outcome::Dropped);
+                    assert!(m.filters.iter().any(|f| f.starts_with("deny")));
+                    model.remove(&s.id);
+                }
+            }
+        }
+    }
+
+    fn link_up(r: &mut Router, b: &mut FakeBroker, rng: &mut XorShift, link: usize) {
+        let present = b.session[link].is_some() && rng.chance(50);
+        if !present {
+            b.session[link] = Some(BTreeMap::new());
+        }
+        b.up[link] = true;
+        r.link_up(link, present);
+    }
+
+    #[test]
+    fn random_operations_keep_the_tables_consistent_with_the_broker() {
+        let mut rng = XorShift(0x2545_F491_4F6C_DD1D);
+        let mut outcomes = BTreeMap::<&str, usize>::new();
+        for round in 0..60 {
+            let mut r = Router::new();
+            let mut b = FakeBroker::default();
+            let mut model: BTreeMap<SubId, Model> = BTreeMap::new();
+            for _ in 0..400 {
+                let link = rng.below(MAX_CONNECTIONS);
+                match rng.below(10) {
+                    0 | 1 => {
+                        let n = 1 + rng.below(4);
+                        let filters: StdVec<&'static str> =
+                            (0..n).map(|_| POOL[rng.below(POOL.len())]).collect();
+                        let qos = if rng.chance(50) { Q0 } else { Q1 };
+                        let is_virtual = rng.chance(10);
+                        let before = (r.subscriptions(), r.filters(), link_filters(&r));
+                        let dest = stream(u16::try_from(rng.below(4)).unwrap());
+                        match r.subscribe(dest, &filters, qos, is_virtual) {
+                            Ok(id) => {
+                                *outcomes.entry("ok").or_default() += 1;
+                                let m = Model {
+                                    filters: filters.iter().copied().collect(),
+                                    qos,
+                                    is_virtual,
+                                    answered: false,
+                                };
+                                assert!(model.insert(id, m).is_none());
+                            }
+                            Err(e) => {
+                                *outcomes
+                                    .entry(if e == SubscribeError::NoRoom {
+                                        "noroom"
+                                    } else {
+                                        "full"
+                                    })
+                                    .or_default() += 1;
+                                assert!(matches!(
+                                    e,
+                                    SubscribeError::NoRoom | SubscribeError::TableFull
+                                ));
+                                let after = (r.subscriptions(), r.filters(), link_filters(&r));
+                                assert_eq!(before, after);
+                            }
+                        }
+                    }
+                    2 if !model.is_empty() => {
+                        let id = *model.keys().nth(rng.below(model.len())).unwrap();
+                        assert!(r.unsubscribe(id));
+                        model.remove(&id);
+                    }
+                    3 if b.up[link] && rng.chance(30) => {
+                        b.up[link] = false;
+                        b.acks[link].clear();
+                        r.link_down(link);
+                    }
+                    3 if !b.up[link] => link_up(&mut r, &mut b, &mut rng, link),
+                    4..=6 if b.up[link] => {
+                        send(&mut r, &mut b, link);
+                    }
+                    7 | 8 if b.up[link] => {
+                        deliver(&mut r, &mut b, link);
+                    }
+                    9 => {
+                        let topic = TOPICS[rng.below(TOPICS.len())];
+                        let mut hits = StdVec::new();
+                        r.route(topic, |id, _| hits.push(id));
+                        let want: StdVec<SubId> = model
+                            .iter()
+                            .filter(|(id, m)| {
+                                m.answered
+                                    && r.state(**id) == Some(SubState::Active)
+                                    && m.filters.iter().any(|f| matches(f, topic))
+                            })
+                            .map(|(id, _)| *id)
+                            .collect();
+                        hits.sort();
+                        assert_eq!(hits, want, "{topic}");
+                    }
+                    _ => {}
+                }
+                if rng.chance(70) {
+                    take_all(&mut r, &mut model, &mut outcomes);
+                }
+                check_invariants(&r, &model, &b);
+            }
+
+            // Quiesce: every link up, every request sent and answered.
+            for link in 0..MAX_CONNECTIONS {
+                if !b.up[link] {
+                    link_up(&mut r, &mut b, &mut rng, link);
+                }
+            }
+            loop {
+                let mut busy = false;
+                for link in 0..MAX_CONNECTIONS {
+                    busy |= send(&mut r, &mut b, link);
+                    busy |= deliver(&mut r, &mut b, link);
+                }
+                take_all(&mut r, &mut model, &mut outcomes);
+                if !busy {
+                    break;
+                }
+            }
+            check_invariants(&r, &model, &b);
+            for (id, m) in &model {
+                assert_eq!(r.state(*id), Some(SubState::Active), "round {round}");
+                assert!(m.answered);
+                assert!(m.is_virtual || !m.filters.iter().any(|f| f.starts_with("deny")));
+            }
+            // The broker holds exactly the filters with broker users, each
+            // at least at the QoS they want.
+            for link in 0..MAX_CONNECTIONS {
+                let held = b.session[link].clone().unwrap_or_default();
+                let mut wanted = BTreeMap::new();
+                for e in r.entries.iter().filter(|e| e.on(link)) {
+                    assert!(e.broker_users() > 0, "{} owes nothing", e.text);
+                    assert!(
+                        matches!(e.broker, Broker::Granted(q) if q as u8 >= e.want() as u8),
+                        "{}",
+                        e.text
+                    );
+                    wanted.insert(StdString::from(e.text.as_str()), e.want());
+                }
+                assert_eq!(
+                    held.keys().collect::<StdVec<_>>(),
+                    wanted.keys().collect::<StdVec<_>>(),
+                    "round {round} link {link}"
+                );
+                for (f, q) in &wanted {
+                    assert!(held[f] as u8 >= *q as u8);
+                }
+                assert_eq!(r.link_wanted(link), link == 0 || !wanted.is_empty());
+            }
+        }
+        // Both refusals and successes must have been exercised.
+        assert!(outcomes["ok"] > 1_000, "{outcomes:?}");
+        assert!(outcomes["noroom"] > 10, "{outcomes:?}");
+        assert!(outcomes["full"] > 10, "{outcomes:?}");
+        assert!(outcomes["accepted"] > 1_000, "{outcomes:?}");
+        assert!(outcomes["refused"] > 10, "{outcomes:?}");
+        assert!(outcomes["dropped"] > 10, "{outcomes:?}");
+    }
+}

@@ -1,0 +1,396 @@
+//! The `aws_iot_mqtt` interface's requests, as data: method names, and each
+//! method's parameters read from the request map and validated against the
+//! MQTT rules and AWS IoT Core's limits before anything is queued or sent.
+//! Pure: the event loop acts on what this returns.
+//!
+//! [iotcored-bus-publish-1..3], [iotcored-bus-subscribe-1..3]; core-bus.md
+//! section 6. A bad parameter is INVALID, a value outside AWS IoT Core's
+//! limits is RANGE [bus-err-3]: one client's mistake never costs the shared
+//! connection.
+
+use crate::bus::frame::{ErrorCode, RequestType};
+use crate::bus::object::{Map, Object};
+use crate::mqtt::packet::QoS;
+use crate::router::{self, MAX_FILTERS_PER_REQUEST};
+
+/// AWS IoT Core's largest PUBLISH payload.
+pub const MAX_PAYLOAD: usize = 128 * 1024;
+
+/// A `response_endpoint` names a bus interface: at most 50 bytes [bus-sock-1].
+pub const MAX_ENDPOINT_LEN: usize = 50;
+
+/// The methods of the interface.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Method {
+    /// Send a message to AWS IoT Core (call or notify).
+    Publish,
+    /// Receive messages (subscribe, or call with `response_endpoint`).
+    Subscribe,
+    /// End a `response_endpoint` subscription (call).
+    Unsubscribe,
+    /// Follow the connection state (subscribe).
+    ConnectionStatus,
+    /// Counters (call).
+    Stats,
+}
+
+impl Method {
+    /// The method of a request name, if known (else NOENTRY).
+    pub fn from_name(name: &[u8]) -> Option<Method> {
+        Some(match name {
+            b"publish" => Method::Publish,
+            b"subscribe" => Method::Subscribe,
+            b"unsubscribe" => Method::Unsubscribe,
+            b"connection_status" => Method::ConnectionStatus,
+            b"stats" => Method::Stats,
+            _ => return None,
+        })
+    }
+
+    /// Whether `kind` is a valid request type for the method [bus-req-5]
+    /// (call and notify are interchangeable; subscribe with a
+    /// `response_endpoint` is made as a call).
+    pub fn accepts(self, kind: RequestType, has_endpoint: bool) -> bool {
+        let call = matches!(kind, RequestType::Call | RequestType::Notify);
+        match self {
+            Method::Publish | Method::Unsubscribe | Method::Stats => call,
+            Method::Subscribe if has_endpoint => call,
+            Method::Subscribe | Method::ConnectionStatus => kind == RequestType::Subscribe,
+        }
+    }
+}
+
+/// A validated `publish`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Publish<'a> {
+    /// MQTT topic name.
+    pub topic: &'a str,
+    /// Payload; empty when not given [iotcored-bus-publish-2.2].
+    pub payload: &'a [u8],
+    /// QoS 0 (default) or 1 [iotcored-bus-publish-3].
+    pub qos: QoS,
+    /// MQTT retain flag.
+    pub retain: bool,
+}
+
+/// A validated `subscribe`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Subscribe<'a> {
+    /// Distinct topic filters, in request order.
+    pub filters: heapless::Vec<&'a str, MAX_FILTERS_PER_REQUEST>,
+    /// Requested QoS [iotcored-bus-subscribe-2].
+    pub qos: QoS,
+    /// Deliver by notify to this interface instead of streaming.
+    pub endpoint: Option<&'a str>,
+    /// Match locally only; send nothing to the broker (GGL's `virtual`).
+    pub virtual_only: bool,
+}
+
+/// A validated `unsubscribe`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unsubscribe<'a> {
+    /// The filters of the subscription to end, in request order.
+    pub filters: heapless::Vec<&'a str, MAX_FILTERS_PER_REQUEST>,
+    /// Its response endpoint.
+    pub endpoint: &'a str,
+}
+
+/// Reads `publish` parameters.
+pub fn publish<'a>(params: &Map<'a>) -> Result<Publish<'a>, ErrorCode> {
+    let topic = match params.get(b"topic") {
+        Some(Object::Buf(t)) => router::validate_topic(t).map_err(|e| code(e.code()))?,
+        _ => return Err(ErrorCode::Invalid),
+    };
+    let payload = match params.get(b"payload") {
+        None | Some(Object::Null) => &[][..],
+        Some(Object::Buf(p)) => p,
+        Some(_) => return Err(ErrorCode::Invalid),
+    };
+    if payload.len() > MAX_PAYLOAD {
+        return Err(ErrorCode::Range);
+    }
+    Ok(Publish {
+        topic,
+        payload,
+        qos: qos(params)?,
+        retain: flag(params, b"retain")?,
+    })
+}
+
+/// Reads `subscribe` parameters.
+pub fn subscribe<'a>(params: &Map<'a>) -> Result<Subscribe<'a>, ErrorCode> {
+    Ok(Subscribe {
+        filters: filters(params)?,
+        qos: qos(params)?,
+        endpoint: match params.get(b"response_endpoint") {
+            None | Some(Object::Null) => None,
+            Some(Object::Buf(e)) => Some(endpoint(e)?),
+            Some(_) => return Err(ErrorCode::Invalid),
+        },
+        virtual_only: flag(params, b"virtual")?,
+    })
+}
+
+/// Reads `unsubscribe` parameters.
+pub fn unsubscribe<'a>(params: &Map<'a>) -> Result<Unsubscribe<'a>, ErrorCode> {
+    Ok(Unsubscribe {
+        filters: filters(params)?,
+        endpoint: match params.get(b"response_endpoint") {
+            Some(Object::Buf(e)) => endpoint(e)?,
+            _ => return Err(ErrorCode::Invalid),
+        },
+    })
+}
+
+fn qos(params: &Map<'_>) -> Result<QoS, ErrorCode> {
+    match params.get(b"qos") {
+        None | Some(Object::Null) => Ok(QoS::AtMostOnce),
+        Some(Object::I64(0)) => Ok(QoS::AtMostOnce),
+        Some(Object::I64(1)) => Ok(QoS::AtLeastOnce),
+        // QoS 2 (and anything else) is not supported [iotcored-bus-publish-3.3].
+        Some(_) => Err(ErrorCode::Invalid),
+    }
+}
+
+fn flag(params: &Map<'_>, key: &[u8]) -> Result<bool, ErrorCode> {
+    match params.get(key) {
+        None | Some(Object::Null) => Ok(false),
+        Some(Object::Bool(b)) => Ok(b),
+        Some(_) => Err(ErrorCode::Invalid),
+    }
+}
+
+fn filters<'a>(
+    params: &Map<'a>,
+) -> Result<heapless::Vec<&'a str, MAX_FILTERS_PER_REQUEST>, ErrorCode> {
+    let mut out = heapless::Vec::new();
+    let mut add = |raw: &'a [u8]| -> Result<(), ErrorCode> {
+        let f = router::validate_filter(raw).map_err(|e| code(e.code()))?;
+        if out.contains(&f) {
+            return Ok(());
+        }
+        out.push(f).map_err(|_| ErrorCode::Range)
+    };
+    match params.get(b"topic_filter") {
+        Some(Object::Buf(f)) => add(f)?,
+        Some(Object::List(list)) => {
+            for item in list.iter() {
+                match item {
+                    Object::Buf(f) => add(f)?,
+                    _ => return Err(ErrorCode::Invalid),
+                }
+            }
+        }
+        _ => return Err(ErrorCode::Invalid),
+    }
+    if out.is_empty() {
+        return Err(ErrorCode::Invalid);
+    }
+    Ok(out)
+}
+
+/// The bus error code for a router code number.
+fn code(n: i32) -> ErrorCode {
+    ErrorCode::from_i32(n).unwrap_or(ErrorCode::Invalid)
+}
+
+fn endpoint(raw: &[u8]) -> Result<&str, ErrorCode> {
+    let name = core::str::from_utf8(raw).map_err(|_| ErrorCode::Invalid)?;
+    if name.is_empty()
+        || name.len() > MAX_ENDPOINT_LEN
+        || name.contains(['/', '\0'])
+        || name == ".."
+        || name == "."
+    {
+        return Err(ErrorCode::Invalid);
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bus::object::{parse_params, Encoder};
+
+    fn with_params<R>(entries: &[(&str, Val<'_>)], f: impl FnOnce(&Map<'_>) -> R) -> R {
+        let mut buf = [0u8; 4096];
+        let mut e = Encoder::new(&mut buf);
+        e.map(entries.len()).unwrap();
+        for (k, v) in entries {
+            e.key(k.as_bytes()).unwrap();
+            match v {
+                Val::Buf(b) => {
+                    e.buf(b).unwrap();
+                }
+                Val::I64(i) => {
+                    e.i64(*i).unwrap();
+                }
+                Val::Bool(b) => {
+                    e.bool(*b).unwrap();
+                }
+                Val::List(items) => {
+                    e.list(items.len()).unwrap();
+                    for i in items.iter() {
+                        e.buf(i).unwrap();
+                    }
+                }
+            }
+        }
+        let n = e.written();
+        let params = parse_params(&buf[..n]).unwrap();
+        f(&params)
+    }
+
+    enum Val<'a> {
+        Buf(&'a [u8]),
+        I64(i64),
+        Bool(bool),
+        List(&'a [&'a [u8]]),
+    }
+
+    #[test]
+    fn publish_defaults_to_qos_0_empty_payload_and_no_retain() {
+        // [iotcored-bus-publish-2.2] [iotcored-bus-publish-3.2]
+        with_params(&[("topic", Val::Buf(b"a/b"))], |m| {
+            assert_eq!(
+                publish(m),
+                Ok(Publish {
+                    topic: "a/b",
+                    payload: b"",
+                    qos: QoS::AtMostOnce,
+                    retain: false
+                })
+            );
+        });
+    }
+
+    #[test]
+    fn publish_reads_every_parameter() {
+        let entries = [
+            ("topic", Val::Buf(b"a/b")),
+            ("payload", Val::Buf(b"hi")),
+            ("qos", Val::I64(1)),
+            ("retain", Val::Bool(true)),
+        ];
+        with_params(&entries, |m| {
+            let p = publish(m).unwrap();
+            assert_eq!(
+                (p.topic, p.payload, p.qos, p.retain),
+                ("a/b", &b"hi"[..], QoS::AtLeastOnce, true)
+            );
+        });
+    }
+
+    #[test]
+    fn publish_refuses_qos_2_missing_topics_and_wrong_types() {
+        // [iotcored-bus-publish-3.3] [iotcored-bus-publish-1]
+        let cases: [&[(&str, Val<'_>)]; 6] = [
+            &[("topic", Val::Buf(b"a")), ("qos", Val::I64(2))],
+            &[("topic", Val::Buf(b"a")), ("qos", Val::I64(-1))],
+            &[("payload", Val::Buf(b"x"))],
+            &[("topic", Val::I64(3))],
+            &[("topic", Val::Buf(b"a")), ("payload", Val::I64(1))],
+            &[("topic", Val::Buf(b"a")), ("retain", Val::I64(1))],
+        ];
+        for entries in cases {
+            with_params(entries, |m| assert_eq!(publish(m), Err(ErrorCode::Invalid)));
+        }
+    }
+
+    #[test]
+    fn publish_topics_outside_mqtt_or_aws_rules_are_refused() {
+        with_params(&[("topic", Val::Buf(b"a/+"))], |m| {
+            assert_eq!(publish(m), Err(ErrorCode::Invalid));
+        });
+        let long = [b'x'; 257];
+        with_params(&[("topic", Val::Buf(&long))], |m| {
+            assert_eq!(publish(m), Err(ErrorCode::Range));
+        });
+        let big = vec![0u8; MAX_PAYLOAD + 1];
+        let mut buf = vec![0u8; MAX_PAYLOAD + 64];
+        let mut e = Encoder::new(&mut buf);
+        e.map(2).unwrap().key(b"topic").unwrap().buf(b"a").unwrap();
+        e.key(b"payload").unwrap().buf(&big).unwrap();
+        let n = e.written();
+        let m = parse_params(&buf[..n]).unwrap();
+        assert_eq!(publish(&m), Err(ErrorCode::Range));
+    }
+
+    #[test]
+    fn subscribe_takes_one_filter_or_a_list_and_drops_duplicates() {
+        with_params(&[("topic_filter", Val::Buf(b"a/#"))], |m| {
+            let s = subscribe(m).unwrap();
+            assert_eq!(s.filters.as_slice(), ["a/#"]);
+            assert_eq!(
+                (s.qos, s.endpoint, s.virtual_only),
+                (QoS::AtMostOnce, None, false)
+            );
+        });
+        let list: &[&[u8]] = &[b"a/+", b"b", b"a/+"];
+        let entries = [
+            ("topic_filter", Val::List(list)),
+            ("qos", Val::I64(1)),
+            ("response_endpoint", Val::Buf(b"my_component")),
+        ];
+        with_params(&entries, |m| {
+            let s = subscribe(m).unwrap();
+            assert_eq!(s.filters.as_slice(), ["a/+", "b"]);
+            assert_eq!(s.qos, QoS::AtLeastOnce);
+            assert_eq!(s.endpoint, Some("my_component"));
+        });
+    }
+
+    #[test]
+    fn subscribe_refuses_bad_filters_qos_and_endpoints() {
+        let empty: &[&[u8]] = &[];
+        let cases: [(&[(&str, Val<'_>)], ErrorCode); 6] = [
+            (&[("topic_filter", Val::Buf(b"a/#/b"))], ErrorCode::Invalid),
+            (&[("topic_filter", Val::List(empty))], ErrorCode::Invalid),
+            (&[("qos", Val::I64(0))], ErrorCode::Invalid),
+            (
+                &[("topic_filter", Val::Buf(b"a")), ("qos", Val::I64(2))],
+                ErrorCode::Invalid,
+            ),
+            (
+                &[
+                    ("topic_filter", Val::Buf(b"a")),
+                    ("response_endpoint", Val::Buf(b"../x")),
+                ],
+                ErrorCode::Invalid,
+            ),
+            (
+                &[("topic_filter", Val::Buf(b"a/b/c/d/e/f/g/h/i"))],
+                ErrorCode::Range,
+            ),
+        ];
+        for (entries, code) in cases {
+            with_params(entries, |m| assert_eq!(subscribe(m).err(), Some(code)));
+        }
+    }
+
+    #[test]
+    fn more_filters_than_a_request_may_carry_is_range() {
+        let names: std::vec::Vec<std::vec::Vec<u8>> = (0..=MAX_FILTERS_PER_REQUEST)
+            .map(|i| format!("t/{i}").into_bytes())
+            .collect();
+        let refs: std::vec::Vec<&[u8]> = names.iter().map(|n| n.as_slice()).collect();
+        with_params(&[("topic_filter", Val::List(&refs))], |m| {
+            assert_eq!(subscribe(m).err(), Some(ErrorCode::Range));
+        });
+    }
+
+    #[test]
+    fn request_types_must_fit_the_method() {
+        // [bus-req-5]
+        use RequestType::*;
+        assert!(Method::Publish.accepts(Call, false));
+        assert!(Method::Publish.accepts(Notify, false));
+        assert!(!Method::Publish.accepts(Subscribe, false));
+        assert!(Method::Subscribe.accepts(Subscribe, false));
+        assert!(!Method::Subscribe.accepts(Call, false));
+        assert!(Method::Subscribe.accepts(Call, true));
+        assert!(!Method::ConnectionStatus.accepts(Call, false));
+        assert_eq!(Method::from_name(b"publish"), Some(Method::Publish));
+        assert_eq!(Method::from_name(b"nope"), None);
+    }
+}
