@@ -11,6 +11,7 @@ pub mod limits;
 pub mod mqtt;
 pub mod router;
 pub mod service;
+pub mod spool;
 pub mod sys;
 pub mod time;
 pub mod tls;

@@ -105,7 +105,6 @@ pub struct Session {
     last_tx: Instant,
     last_rx: Instant,
     ping_sent: Option<Instant>,
-    next_packet_id: u16,
     tx: Vec<u8, CONTROL_TX_CAPACITY>,
 }
 
@@ -118,7 +117,6 @@ impl Session {
             last_tx: Instant::default(),
             last_rx: Instant::default(),
             ping_sent: None,
-            next_packet_id: 1,
             tx: Vec::new(),
         }
     }
@@ -269,13 +267,6 @@ impl Session {
     /// Other bytes (a spooled PUBLISH) went to the broker at `now`.
     pub fn note_tx(&mut self, now: Instant) {
         self.last_tx = now;
-    }
-
-    /// A fresh packet id (1..=65535, wrapping, never 0) [MQTT-2.3.1-1].
-    pub fn next_packet_id(&mut self) -> u16 {
-        let id = self.next_packet_id;
-        self.next_packet_id = id.checked_add(1).unwrap_or(1);
-        id
     }
 
     /// Queues any control packet (SUBSCRIBE, UNSUBSCRIBE, ...).
@@ -514,14 +505,6 @@ mod tests {
         let mut idle = Session::new(10);
         idle.disconnect();
         assert!(idle.pending_tx().is_empty());
-    }
-
-    #[test]
-    fn packet_ids_skip_zero_when_they_wrap() {
-        let mut s = Session::new(10);
-        s.next_packet_id = u16::MAX;
-        assert_eq!(s.next_packet_id(), u16::MAX);
-        assert_eq!(s.next_packet_id(), 1);
     }
 
     #[test]

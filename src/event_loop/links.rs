@@ -1,32 +1,28 @@
-//! The event loop: the only owner of `mio::Poll`, the sockets and the clock.
-//!
-//! One thread drives every MQTT connection ("link") through its phases:
-//! waiting out a backoff, resolving the endpoint (on a resolver thread that
-//! wakes the loop, so a slow DNS server never blocks it), TCP connecting,
-//! the TLS handshake, and MQTT. Every phase has a deadline, and every
-//! socket is non-blocking, so no peer can stall the loop.
+//! The MQTT connections ("links") to the broker, each driven through its
+//! phases: waiting out a backoff, resolving the endpoint (on a resolver
+//! thread that wakes the loop, so a slow DNS server never blocks it), TCP
+//! connecting, the TLS handshake, and MQTT. Every phase has a deadline.
 //!
 //! [iotcored-1] connect at start-up; [iotcored-2] reconnect for ever with
-//! backoff; [iotcored-3] an authentication failure ends the daemon.
+//! backoff; [iotcored-3] an authentication failure ends the daemon;
+//! [iotcored-4] extra links while subscriptions need them, with client ids
+//! `<id>_N` [iotcored-param-id-1]. Link 0 carries every publish, so their
+//! order is the order the bus accepted them.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::os::fd::AsRawFd;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use mio::net::TcpStream;
-use mio::unix::SourceFd;
-use mio::{Events, Interest, Poll, Token, Waker};
-use rustls::pki_types::ServerName;
-use rustls::ClientConfig;
+use mio::{Interest, Token, Waker};
 
+use super::{EventLoop, Exit, LINK_BASE};
 use crate::config::Config;
 use crate::consts;
 use crate::limits::Backoff;
-use crate::mqtt::packet;
+use crate::mqtt::packet::{self, SubackCode};
 use crate::mqtt::session::{self, Event, Session};
-use crate::sys::{self, SignalFd};
 use crate::time::Instant;
 use crate::tls::{self, StreamError, TlsFailure, TlsStream};
 
@@ -36,36 +32,21 @@ pub const RESOLVE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long shutdown waits for DISCONNECT and close_notify to be written.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(800);
+/// How long closing a link waits for DISCONNECT and close_notify to go out.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Consecutive connections closed by the broker after a good TLS handshake
 /// and our CONNECT, without a CONNACK, that count as an authorization
 /// failure: AWS IoT Core answers a CONNECT its policy forbids that way.
 pub const CLOSES_WITHOUT_CONNACK_LIMIT: u32 = 3;
 /// Addresses kept from one DNS answer.
 const MAX_ADDRS: usize = 8;
-
-const WAKER: Token = Token(0);
-const SIGNALS: Token = Token(1);
-const LINK_BASE: usize = 16;
-
-/// Why the loop ended.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Exit {
-    /// SIGTERM or SIGINT: shut down cleanly.
-    Stopped,
-    /// The broker refused our credentials [iotcored-3].
-    AuthFailure(String),
-    /// The broker's certificate failed verification.
-    ServerUntrusted(String),
-    /// The loop itself failed (poll error).
-    Fatal(String),
-}
+/// Room a SUBSCRIBE of 8 maximal filters needs in the control buffer.
+const SUBSCRIBE_ROOM: usize = 8 * (2 + 256 + 1) + 8;
 
 type Addrs = heapless::Vec<SocketAddr, MAX_ADDRS>;
 
 /// A DNS answer from the resolver thread.
-struct Resolved {
+pub(super) struct Resolved {
     link: usize,
     generation: u64,
     result: Result<Addrs, String>,
@@ -76,7 +57,7 @@ struct Resolved {
 // nothing per attempt; boxing the addresses would allocate on every one.
 #[allow(clippy::large_enum_variant)]
 enum Phase {
-    /// Not wanted (an extra connection with nothing to do).
+    /// Not wanted (an extra connection with nothing to do, or stopped).
     Unused,
     /// Waiting out the backoff before the next attempt.
     Waiting { until: Instant },
@@ -93,8 +74,8 @@ enum Phase {
     Handshaking { tls: Box<TlsStream>, until: Instant },
     /// MQTT over TLS; the session knows whether CONNACK came.
     Mqtt { tls: Box<TlsStream> },
-    /// Shutting down: DISCONNECT and close_notify being flushed.
-    Closing { tls: Box<TlsStream> },
+    /// DISCONNECT and close_notify being flushed before the socket closes.
+    Closing { tls: Box<TlsStream>, until: Instant },
 }
 
 /// Why a connection attempt or connection ended.
@@ -127,7 +108,7 @@ impl std::fmt::Display for Failure {
 }
 
 /// One MQTT connection to the broker.
-struct Link {
+pub(super) struct Link {
     index: usize,
     client_id: String,
     phase: Phase,
@@ -144,196 +125,201 @@ struct Link {
 }
 
 impl Link {
+    pub(super) fn new(index: usize, config: &Config, seed: u64) -> Self {
+        Self {
+            index,
+            client_id: client_id(&config.client_id, index),
+            phase: Phase::Unused,
+            session: Session::new(config.keepalive),
+            backoff: Backoff::new(seed ^ (index as u64).wrapping_mul(0x9E37_79B9)),
+            rx: vec![0u8; consts::MQTT_MAX_PACKET].into_boxed_slice(),
+            rx_len: 0,
+            rx_pending: false,
+            generation: 0,
+            closes_without_connack: 0,
+            was_connected: false,
+        }
+    }
+
     fn token(&self) -> Token {
         Token(LINK_BASE + self.index)
     }
-}
 
-/// The daemon: configuration, sockets, and every link.
-pub struct EventLoop {
-    config: Config,
-    tls_config: Arc<ClientConfig>,
-    server_name: ServerName<'static>,
-    poll: Poll,
-    signals: SignalFd,
-    resolve_tx: mpsc::Sender<(usize, u64, String, u16)>,
-    resolved_rx: mpsc::Receiver<Resolved>,
-    links: Vec<Link>,
-    epoch: std::time::Instant,
-    stopping: Option<Instant>,
+    /// The client id this link connects with.
+    pub(super) fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    /// Whether CONNACK was accepted on the current connection.
+    pub(super) fn is_connected(&self) -> bool {
+        matches!(self.phase, Phase::Mqtt { .. }) && self.session.is_connected()
+    }
+
+    /// When this link next needs attention.
+    pub(super) fn deadline(&self) -> Option<Instant> {
+        if self.rx_pending {
+            return Some(Instant::default());
+        }
+        match &self.phase {
+            Phase::Waiting { until }
+            | Phase::Resolving { until, .. }
+            | Phase::Connecting { until, .. }
+            | Phase::Handshaking { until, .. }
+            | Phase::Closing { until, .. } => Some(*until),
+            Phase::Mqtt { .. } => self.session.poll_at(),
+            Phase::Unused => None,
+        }
+    }
 }
 
 impl EventLoop {
-    /// Sets up the poll, the signal fd and the resolver thread.
-    pub fn new(config: Config, tls_config: Arc<ClientConfig>) -> io::Result<Self> {
-        let server_name = tls::server_name(&config.endpoint)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-        // Block the signals before any thread exists, so all inherit the mask.
-        let signals = SignalFd::termination()?;
-        let poll = Poll::new()?;
-        poll.registry().register(
-            &mut SourceFd(&signals.as_raw_fd()),
-            SIGNALS,
-            Interest::READABLE,
-        )?;
-        let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let (resolve_tx, resolved_rx) = spawn_resolver(waker)?;
-
-        let seed = sys::random_seed();
-        let links = (0..consts::MAX_CONNECTIONS)
-            .map(|index| Link {
-                index,
-                client_id: client_id(&config.client_id, index),
-                phase: Phase::Unused,
-                session: Session::new(config.keepalive),
-                backoff: Backoff::new(seed ^ (index as u64).wrapping_mul(0x9E37_79B9)),
-                rx: vec![0u8; consts::MQTT_MAX_PACKET].into_boxed_slice(),
-                rx_len: 0,
-                rx_pending: false,
-                generation: 0,
-                closes_without_connack: 0,
-                was_connected: false,
-            })
-            .collect();
-
-        Ok(Self {
-            config,
-            tls_config,
-            server_name,
-            poll,
-            signals,
-            resolve_tx,
-            resolved_rx,
-            links,
-            epoch: std::time::Instant::now(),
-            stopping: None,
-        })
-    }
-
-    fn now(&self) -> Instant {
-        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        Instant::from_millis(ms)
-    }
-
-    /// Runs until a signal or a fatal error.
-    pub fn run(&mut self) -> Exit {
-        let mut events = Events::with_capacity(64);
-        let now = self.now();
-        self.begin_attempt(0, now);
-        loop {
-            let now = self.now();
-            if let Err(exit) = self.run_timers(now) {
-                return exit;
-            }
-            if let Some(deadline) = self.stopping {
-                if now >= deadline || self.all_closed() {
-                    self.close_all();
-                    log::info!("stopped");
-                    return Exit::Stopped;
-                }
-            }
-            let timeout = self.next_deadline().map(|d| {
-                let ms = d.millis().saturating_sub(now.millis());
-                Duration::from_millis(ms.saturating_add(1))
-            });
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Exit::Fatal(format!("poll failed: {e}"));
-            }
-            let now = self.now();
-            for event in events.iter() {
-                let result = match event.token() {
-                    WAKER => self.take_resolved(now),
-                    SIGNALS => {
-                        self.take_signals(now);
-                        Ok(())
-                    }
-                    Token(t) if (LINK_BASE..LINK_BASE + self.links.len()).contains(&t) => {
-                        self.drive(t - LINK_BASE, now)
-                    }
-                    _ => Ok(()),
-                };
-                if let Err(exit) = result {
-                    return exit;
-                }
-            }
+    pub(super) fn run_timers(&mut self, now: Instant) -> Result<(), Exit> {
+        enum Due {
+            Nothing,
+            Attempt,
+            Fail(Failure),
+            NextAddress,
+            Drop,
+            Drive,
         }
-    }
-
-    /// The earliest deadline of any link, session or the shutdown.
-    fn next_deadline(&self) -> Option<Instant> {
-        let mut next = self.stopping;
-        let mut consider = |d: Option<Instant>| {
-            if let Some(d) = d {
-                next = Some(next.map_or(d, |n| n.min(d)));
-            }
-        };
-        for link in &self.links {
-            consider(match &link.phase {
-                Phase::Waiting { until }
-                | Phase::Resolving { until, .. }
-                | Phase::Connecting { until, .. }
-                | Phase::Handshaking { until, .. } => Some(*until),
-                Phase::Mqtt { .. } => link.session.poll_at(),
-                Phase::Unused | Phase::Closing { .. } => None,
-            });
-            if link.rx_pending {
-                consider(Some(Instant::default()));
-            }
-        }
-        next
-    }
-
-    fn run_timers(&mut self, now: Instant) -> Result<(), Exit> {
         for i in 0..self.links.len() {
             let link = &mut self.links[i];
-            match &link.phase {
-                Phase::Waiting { until } if now >= *until => self.begin_attempt(i, now),
+            let due = match &mut link.phase {
+                Phase::Waiting { until } if now >= *until => Due::Attempt,
                 Phase::Resolving { until, .. } if now >= *until => {
-                    self.fail(i, now, Failure::Timeout("DNS lookup"))?
+                    Due::Fail(Failure::Timeout("DNS lookup"))
                 }
-                Phase::Connecting { until, .. } if now >= *until => {
+                Phase::Connecting { until, .. } if now >= *until => Due::NextAddress,
+                Phase::Handshaking { until, .. } if now >= *until => {
+                    Due::Fail(Failure::Timeout("TLS handshake"))
+                }
+                Phase::Closing { tls, until } => {
+                    let _ = tls.flush();
+                    if now >= *until || !tls.wants_write() {
+                        Due::Drop
+                    } else {
+                        Due::Nothing
+                    }
+                }
+                Phase::Mqtt { .. } => match link.session.poll(now) {
+                    Err(e) => Due::Fail(Failure::Session(e)),
+                    Ok(()) if link.rx_pending || !link.session.pending_tx().is_empty() => {
+                        Due::Drive
+                    }
+                    Ok(()) => Due::Nothing,
+                },
+                _ => Due::Nothing,
+            };
+            match due {
+                Due::Nothing => {}
+                Due::Attempt => self.begin_attempt(i, now),
+                Due::Fail(f) => self.fail(i, now, f)?,
+                Due::NextAddress => {
                     let e = io::Error::new(io::ErrorKind::TimedOut, "timed out");
                     self.next_address(i, now, e)?
                 }
-                Phase::Handshaking { until, .. } if now >= *until => {
-                    self.fail(i, now, Failure::Timeout("TLS handshake"))?
-                }
-                Phase::Mqtt { .. } => {
-                    if let Err(e) = link.session.poll(now) {
-                        self.fail(i, now, Failure::Session(e))?;
-                    } else if link.rx_pending || !link.session.pending_tx().is_empty() {
-                        self.drive(i, now)?;
-                    }
-                }
-                _ => {}
+                Due::Drop => self.drop_link(i),
+                Due::Drive => self.drive(i, now)?,
             }
         }
+        self.drive_pending_clients(now);
         Ok(())
     }
 
-    fn all_closed(&self) -> bool {
-        self.links.iter().all(|l| match &l.phase {
-            Phase::Closing { tls } => !tls.wants_write(),
-            _ => true,
-        })
+    pub(super) fn all_closed(&self) -> bool {
+        self.links
+            .iter()
+            .all(|l| !matches!(l.phase, Phase::Closing { .. } | Phase::Mqtt { .. }))
     }
 
-    fn close_all(&mut self) {
-        for link in &mut self.links {
-            if let Phase::Closing { tls } | Phase::Mqtt { tls } | Phase::Handshaking { tls, .. } =
-                &mut link.phase
-            {
+    pub(super) fn close_all(&mut self) {
+        for i in 0..self.links.len() {
+            self.drop_link(i);
+        }
+    }
+
+    /// Closes link `i` in an orderly way: DISCONNECT, close_notify, then
+    /// the socket once they are written (or after `CLOSE_TIMEOUT`).
+    pub(super) fn close_link(&mut self, i: usize, now: Instant) {
+        let was_up = self.links[i].is_connected();
+        let link = &mut self.links[i];
+        let phase = std::mem::replace(&mut link.phase, Phase::Unused);
+        link.phase = match phase {
+            Phase::Mqtt { mut tls } => {
+                link.session.disconnect();
+                let n = tls.send(link.session.pending_tx());
+                link.session.consume_tx(now, n);
+                tls.close_notify();
+                let _ = tls.flush();
+                Phase::Closing {
+                    tls,
+                    until: now + CLOSE_TIMEOUT,
+                }
+            }
+            Phase::Connecting { mut sock, .. } => {
+                let _ = self.poll.registry().deregister(&mut sock);
+                Phase::Unused
+            }
+            Phase::Handshaking { mut tls, .. } => {
+                let _ = self.poll.registry().deregister(tls.socket());
+                tls.shutdown();
+                Phase::Unused
+            }
+            other @ Phase::Closing { .. } => other,
+            _ => Phase::Unused,
+        };
+        link.session.reset();
+        link.rx_len = 0;
+        link.rx_pending = false;
+        if was_up {
+            self.link_lost(i, now);
+        }
+    }
+
+    /// Deregisters and drops whatever socket link `i` has.
+    fn drop_link(&mut self, i: usize) {
+        let link = &mut self.links[i];
+        match std::mem::replace(&mut link.phase, Phase::Unused) {
+            Phase::Connecting { mut sock, .. } => {
+                let _ = self.poll.registry().deregister(&mut sock);
+            }
+            Phase::Handshaking { mut tls, .. }
+            | Phase::Mqtt { mut tls }
+            | Phase::Closing { mut tls, .. } => {
+                let _ = self.poll.registry().deregister(tls.socket());
                 tls.shutdown();
             }
-            link.phase = Phase::Unused;
+            _ => {}
+        }
+    }
+
+    /// Opens extra links that subscriptions need and closes the ones they
+    /// no longer need [iotcored-4].
+    pub(super) fn sync_links(&mut self, now: Instant) {
+        if self.stopping.is_some() {
+            return;
+        }
+        for i in 1..self.links.len() {
+            let wanted = self.router.link_wanted(i);
+            let unused = matches!(self.links[i].phase, Phase::Unused);
+            if wanted && unused {
+                log::info!(
+                    "connection {i} ({}): needed for subscriptions",
+                    self.links[i].client_id
+                );
+                self.begin_attempt(i, now);
+            } else if !wanted && !unused && !matches!(self.links[i].phase, Phase::Closing { .. }) {
+                log::info!(
+                    "connection {i} ({}): no subscriptions left; closing",
+                    self.links[i].client_id
+                );
+                self.close_link(i, now);
+            }
         }
     }
 
     /// Starts a connection attempt: resolve (or use the IP literal).
-    fn begin_attempt(&mut self, i: usize, now: Instant) {
+    pub(super) fn begin_attempt(&mut self, i: usize, now: Instant) {
         if self.stopping.is_some() {
             return;
         }
@@ -367,7 +353,7 @@ impl EventLoop {
         }
     }
 
-    fn take_resolved(&mut self, now: Instant) -> Result<(), Exit> {
+    pub(super) fn take_resolved(&mut self, now: Instant) -> Result<(), Exit> {
         while let Ok(r) = self.resolved_rx.try_recv() {
             let Some(link) = self.links.get(r.link) else {
                 continue;
@@ -439,7 +425,7 @@ impl EventLoop {
     }
 
     /// Handles readiness (or pending work) on link `i`.
-    fn drive(&mut self, i: usize, now: Instant) -> Result<(), Exit> {
+    pub(super) fn drive(&mut self, i: usize, now: Instant) -> Result<(), Exit> {
         match &mut self.links[i].phase {
             Phase::Connecting { sock, .. } => {
                 if let Ok(Some(e)) | Err(e) = sock.take_error() {
@@ -457,7 +443,7 @@ impl EventLoop {
             }
             Phase::Handshaking { .. } => self.drive_handshake(i, now),
             Phase::Mqtt { .. } => self.drive_mqtt(i, now),
-            Phase::Closing { tls } => {
+            Phase::Closing { tls, .. } => {
                 let _ = tls.flush();
                 Ok(())
             }
@@ -517,25 +503,17 @@ impl EventLoop {
     }
 
     fn drive_mqtt(&mut self, i: usize, now: Instant) -> Result<(), Exit> {
-        let mut events_seen = false;
+        let mut first = true;
         loop {
+            self.write_link(i, now)?;
             let link = &mut self.links[i];
             let Phase::Mqtt { tls } = &mut link.phase else {
                 return Ok(());
             };
-            // Write what is queued, then read.
-            let pending = link.session.pending_tx();
-            if !pending.is_empty() {
-                let n = tls.send(pending);
-                link.session.consume_tx(now, n);
-            }
-            if let Err(e) = tls.flush() {
-                return self.fail(i, now, Failure::Stream(e));
-            }
-            if events_seen && !link.rx_pending {
+            if !first && !link.rx_pending {
                 return Ok(());
             }
-            events_seen = true;
+            first = false;
             let got = match tls.recv(&mut link.rx[link.rx_len..]) {
                 Ok(got) => got,
                 Err(e) => return self.fail(i, now, Failure::Stream(e)),
@@ -546,6 +524,83 @@ impl EventLoop {
             if got.eof {
                 return self.fail(i, now, Failure::Closed);
             }
+        }
+    }
+
+    /// Writes what link `i` owes the broker, in an order that never splits a
+    /// packet: the rest of a PUBLISH already started, then control packets,
+    /// then new PUBLISH packets from the spool (link 0 only) while the
+    /// in-flight window and the TLS send buffer allow.
+    pub(super) fn write_link(&mut self, i: usize, now: Instant) -> Result<(), Exit> {
+        let link = &mut self.links[i];
+        let Phase::Mqtt { tls } = &mut link.phase else {
+            return Ok(());
+        };
+        let carries_publishes = i == 0 && link.session.is_connected();
+        loop {
+            // 1. Finish a started PUBLISH.
+            if carries_publishes {
+                if let Some(out) = self.spool.next(consts::MAX_INFLIGHT, false) {
+                    let n = send_parts(tls, out.first, out.second);
+                    let done = self.spool.advance(n);
+                    link.session.note_tx(now);
+                    if !done {
+                        break;
+                    }
+                }
+            }
+            // 2. Control packets, whole.
+            let pending = link.session.pending_tx();
+            if !pending.is_empty() {
+                let len = pending.len();
+                let n = tls.send(pending);
+                link.session.consume_tx(now, n);
+                if n < len {
+                    break;
+                }
+            }
+            // 3. A new PUBLISH.
+            if !carries_publishes {
+                break;
+            }
+            let Some(out) = self.spool.next(consts::MAX_INFLIGHT, true) else {
+                break;
+            };
+            let n = send_parts(tls, out.first, out.second);
+            let done = self.spool.advance(n);
+            link.session.note_tx(now);
+            if !done {
+                break;
+            }
+        }
+        if let Err(e) = tls.flush() {
+            return self.fail(i, now, Failure::Stream(e));
+        }
+        Ok(())
+    }
+
+    /// Queues the SUBSCRIBE/UNSUBSCRIBE packets the router owes link `i`.
+    pub(super) fn queue_broker_requests(&mut self, i: usize) {
+        let link = &mut self.links[i];
+        if !link.is_connected() {
+            return;
+        }
+        while link.session.tx_free() >= SUBSCRIBE_ROOM {
+            let Some(request) = self.router.next_request(i) else {
+                break;
+            };
+            if let Err(e) = link.session.queue(&request.packet()) {
+                // Cannot happen with the room checked above; the router
+                // re-sends it after the next reconnect if it does.
+                log::warn!("connection {i}: cannot queue a subscription request: {e}");
+                break;
+            }
+            log::debug!(
+                "connection {i}: {:?} {} filter(s), packet id {}",
+                request.kind,
+                request.filters.len(),
+                request.packet_id
+            );
         }
     }
 
@@ -575,6 +630,7 @@ impl EventLoop {
                     link.closes_without_connack = 0;
                     link.backoff.connected(now);
                     let again = if link.was_connected {
+                        self.counters.reconnects += 1;
                         "reconnected"
                     } else {
                         "connected"
@@ -584,8 +640,47 @@ impl EventLoop {
                         "connection {i} ({}): {again} (session present: {session_present})",
                         link.client_id
                     );
+                    self.link_established(i, session_present, now);
                 }
-                Ok(Some(event)) => on_event(i, event),
+                Ok(Some(Event::Publish(p))) => {
+                    self.counters.received += 1;
+                    // Split borrows: the message lives in this link's buffer.
+                    let (topic, payload) = (p.topic, p.payload);
+                    log::debug!(
+                        "connection {i}: PUBLISH on {topic} ({} bytes)",
+                        payload.len()
+                    );
+                    super::clients::deliver(
+                        &mut super::clients::Delivery {
+                            bus: &mut self.bus,
+                            router: &mut self.router,
+                            registry: self.poll.registry(),
+                            scratch: &mut self.scratch,
+                            scratch_notify: &mut self.scratch_notify,
+                            dropped: &mut self.counters.dropped,
+                            clients: &mut self.clients,
+                            endpoint_failures: &mut self.endpoint_failures,
+                        },
+                        topic,
+                        payload,
+                    );
+                }
+                Ok(Some(Event::Puback { packet_id })) => {
+                    if i != 0 || !self.spool.ack(packet_id) {
+                        log::warn!("connection {i}: PUBACK for unknown packet id {packet_id}");
+                    }
+                }
+                Ok(Some(Event::Suback(suback))) => {
+                    let codes: heapless::Vec<SubackCode, 8> = suback.codes().take(8).collect();
+                    if !self.router.on_suback(i, suback.packet_id, codes) {
+                        log::warn!("connection {i}: SUBACK for unknown packet id");
+                    }
+                }
+                Ok(Some(Event::Unsuback { packet_id })) => {
+                    if !self.router.on_unsuback(i, packet_id) {
+                        log::warn!("connection {i}: UNSUBACK for unknown packet id {packet_id}");
+                    }
+                }
                 Ok(None) => {}
                 Err(e) => break Err(Failure::Session(e)),
             }
@@ -599,30 +694,41 @@ impl EventLoop {
         }
     }
 
+    /// Link `i` got its CONNACK.
+    fn link_established(&mut self, i: usize, session_present: bool, now: Instant) {
+        self.router.link_up(i, session_present);
+        if i == 0 {
+            self.notify_status(true, now);
+        }
+    }
+
+    /// Link `i`, which was connected, is gone.
+    fn link_lost(&mut self, i: usize, now: Instant) {
+        self.router.link_down(i);
+        if i == 0 {
+            self.spool.reset_inflight();
+            self.notify_status(false, now);
+        }
+    }
+
     /// Ends link `i`'s current attempt or connection: a fatal failure ends
     /// the daemon, anything else schedules the next attempt.
     fn fail(&mut self, i: usize, now: Instant, failure: Failure) -> Result<(), Exit> {
+        let was_up = self.links[i].is_connected();
+        let awaiting_connack = matches!(
+            self.links[i].session.state(),
+            session::State::AwaitingConnack { .. }
+        );
+        self.drop_link(i);
         let link = &mut self.links[i];
-        let phase = std::mem::replace(&mut link.phase, Phase::Unused);
-        let awaiting_connack =
-            matches!(link.session.state(), session::State::AwaitingConnack { .. });
-        let was_up = link.session.is_connected();
-        match phase {
-            Phase::Connecting { mut sock, .. } => {
-                let _ = self.poll.registry().deregister(&mut sock);
-            }
-            Phase::Handshaking { mut tls, .. }
-            | Phase::Mqtt { mut tls }
-            | Phase::Closing { mut tls } => {
-                let _ = self.poll.registry().deregister(tls.socket());
-                tls.shutdown();
-            }
-            _ => {}
-        }
         link.session.reset();
         link.rx_len = 0;
         link.rx_pending = false;
+        if was_up {
+            self.link_lost(i, now);
+        }
 
+        let link = &mut self.links[i];
         let id = &link.client_id;
         match &failure {
             Failure::Stream(StreamError::Tls(e)) => match tls::classify(e) {
@@ -672,6 +778,10 @@ impl EventLoop {
         } else {
             log::warn!("connection {i} ({id}): connection attempt failed: {failure}");
         }
+        if i > 0 && !self.router.link_wanted(i) {
+            log::info!("connection {i} ({id}): no subscriptions left; not reconnecting");
+            return Ok(());
+        }
         let delay = link.backoff.next_delay(now);
         log::info!(
             "connection {i} ({id}): next attempt in {} ms",
@@ -680,44 +790,15 @@ impl EventLoop {
         link.phase = Phase::Waiting { until: now + delay };
         Ok(())
     }
+}
 
-    fn take_signals(&mut self, now: Instant) {
-        while let Some(signo) = self.signals.read() {
-            if self.stopping.is_some() {
-                continue;
-            }
-            let name = if signo == libc::SIGINT {
-                "SIGINT"
-            } else {
-                "SIGTERM"
-            };
-            log::info!("{name}: disconnecting and stopping");
-            self.stopping = Some(now + SHUTDOWN_GRACE);
-            for link in &mut self.links {
-                let phase = std::mem::replace(&mut link.phase, Phase::Unused);
-                link.phase = match phase {
-                    Phase::Mqtt { mut tls } => {
-                        link.session.disconnect();
-                        let n = tls.send(link.session.pending_tx());
-                        link.session.consume_tx(now, n);
-                        tls.close_notify();
-                        let _ = tls.flush();
-                        Phase::Closing { tls }
-                    }
-                    Phase::Connecting { mut sock, .. } => {
-                        let _ = self.poll.registry().deregister(&mut sock);
-                        Phase::Unused
-                    }
-                    Phase::Handshaking { mut tls, .. } => {
-                        tls.shutdown();
-                        Phase::Unused
-                    }
-                    other @ Phase::Closing { .. } => other,
-                    _ => Phase::Unused,
-                };
-            }
-        }
+/// Offers a message's one or two slices to TLS; returns how much it took.
+fn send_parts(tls: &mut TlsStream, first: &[u8], second: &[u8]) -> usize {
+    let n = tls.send(first);
+    if n < first.len() || second.is_empty() {
+        return n;
     }
+    n + tls.send(second)
 }
 
 /// The client id of connection `index`: the bare id for 0, then `<id>_N`
@@ -730,25 +811,9 @@ pub fn client_id(base: &str, index: usize) -> String {
     }
 }
 
-fn on_event(index: usize, event: Event<'_>) {
-    match event {
-        Event::Connected { .. } => {}
-        Event::Publish(p) => {
-            log::debug!(
-                "connection {index}: PUBLISH on {} ({} bytes)",
-                p.topic,
-                p.payload.len()
-            );
-        }
-        Event::Puback { packet_id } => log::debug!("connection {index}: PUBACK {packet_id}"),
-        Event::Suback(s) => log::debug!("connection {index}: SUBACK {}", s.packet_id),
-        Event::Unsuback { packet_id } => log::debug!("connection {index}: UNSUBACK {packet_id}"),
-    }
-}
-
 /// Starts the resolver thread: lookups in, answers out, the loop woken.
 #[allow(clippy::type_complexity)]
-fn spawn_resolver(
+pub(super) fn spawn_resolver(
     waker: Arc<Waker>,
 ) -> io::Result<(
     mpsc::Sender<(usize, u64, String, u16)>,
@@ -778,4 +843,16 @@ fn spawn_resolver(
             }
         })?;
     Ok((req_tx, res_rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn extra_connections_get_numbered_client_ids() {
+        assert_eq!(client_id("gw", 0), "gw");
+        assert_eq!(client_id("gw", 1), "gw_1");
+        assert_eq!(client_id("gw", 12), "gw_12");
+    }
 }

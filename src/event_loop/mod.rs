@@ -1,0 +1,271 @@
+//! The event loop: the only owner of `mio::Poll`, the sockets and the clock.
+//!
+//! One thread drives every MQTT connection ("link", `links.rs`) and every
+//! core bus client (`clients.rs`). The cores it wires together are pure:
+//! the MQTT session, the router, the spool and the backoff take `now` and
+//! return what to do. Every socket is non-blocking and every wait has a
+//! deadline, so no peer — broker or local client — can stall the loop.
+//!
+//! Data paths: a bus `publish` is copied once into the spool, and the spool's
+//! bytes go to link 0's TLS writer as the in-flight window allows. An
+//! incoming PUBLISH is encoded once into a scratch frame and written to
+//! every matching subscriber.
+
+mod clients;
+mod links;
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use rustls::pki_types::ServerName;
+use rustls::ClientConfig;
+
+use crate::bus::server::{self, Server};
+use crate::config::Config;
+use crate::consts;
+use crate::router::Router;
+use crate::spool::Spool;
+use crate::sys::{self, SignalFd};
+use crate::time::Instant;
+use crate::tls;
+
+pub use links::{
+    client_id, CLOSES_WITHOUT_CONNACK_LIMIT, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, RESOLVE_TIMEOUT,
+};
+
+use clients::Client;
+use links::{Link, Resolved};
+
+/// How long shutdown waits for DISCONNECT and close_notify to be written.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(800);
+
+const WAKER: Token = Token(0);
+const SIGNALS: Token = Token(1);
+const LISTENER: Token = Token(2);
+const LINK_BASE: usize = 16;
+
+/// Why the loop ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Exit {
+    /// SIGTERM or SIGINT: shut down cleanly.
+    Stopped,
+    /// The broker refused our credentials [iotcored-3].
+    AuthFailure(String),
+    /// The broker's certificate failed verification.
+    ServerUntrusted(String),
+    /// The loop itself failed (poll error).
+    Fatal(String),
+}
+
+/// Counters kept by the loop (the spool keeps its own).
+#[derive(Clone, Copy, Debug, Default)]
+struct Counters {
+    /// Messages lost other than by spool eviction or BUSY: failed notifies,
+    /// slow subscribers, unreachable response endpoints.
+    dropped: u64,
+    /// PUBLISH packets received from the broker.
+    received: u64,
+    /// Connections re-established after a loss.
+    reconnects: u64,
+}
+
+/// The daemon: configuration, sockets, the cores, and the wiring.
+pub struct EventLoop {
+    config: Config,
+    tls_config: Arc<ClientConfig>,
+    server_name: ServerName<'static>,
+    poll: Poll,
+    signals: SignalFd,
+    resolve_tx: mpsc::Sender<(usize, u64, String, u16)>,
+    resolved_rx: mpsc::Receiver<Resolved>,
+    links: Vec<Link>,
+    bus: Server,
+    clients: Vec<Client>,
+    router: Router,
+    spool: Spool,
+    /// Frames for subscribers are built here, once per incoming message.
+    scratch: Box<[u8]>,
+    /// The `iotcored_response` request frame for endpoint subscribers.
+    scratch_notify: Box<[u8]>,
+    counters: Counters,
+    /// Consecutive failed deliveries per response-endpoint subscription.
+    endpoint_failures: Vec<(crate::router::SubId, u8)>,
+    epoch: std::time::Instant,
+    stopping: Option<Instant>,
+}
+
+impl EventLoop {
+    /// Sets up the poll, the bus socket, the signal fd and the resolver
+    /// thread, and allocates every table.
+    pub fn new(config: Config, tls_config: Arc<ClientConfig>) -> Result<Self, String> {
+        let server_name = tls::server_name(&config.endpoint)?;
+        let mut bus =
+            Server::bind(&config.socket_dir, &config.interface_name).map_err(|e| e.to_string())?;
+        let io_err = |what: &str, e: io::Error| format!("cannot start: {what}: {e}");
+        // Block the signals before any thread exists, so all inherit the mask.
+        let signals = SignalFd::termination().map_err(|e| io_err("signalfd", e))?;
+        let poll = Poll::new().map_err(|e| io_err("poll", e))?;
+        poll.registry()
+            .register(
+                &mut SourceFd(&signals.as_raw_fd()),
+                SIGNALS,
+                Interest::READABLE,
+            )
+            .map_err(|e| io_err("poll", e))?;
+        bus.register(poll.registry(), LISTENER)
+            .map_err(|e| io_err("poll", e))?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| io_err("poll", e))?);
+        let (resolve_tx, resolved_rx) =
+            links::spawn_resolver(waker).map_err(|e| io_err("resolver thread", e))?;
+
+        let seed = sys::random_seed();
+        let links = (0..consts::MAX_CONNECTIONS)
+            .map(|index| Link::new(index, &config, seed))
+            .collect();
+        let frame_room = consts::MQTT_MAX_PACKET + 256;
+        Ok(Self {
+            server_name,
+            tls_config,
+            poll,
+            signals,
+            resolve_tx,
+            resolved_rx,
+            links,
+            clients: (0..bus.capacity()).map(|_| Client::default()).collect(),
+            bus,
+            router: Router::new(),
+            spool: Spool::new(consts::SPOOL_BYTES, consts::SPOOL_MESSAGES),
+            scratch: vec![0u8; frame_room.max(consts::BUS_MAX_FRAME)].into_boxed_slice(),
+            scratch_notify: vec![0u8; frame_room].into_boxed_slice(),
+            counters: Counters::default(),
+            endpoint_failures: Vec::with_capacity(consts::MAX_SUBSCRIPTIONS),
+            epoch: std::time::Instant::now(),
+            stopping: None,
+            config,
+        })
+    }
+
+    fn now(&self) -> Instant {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        Instant::from_millis(ms)
+    }
+
+    /// Runs until a signal or a fatal error.
+    pub fn run(&mut self) -> Exit {
+        let mut events = Events::with_capacity(256);
+        let now = self.now();
+        self.begin_attempt(0, now);
+        loop {
+            let now = self.now();
+            if let Err(exit) = self.run_timers(now) {
+                return exit;
+            }
+            if let Some(deadline) = self.stopping {
+                if now >= deadline || self.all_closed() {
+                    self.close_all();
+                    log::info!("stopped");
+                    return Exit::Stopped;
+                }
+            }
+            let timeout = self.next_deadline(now).map(|d| {
+                let ms = d.millis().saturating_sub(now.millis());
+                Duration::from_millis(ms.saturating_add(1))
+            });
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Exit::Fatal(format!("poll failed: {e}"));
+            }
+            let now = self.now();
+            for event in events.iter() {
+                let result = match event.token() {
+                    WAKER => self.take_resolved(now),
+                    SIGNALS => {
+                        self.take_signals(now);
+                        Ok(())
+                    }
+                    LISTENER => {
+                        self.accept_clients(now);
+                        Ok(())
+                    }
+                    Token(t) if (LINK_BASE..LINK_BASE + self.links.len()).contains(&t) => {
+                        self.drive(t - LINK_BASE, now)
+                    }
+                    Token(t) if t >= server::CLIENT_TOKEN_BASE => {
+                        let i = t - server::CLIENT_TOKEN_BASE;
+                        if i < self.clients.len() {
+                            self.bus.set_readable(i);
+                            self.drive_client(i, now);
+                        }
+                        Ok(())
+                    }
+                    _ => Ok(()),
+                };
+                if let Err(exit) = result {
+                    return exit;
+                }
+            }
+            // Work that readiness events made possible elsewhere (answers
+            // owed, SUBSCRIBEs to send, extra links to open or close).
+            if let Err(exit) = self.pump(now) {
+                return exit;
+            }
+        }
+    }
+
+    /// The earliest deadline of any link, session, bus slot or the shutdown.
+    fn next_deadline(&self, now: Instant) -> Option<Instant> {
+        let mut next = self.stopping;
+        let mut consider = |d: Option<Instant>| {
+            if let Some(d) = d {
+                next = Some(next.map_or(d, |n| n.min(d)));
+            }
+        };
+        for link in &self.links {
+            consider(link.deadline());
+        }
+        for i in 0..self.bus.capacity() {
+            let slot = self.bus.slot(i);
+            consider(slot.discard_deadline());
+            if slot.is_open() && slot.readable() && self.clients[i].wants_input() {
+                consider(Some(now));
+            }
+        }
+        next
+    }
+
+    fn take_signals(&mut self, now: Instant) {
+        while let Some(signo) = self.signals.read() {
+            if self.stopping.is_some() {
+                continue;
+            }
+            let name = if signo == libc::SIGINT {
+                "SIGINT"
+            } else {
+                "SIGTERM"
+            };
+            log::info!("{name}: disconnecting and stopping");
+            self.stopping = Some(now + SHUTDOWN_GRACE);
+            for i in 0..self.links.len() {
+                self.close_link(i, now);
+            }
+        }
+    }
+
+    /// Everything that follows from a change: answers owed to subscribers,
+    /// broker requests to send, extra links to open or close, and writes.
+    fn pump(&mut self, now: Instant) -> Result<(), Exit> {
+        self.settle_subscriptions(now);
+        self.sync_links(now);
+        for i in 0..self.links.len() {
+            self.queue_broker_requests(i);
+            self.write_link(i, now)?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,1652 @@
+//! The outgoing spool: the bounded queue of encoded PUBLISH packets for the
+//! one MQTT connection that carries publishes, sans-I/O.
+//!
+//! A local client's publish is encoded once, straight into the spool's byte
+//! region, and the bus answers the client as soon as it is queued
+//! [iotcored-bus-publish-4.1]. The event loop then takes the packets out in
+//! order, as its rate limiter and the in-flight window allow, and writes them
+//! to TLS; that is the only copy between the bus and TLS.
+//!
+//! Memory is fixed in `new`: a byte region of `capacity_bytes`, a metadata
+//! ring of `capacity_messages` entries and a bitmap of the publish packet ids;
+//! nothing allocates afterwards. The byte region is a ring and messages keep
+//! push order in it, so one may straddle the region's end and is then handed
+//! out as two slices.
+//!
+//! Capacity (core bus section 6, publish): QoS 0 and QoS 1 count together, in
+//! messages and in bytes. A message that does not fit evicts the oldest QoS 0
+//! messages still queued (never one already started, never a QoS 1), and only
+//! as many as it needs; if evicting all of them would not make room, nothing
+//! is evicted and the push is refused with `Busy`.
+//!
+//! Sending: a started message is written to its end before anything else (the
+//! write offset lives here, so a short TLS write resumes where it stopped). A
+//! QoS 1 message gets its packet id when first started, from 1..=32767
+//! (`MAX_PUBLISH_ID`; the SUBSCRIBE side uses the ids above), never one held
+//! by an unacknowledged message [MQTT-2.3.1-2]. After its last byte a QoS 0 is
+//! done and a QoS 1 is in flight until its PUBACK.
+//!
+//! Reconnect: `reset_inflight` puts every unacknowledged QoS 1 back in front
+//! of the newer messages, with DUP set and the same packet id [MQTT-4.4.0-1]
+//! [MQTT-3.3.1-1]; a message cut off mid-write starts again from its first
+//! byte. Completed QoS 0 messages are never sent again.
+//!
+//! Holes and compaction: a message that is done (a sent QoS 0, an acked
+//! QoS 1) or evicted while an older one is still held leaves a hole. Holes
+//! at either end are reclaimed at once; holes in the middle stay. Only when a
+//! push finds no room at the tail (or no free metadata slot) although the
+//! holes would make room does the spool compact: it rotates the region so the
+//! oldest message starts at offset 0, moves every live message down over the
+//! holes, and rebuilds the metadata ring. This is the one case where a
+//! message's bytes move; a message in the middle of being written moves too,
+//! which is safe because its write offset is relative to its start. The cost
+//! is one pass over the region, paid at most once per push.
+
+use core::fmt;
+
+use crate::consts;
+use crate::mqtt::packet::{self, QoS, MAX_REMAINING_LEN};
+
+/// Highest packet id of the publish id space (1..=32767); SUBSCRIBE and
+/// UNSUBSCRIBE use 32768..=65535.
+pub const MAX_PUBLISH_ID: u16 = 32_767;
+
+/// Words of the packet-id bitmap: one bit per id 0..=MAX_PUBLISH_ID.
+const ID_WORDS: usize = (MAX_PUBLISH_ID as usize + 1) / 64;
+
+/// Fields of a PUBLISH's first byte [3.3.1]: packet type 3 in the high
+/// nibble, then DUP, QoS and RETAIN.
+mod first_byte {
+    pub const PUBLISH: u8 = 0x30;
+    pub const QOS_SHIFT: u8 = 1;
+    pub const RETAIN: u8 = 0x01;
+}
+
+/// Why a push was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushError {
+    /// No room even after evicting every queued QoS 0; nothing changed.
+    Busy,
+    /// The topic is over 65,535 bytes or the packet over the MQTT maximum.
+    TooLong,
+}
+
+impl fmt::Display for PushError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PushError::Busy => "outgoing queue full",
+            PushError::TooLong => "topic or publish packet too long",
+        })
+    }
+}
+
+impl std::error::Error for PushError {}
+
+/// A message accepted into the spool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pushed {
+    /// Older queued QoS 0 messages evicted to make room for it.
+    pub evicted: usize,
+}
+
+/// Counters since start, for the bus `stats` call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Messages accepted by `push`.
+    pub published: u64,
+    /// Messages written completely for the first time.
+    pub sent: u64,
+    /// QoS 1 messages written completely again after a reconnect.
+    pub resent: u64,
+    /// PUBACKs that matched a message in flight.
+    pub acked: u64,
+    /// Queued QoS 0 messages evicted to make room.
+    pub evicted: u64,
+    /// Pushes refused with `Busy`.
+    pub busy: u64,
+}
+
+/// The bytes of the current message still to write: `first`, then `second`
+/// (empty unless the message wraps around the end of the region).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outgoing<'a> {
+    pub first: &'a [u8],
+    pub second: &'a [u8],
+    /// The whole packet's length.
+    pub len: usize,
+    /// Bytes of the packet already written.
+    pub written: usize,
+    /// Whether this call started the message (the moment to charge the rate
+    /// limiter); false when it continues one started earlier.
+    pub started: bool,
+    pub qos: QoS,
+    /// The packet id of a QoS 1 message.
+    pub packet_id: Option<u16>,
+}
+
+impl Outgoing<'_> {
+    /// Bytes still to write: `first.len() + second.len()`.
+    pub fn remaining(&self) -> usize {
+        self.first.len() + self.second.len()
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    /// Waiting to be (re)sent: not yet written completely on this connection.
+    Queued,
+    /// A QoS 1 written completely, waiting for its PUBACK.
+    Inflight,
+    /// Done or evicted; its bytes are a hole until reclaimed.
+    Dead,
+}
+
+/// One message's metadata. Entries are byte-adjacent in ring order: each
+/// starts where the previous one ends, holes included.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    /// Start of the packet in the byte region.
+    off: usize,
+    /// Length of the whole packet.
+    len: usize,
+    /// Where the packet id sits within the packet (QoS 1 only).
+    id_at: usize,
+    qos: QoS,
+    state: State,
+    /// 0 until a QoS 1 is first started.
+    packet_id: u16,
+    /// Written completely at least once, so the next completion is a resend.
+    sent_before: bool,
+}
+
+const EMPTY: Entry = Entry {
+    off: 0,
+    len: 0,
+    id_at: 0,
+    qos: QoS::AtMostOnce,
+    state: State::Dead,
+    packet_id: 0,
+    sent_before: false,
+};
+
+/// The outgoing queue of encoded PUBLISH packets.
+///
+/// Invariants (checked by the tests after every step): the `count` entries
+/// from `head` are byte-adjacent from `start` and their lengths sum to
+/// `span <= capacity_bytes`; the first and last entries are live; entries
+/// before `cursor` are in flight or dead, those from `cursor` on are queued
+/// or dead, and the entry at `cursor` is live; `current` means the entry at
+/// `cursor` was started and `written` bytes of it are out.
+pub struct Spool {
+    buf: Box<[u8]>,
+    /// Offset of the first entry's first byte.
+    start: usize,
+    /// Bytes from `start` to the tail, holes included.
+    span: usize,
+    meta: Box<[Entry]>,
+    /// Slot of the first entry.
+    head: usize,
+    /// Entries in the ring, dead ones included.
+    count: usize,
+    /// Index (from the first entry) of the next message to write.
+    cursor: usize,
+    /// The message at `cursor` was started and must be finished first.
+    current: bool,
+    /// Bytes of the current message already written.
+    written: usize,
+    /// Live (queued or in-flight) messages and their bytes.
+    live: usize,
+    live_bytes: usize,
+    inflight: usize,
+    /// Bit per packet id held by a live QoS 1 message.
+    ids: Box<[u64]>,
+    next_id: u16,
+    stats: Stats,
+    compactions: u64,
+}
+
+impl Default for Spool {
+    /// A spool with the build-time capacities.
+    fn default() -> Self {
+        Spool::new(consts::SPOOL_BYTES, consts::SPOOL_MESSAGES)
+    }
+}
+
+impl fmt::Debug for Spool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Spool")
+            .field("len", &self.live)
+            .field("bytes", &self.live_bytes)
+            .field("inflight", &self.inflight)
+            .field("stats", &self.stats)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Spool {
+    /// An empty spool; the only allocations it ever makes happen here. A zero
+    /// capacity makes a spool that refuses every push.
+    pub fn new(capacity_bytes: usize, capacity_messages: usize) -> Spool {
+        Spool {
+            buf: vec![0; capacity_bytes].into_boxed_slice(),
+            start: 0,
+            span: 0,
+            meta: vec![EMPTY; capacity_messages].into_boxed_slice(),
+            head: 0,
+            count: 0,
+            cursor: 0,
+            current: false,
+            written: 0,
+            live: 0,
+            live_bytes: 0,
+            inflight: 0,
+            ids: vec![0; ID_WORDS].into_boxed_slice(),
+            next_id: 1,
+            stats: Stats::default(),
+            compactions: 0,
+        }
+    }
+
+    /// Messages waiting now, queued or in flight.
+    pub fn len(&self) -> usize {
+        self.live
+    }
+
+    /// Whether no message is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.live == 0
+    }
+
+    /// Bytes of the messages waiting now.
+    pub fn bytes(&self) -> usize {
+        self.live_bytes
+    }
+
+    /// QoS 1 messages written and not yet acknowledged.
+    pub fn inflight(&self) -> usize {
+        self.inflight
+    }
+
+    /// The counters since start.
+    pub fn stats(&self) -> Stats {
+        self.stats
+    }
+
+    /// Encodes a PUBLISH into the spool, evicting the oldest queued QoS 0
+    /// messages if that is what it takes to fit. The topic and payload are
+    /// the caller's to validate.
+    pub fn push(
+        &mut self,
+        topic: &str,
+        payload: &[u8],
+        qos: QoS,
+        retain: bool,
+    ) -> Result<Pushed, PushError> {
+        let topic_len = u16::try_from(topic.len()).map_err(|_| PushError::TooLong)?;
+        let id_len = match qos {
+            QoS::AtMostOnce => 0,
+            QoS::AtLeastOnce => 2,
+        };
+        let rl =
+            publish_remaining_len(topic.len(), payload.len(), id_len).ok_or(PushError::TooLong)?;
+        let mut rl_bytes = [0u8; 4];
+        let rl_used = encode_remaining_len(rl, &mut rl_bytes);
+        // The same as `packet::publish_len`, and exactly what is written below.
+        let len = 1 + rl_used + rl;
+
+        let evict = match self.plan_eviction(len) {
+            Some(n) => n,
+            None => {
+                self.stats.busy += 1;
+                return Err(PushError::Busy);
+            }
+        };
+        self.evict_oldest_qos0(evict);
+        if self.count >= self.meta.len() || self.span + len > self.buf.len() {
+            self.compact();
+        }
+
+        // Room is certain now: the plan left live_bytes + len <= capacity and
+        // live + 1 <= slots, and compaction makes span == live_bytes and
+        // count == live.
+        let off = self.wrap(self.start + self.span);
+        let mut first = first_byte::PUBLISH | (qos as u8) << first_byte::QOS_SHIFT;
+        if retain {
+            first |= first_byte::RETAIN;
+        }
+        let mut pos = self.put(off, &[first]);
+        pos = self.put(pos, rl_bytes.get(..rl_used).unwrap_or_default());
+        pos = self.put(pos, &topic_len.to_be_bytes());
+        pos = self.put(pos, topic.as_bytes());
+        let id_at = 1 + rl_used + 2 + topic.len();
+        pos = self.put(pos, &[0; 2][..id_len]); // packet id, set when started
+        self.put(pos, payload);
+
+        let slot = self.slot(self.count);
+        self.meta[slot] = Entry {
+            off,
+            len,
+            id_at,
+            qos,
+            state: State::Queued,
+            packet_id: 0,
+            sent_before: false,
+        };
+        self.count += 1;
+        self.span += len;
+        self.live += 1;
+        self.live_bytes += len;
+        self.stats.published += 1;
+        Ok(Pushed { evicted: evict })
+    }
+
+    /// The length of the message that `next(inflight_limit, true)` would
+    /// start now, for the caller's rate limiter; `None` while a started
+    /// message is unfinished (`next` continues it regardless) or when nothing
+    /// may start.
+    pub fn peek_next_len(&self, inflight_limit: usize) -> Option<usize> {
+        self.startable(inflight_limit).map(|e| e.len)
+    }
+
+    /// The bytes to write next: the rest of the started message, or else, if
+    /// `may_start` and the in-flight window has room for a QoS 1, the next
+    /// queued message, which this call starts (assigning a QoS 1 its packet
+    /// id). Report what was written with `advance`.
+    pub fn next(&mut self, inflight_limit: usize, may_start: bool) -> Option<Outgoing<'_>> {
+        let started = !self.current;
+        if started {
+            if !may_start {
+                return None;
+            }
+            let e = *self.startable(inflight_limit)?;
+            if e.qos == QoS::AtLeastOnce && e.packet_id == 0 {
+                let id = self.take_id()?;
+                let at = self.wrap(e.off + e.id_at);
+                self.put(at, &id.to_be_bytes());
+                let slot = self.slot(self.cursor);
+                self.meta[slot].packet_id = id;
+            }
+            self.current = true;
+            self.written = 0;
+        }
+        let e = *self.entry(self.cursor);
+        let pos = self.wrap(e.off + self.written);
+        let rest = e.len.saturating_sub(self.written);
+        let first_len = rest.min(self.buf.len() - pos);
+        Some(Outgoing {
+            first: self.buf.get(pos..pos + first_len).unwrap_or_default(),
+            second: self.buf.get(..rest - first_len).unwrap_or_default(),
+            len: e.len,
+            written: self.written,
+            started,
+            qos: e.qos,
+            packet_id: (e.packet_id != 0).then_some(e.packet_id),
+        })
+    }
+
+    /// Records that `n` more bytes of the message from `next` were written;
+    /// true when that finished it. Without a started message this does
+    /// nothing; `n` past the end counts as the end.
+    pub fn advance(&mut self, n: usize) -> bool {
+        if !self.current {
+            return false;
+        }
+        let i = self.cursor;
+        let e = *self.entry(i);
+        self.written = self.written.saturating_add(n).min(e.len);
+        if self.written < e.len {
+            return false;
+        }
+        self.current = false;
+        self.written = 0;
+        if e.sent_before {
+            self.stats.resent += 1;
+        } else {
+            self.stats.sent += 1;
+        }
+        match e.qos {
+            QoS::AtMostOnce => self.kill(i),
+            QoS::AtLeastOnce => {
+                let slot = self.slot(i);
+                self.meta[slot].state = State::Inflight;
+                self.meta[slot].sent_before = true;
+                self.inflight += 1;
+            }
+        }
+        self.cursor += 1;
+        self.settle();
+        true
+    }
+
+    /// A PUBACK: releases the in-flight QoS 1 with this id. False, and
+    /// nothing changes, when no message in flight has it (also for a message
+    /// put back in the queue by `reset_inflight`).
+    pub fn ack(&mut self, packet_id: u16) -> bool {
+        if packet_id == 0 || packet_id > MAX_PUBLISH_ID || !self.id_held(packet_id) {
+            return false;
+        }
+        for i in 0..self.cursor {
+            let e = self.entry(i);
+            if e.state == State::Inflight && e.packet_id == packet_id {
+                self.kill(i);
+                self.inflight -= 1;
+                self.stats.acked += 1;
+                self.settle();
+                return true;
+            }
+        }
+        false
+    }
+
+    /// The connection dropped: every unacknowledged QoS 1 goes back in front
+    /// of the queue with DUP set and its packet id kept [MQTT-4.4.0-1], and a
+    /// message cut off mid-write starts again from its first byte.
+    pub fn reset_inflight(&mut self) {
+        // Entries after the cursor are queued already; any that hold an id
+        // got DUP at an earlier reset.
+        let end = self.count.min(self.cursor + 1);
+        for i in 0..end {
+            let e = *self.entry(i);
+            if e.state != State::Dead && e.packet_id != 0 {
+                let slot = self.slot(i);
+                self.meta[slot].state = State::Queued;
+                let last = self.buf.len().min(e.off + e.len);
+                if let Some(bytes) = self.buf.get_mut(e.off..last) {
+                    packet::set_dup(bytes);
+                }
+            }
+        }
+        self.inflight = 0;
+        self.current = false;
+        self.written = 0;
+        self.cursor = 0;
+        self.settle();
+    }
+
+    /// The entry `next` would start, if it may start now.
+    fn startable(&self, inflight_limit: usize) -> Option<&Entry> {
+        if self.current || self.cursor >= self.count {
+            return None;
+        }
+        let e = self.entry(self.cursor);
+        let limit = inflight_limit.min(usize::from(MAX_PUBLISH_ID));
+        if e.qos == QoS::AtLeastOnce && self.inflight >= limit {
+            return None;
+        }
+        Some(e)
+    }
+
+    /// How many of the oldest evictable messages must go for a packet of
+    /// `len` bytes to fit; `None` if it cannot fit at all.
+    fn plan_eviction(&self, len: usize) -> Option<usize> {
+        if len > self.buf.len() {
+            return None;
+        }
+        let need_msgs = (self.live + 1).saturating_sub(self.meta.len());
+        let need_bytes = (self.live_bytes + len).saturating_sub(self.buf.len());
+        let (mut msgs, mut bytes) = (0, 0);
+        // Queued messages all sit at or after the cursor.
+        for i in self.cursor..self.count {
+            if msgs >= need_msgs && bytes >= need_bytes {
+                break;
+            }
+            let e = self.entry(i);
+            if self.evictable(i, e) {
+                msgs += 1;
+                bytes += e.len;
+            }
+        }
+        (msgs >= need_msgs && bytes >= need_bytes).then_some(msgs)
+    }
+
+    fn evictable(&self, i: usize, e: &Entry) -> bool {
+        e.qos == QoS::AtMostOnce && e.state == State::Queued && !(self.current && i == self.cursor)
+    }
+
+    fn evict_oldest_qos0(&mut self, n: usize) {
+        let mut left = n;
+        let mut i = self.cursor;
+        while left > 0 && i < self.count {
+            if self.evictable(i, self.entry(i)) {
+                self.kill(i);
+                self.stats.evicted += 1;
+                left -= 1;
+            }
+            i += 1;
+        }
+        self.settle();
+    }
+
+    /// Marks entry `i` dead and releases what it held, except its bytes.
+    fn kill(&mut self, i: usize) {
+        let slot = self.slot(i);
+        let e = self.meta[slot];
+        self.meta[slot].state = State::Dead;
+        self.live -= 1;
+        self.live_bytes -= e.len;
+        if e.packet_id != 0 {
+            self.set_id(e.packet_id, false);
+        }
+    }
+
+    /// Reclaims dead entries at both ends and moves the cursor onto a live
+    /// entry.
+    fn settle(&mut self) {
+        while self.count > 0 && self.entry(0).state == State::Dead {
+            let len = self.entry(0).len;
+            self.head = self.slot(1);
+            self.count -= 1;
+            self.start = self.wrap(self.start + len);
+            self.span -= len;
+            self.cursor = self.cursor.saturating_sub(1);
+        }
+        while self.count > 0 && self.entry(self.count - 1).state == State::Dead {
+            self.span -= self.entry(self.count - 1).len;
+            self.count -= 1;
+        }
+        self.cursor = self.cursor.min(self.count);
+        while self.cursor < self.count && self.entry(self.cursor).state == State::Dead {
+            self.cursor += 1;
+        }
+    }
+
+    /// Moves every live message down over the holes so that they sit packed
+    /// from offset 0, and the live entries from slot 0.
+    fn compact(&mut self) {
+        self.compactions += 1;
+        self.buf.rotate_left(self.start);
+        self.meta.rotate_left(self.head);
+        let (mut from, mut to, mut kept, mut cursor) = (0, 0, 0, 0);
+        for i in 0..self.count {
+            let e = self.meta[i];
+            if e.state != State::Dead {
+                self.buf.copy_within(from..from + e.len, to);
+                self.meta[kept] = Entry { off: to, ..e };
+                if i < self.cursor {
+                    cursor += 1;
+                }
+                kept += 1;
+                to += e.len;
+            }
+            from += e.len;
+        }
+        self.start = 0;
+        self.span = to;
+        self.head = 0;
+        self.count = kept;
+        self.cursor = cursor;
+    }
+
+    /// Writes `bytes` into the ring at `pos`, wrapping; returns the position
+    /// after them. The caller made sure they fit.
+    fn put(&mut self, pos: usize, bytes: &[u8]) -> usize {
+        let first = bytes.len().min(self.buf.len() - pos);
+        let (a, b) = bytes.split_at(first);
+        self.buf[pos..pos + first].copy_from_slice(a);
+        self.buf[..b.len()].copy_from_slice(b);
+        self.wrap(pos + bytes.len())
+    }
+
+    /// A free packet id from the publish space, taken; the search goes on
+    /// from the last one handed out.
+    fn take_id(&mut self) -> Option<u16> {
+        for _ in 0..MAX_PUBLISH_ID {
+            let id = self.next_id;
+            self.next_id = if id >= MAX_PUBLISH_ID { 1 } else { id + 1 };
+            if !self.id_held(id) {
+                self.set_id(id, true);
+                return Some(id);
+            }
+        }
+        None
+    }
+
+    fn id_held(&self, id: u16) -> bool {
+        let i = usize::from(id);
+        self.ids.get(i / 64).is_some_and(|w| w >> (i % 64) & 1 != 0)
+    }
+
+    fn set_id(&mut self, id: u16, held: bool) {
+        let i = usize::from(id);
+        if let Some(w) = self.ids.get_mut(i / 64) {
+            if held {
+                *w |= 1 << (i % 64);
+            } else {
+                *w &= !(1 << (i % 64));
+            }
+        }
+    }
+
+    /// Position `x` (less than twice the capacity) folded into the region.
+    fn wrap(&self, x: usize) -> usize {
+        x.checked_sub(self.buf.len()).unwrap_or(x)
+    }
+
+    /// The metadata slot of entry `i` (`i` at most the slot count).
+    fn slot(&self, i: usize) -> usize {
+        let s = self.head + i;
+        s.checked_sub(self.meta.len()).unwrap_or(s)
+    }
+
+    fn entry(&self, i: usize) -> &Entry {
+        &self.meta[self.slot(i)]
+    }
+}
+
+/// Remaining length of a PUBLISH [3.3.2], if the packet is legal.
+fn publish_remaining_len(topic_len: usize, payload_len: usize, id_len: usize) -> Option<usize> {
+    topic_len
+        .checked_add(2 + id_len)?
+        .checked_add(payload_len)
+        .filter(|&rl| rl <= MAX_REMAINING_LEN)
+}
+
+/// Encodes a remaining length of at most `MAX_REMAINING_LEN` [2.2.3];
+/// returns the bytes used.
+fn encode_remaining_len(mut rl: usize, out: &mut [u8; 4]) -> usize {
+    let mut used = 0;
+    for byte in out.iter_mut() {
+        *byte = (rl & 0x7F).to_le_bytes()[0];
+        rl >>= 7;
+        used += 1;
+        if rl == 0 {
+            break;
+        }
+        *byte |= 0x80;
+    }
+    used
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::packet::{Packet, Publish};
+    use std::collections::VecDeque;
+
+    const Q0: QoS = QoS::AtMostOnce;
+    const Q1: QoS = QoS::AtLeastOnce;
+
+    /// The invariants documented on `Spool`, checked from the outside in.
+    fn check(s: &Spool) {
+        let cap = s.buf.len();
+        assert!(s.count <= s.meta.len());
+        assert!(s.span <= cap);
+        assert!(s.cursor <= s.count);
+        let (mut pos, mut sum, mut live, mut bytes, mut inflight) = (s.start, 0, 0, 0, 0);
+        let mut held = [0u64; ID_WORDS];
+        for i in 0..s.count {
+            let e = s.entry(i);
+            assert_eq!(e.off, pos, "entry {i} is not adjacent to the previous one");
+            assert!(e.len > 0);
+            pos = s.wrap(pos + e.len);
+            sum += e.len;
+            match e.state {
+                State::Dead => {}
+                State::Inflight => {
+                    assert!(i < s.cursor, "entry {i} in flight after the cursor");
+                    inflight += 1;
+                }
+                State::Queued => assert!(i >= s.cursor, "entry {i} queued before the cursor"),
+            }
+            if e.state != State::Dead {
+                live += 1;
+                bytes += e.len;
+                if e.packet_id != 0 {
+                    assert_eq!(e.qos, Q1);
+                    let (w, b) = (usize::from(e.packet_id) / 64, e.packet_id % 64);
+                    assert_eq!(held[w] >> b & 1, 0, "id {} twice", e.packet_id);
+                    held[w] |= 1 << b;
+                }
+            }
+        }
+        assert_eq!(sum, s.span);
+        if s.count > 0 {
+            assert_ne!(s.entry(0).state, State::Dead);
+            assert_ne!(s.entry(s.count - 1).state, State::Dead);
+        }
+        if s.cursor < s.count {
+            assert_ne!(s.entry(s.cursor).state, State::Dead);
+        }
+        assert_eq!((live, bytes, inflight), (s.live, s.live_bytes, s.inflight));
+        assert_eq!(&held[..], &s.ids[..], "packet id bitmap");
+        if s.current {
+            assert!(s.cursor < s.count);
+            assert!(s.written < s.entry(s.cursor).len);
+        } else {
+            assert_eq!(s.written, 0);
+        }
+    }
+
+    fn encoded(topic: &str, payload: &[u8], qos: QoS, retain: bool, id: u16, dup: bool) -> Vec<u8> {
+        let p = Packet::Publish(Publish {
+            dup,
+            qos,
+            retain,
+            topic,
+            packet_id: (qos == Q1).then_some(id),
+            payload,
+        });
+        let mut v = vec![0; p.buffer_len()];
+        assert_eq!(p.emit(&mut v), Ok(v.len()));
+        v
+    }
+
+    fn publish_of(bytes: &[u8]) -> Publish<'_> {
+        match Packet::parse(bytes) {
+            Ok(Packet::Publish(p)) => p,
+            other => panic!("not a publish: {other:?}"),
+        }
+    }
+
+    fn rest(out: &Outgoing<'_>) -> Vec<u8> {
+        let mut v = out.first.to_vec();
+        v.extend_from_slice(out.second);
+        v
+    }
+
+    /// Starts and writes the next message whole.
+    fn send(s: &mut Spool, limit: usize) -> Option<Vec<u8>> {
+        let out = s.next(limit, true)?;
+        assert!(out.started);
+        assert_eq!(out.written, 0);
+        let bytes = rest(&out);
+        assert_eq!(bytes.len(), out.len);
+        assert!(s.advance(bytes.len()));
+        check(s);
+        Some(bytes)
+    }
+
+    fn send_all(s: &mut Spool, limit: usize) -> Vec<Vec<u8>> {
+        let mut v = Vec::new();
+        while let Some(bytes) = send(s, limit) {
+            v.push(bytes);
+        }
+        v
+    }
+
+    fn push(s: &mut Spool, topic: &str, payload: &[u8], qos: QoS) -> Result<Pushed, PushError> {
+        let r = s.push(topic, payload, qos, false);
+        check(s);
+        r
+    }
+
+    fn payloads(packets: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        packets
+            .iter()
+            .map(|p| publish_of(p).payload.to_vec())
+            .collect()
+    }
+
+    #[test]
+    fn pushed_qos0_and_qos1_messages_encode_as_publishes_with_the_assigned_id() {
+        let mut s = Spool::new(1024, 4);
+        s.push("a/b", b"zero", Q0, true).unwrap();
+        s.push("$aws/things/t/shadow/update", b"{\"one\":1}", Q1, false)
+            .unwrap();
+        let big = vec![0xA5; 300]; // two-byte remaining length
+        s.push("c", &big, Q1, true).unwrap();
+        check(&s);
+        assert_eq!(s.len(), 3);
+
+        let sent = send_all(&mut s, 10);
+        assert_eq!(sent.len(), 3);
+        let p = publish_of(&sent[0]);
+        assert_eq!(
+            (p.topic, p.payload, p.qos, p.retain),
+            ("a/b", &b"zero"[..], Q0, true)
+        );
+        assert_eq!((p.packet_id, p.dup), (None, false));
+        assert_eq!(sent[0], encoded("a/b", b"zero", Q0, true, 0, false));
+
+        let p = publish_of(&sent[1]);
+        assert_eq!(p.topic, "$aws/things/t/shadow/update");
+        assert_eq!(
+            (p.payload, p.qos, p.retain),
+            (&b"{\"one\":1}"[..], Q1, false)
+        );
+        assert_eq!((p.packet_id, p.dup), (Some(1), false));
+
+        let p = publish_of(&sent[2]);
+        assert_eq!(
+            (p.topic, p.payload, p.qos, p.retain),
+            ("c", &big[..], Q1, true)
+        );
+        assert_eq!(p.packet_id, Some(2));
+        assert_eq!(sent[2].len(), packet::publish_len(1, 300, Q1));
+
+        assert_eq!(s.inflight(), 2);
+        assert_eq!(s.len(), 2); // QoS 1 stay until acked
+        assert!(s.ack(1) && s.ack(2));
+        assert!(s.is_empty());
+        assert_eq!(s.bytes(), 0);
+        check(&s);
+    }
+
+    #[test]
+    fn messages_come_out_in_order_across_wraps_with_some_straddling_the_end() {
+        let mut s = Spool::new(100, 16);
+        let (mut got, mut straddled) = (Vec::new(), 0);
+        let mut take_one = |s: &mut Spool, got: &mut Vec<u8>| {
+            let out = s.next(1, true).unwrap();
+            if !out.second.is_empty() {
+                straddled += 1;
+            }
+            let bytes = rest(&out);
+            assert_eq!(bytes.len(), out.len);
+            s.advance(bytes.len());
+            check(s);
+            got.push(publish_of(&bytes).payload[0]);
+        };
+        for k in 0u8..120 {
+            let payload = vec![k; 5 + usize::from(k) % 17];
+            let len = packet::publish_len(3, payload.len(), Q0);
+            while s.bytes() + len > 100 {
+                take_one(&mut s, &mut got);
+            }
+            assert_eq!(push(&mut s, "t/x", &payload, Q0), Ok(Pushed { evicted: 0 }));
+            if k % 3 == 0 {
+                take_one(&mut s, &mut got);
+            }
+        }
+        while !s.is_empty() {
+            take_one(&mut s, &mut got);
+        }
+        assert_eq!(got, (0..120).collect::<Vec<_>>());
+        assert!(
+            straddled >= 5,
+            "only {straddled} messages straddled the end"
+        );
+        assert_eq!(s.stats().evicted, 0);
+    }
+
+    #[test]
+    fn writing_one_byte_at_a_time_reassembles_the_exact_packets() {
+        let mut s = Spool::new(64, 8);
+        let mut expected = Vec::new();
+        let mut wire = Vec::new();
+        for k in 0u8..12 {
+            let qos = if k % 2 == 0 { Q0 } else { Q1 };
+            let payload = vec![k; usize::from(k) * 2];
+            push(&mut s, "one/byte", &payload, qos).unwrap();
+            let mut id = 0;
+            while let Some(out) = s.next(8, true) {
+                assert_eq!(out.started, out.written == 0);
+                id = out.packet_id.unwrap_or(0);
+                let byte = out.first.first().copied().unwrap();
+                let last = out.remaining() == 1;
+                wire.push(byte);
+                assert_eq!(s.advance(1), last);
+                check(&s);
+            }
+            expected.extend(encoded("one/byte", &payload, qos, false, id, false));
+            if qos == Q1 {
+                assert!(s.ack(id));
+            }
+        }
+        assert_eq!(wire, expected);
+        assert_eq!(s.stats().sent, 12);
+    }
+
+    #[test]
+    fn a_started_message_is_finished_before_any_other_and_without_the_rate_limiter() {
+        let mut s = Spool::new(256, 8);
+        push(&mut s, "a", b"first", Q1).unwrap();
+        push(&mut s, "a", b"second", Q0).unwrap();
+        assert_eq!(s.peek_next_len(1), Some(packet::publish_len(1, 5, Q1)));
+        assert!(s.next(1, false).is_none(), "the rate limiter said no");
+        let out = s.next(1, true).unwrap();
+        assert!(out.started);
+        let full = rest(&out);
+        s.advance(3);
+        assert_eq!(s.peek_next_len(1), None, "nothing new may start");
+        let out = s.next(0, false).unwrap();
+        assert!(!out.started);
+        assert_eq!((out.written, rest(&out)), (3, full[3..].to_vec()));
+        assert!(!s.advance(0));
+        assert!(s.advance(usize::MAX), "past the end counts as the end");
+        assert!(
+            !s.advance(5),
+            "advance without a started message does nothing"
+        );
+        check(&s);
+        assert_eq!(
+            send(&mut s, 1).map(|p| payloads(&[p])),
+            Some(vec![b"second".to_vec()])
+        );
+    }
+
+    #[test]
+    fn oldest_queued_qos0_are_evicted_to_make_room_for_qos0_and_qos1() {
+        let len = packet::publish_len(1, 10, Q0); // 15 bytes
+        let mut s = Spool::new(4 * len, 16);
+        for k in 0..4 {
+            assert_eq!(push(&mut s, "t", &[k; 10], Q0), Ok(Pushed { evicted: 0 }));
+        }
+        assert_eq!(s.bytes(), 4 * len);
+        // 15 more bytes: the oldest (0) goes.
+        assert_eq!(push(&mut s, "t", &[4; 10], Q0), Ok(Pushed { evicted: 1 }));
+        // A QoS 1 of 15 + 2 + 10 bytes needs two to go: 1 and 2.
+        assert_eq!(push(&mut s, "t", &[5; 20], Q1), Ok(Pushed { evicted: 2 }));
+        let st = s.stats();
+        assert_eq!((st.published, st.evicted, st.busy), (6, 3, 0));
+        assert_eq!(s.len(), 3);
+        assert_eq!(s.bytes(), 2 * len + packet::publish_len(1, 20, Q1));
+        let got = payloads(&send_all(&mut s, 4));
+        assert_eq!(got, vec![vec![3; 10], vec![4; 10], vec![5; 20]]);
+        assert_eq!(s.stats().sent, 3);
+    }
+
+    #[test]
+    fn qos1_is_never_evicted_and_busy_leaves_the_state_unchanged() {
+        let len1 = packet::publish_len(1, 10, Q1);
+        let mut s = Spool::new(2 * len1 + 13, 16);
+        push(&mut s, "t", &[1; 10], Q1).unwrap();
+        send(&mut s, 4).unwrap(); // in flight
+        push(&mut s, "t", &[2; 10], Q1).unwrap(); // queued
+        push(&mut s, "t", &[3; 3], Q0).unwrap(); // queued, 8 bytes
+        let (len, bytes, stats) = (s.len(), s.bytes(), s.stats());
+        // Each needs 17 bytes of the 13 free; evicting the QoS 0 frees only 8.
+        assert_eq!(push(&mut s, "t", &[4; 10], Q1), Err(PushError::Busy));
+        assert_eq!(push(&mut s, "t", &[4; 12], Q0), Err(PushError::Busy));
+        assert_eq!((s.len(), s.bytes()), (len, bytes));
+        assert_eq!(s.stats(), Stats { busy: 2, ..stats });
+        // A message larger than the whole region is busy at once.
+        assert_eq!(push(&mut s, "t", &[0; 100], Q0), Err(PushError::Busy));
+        assert_eq!(s.stats().busy, 3);
+        // Nothing was lost: the queued messages still go out, in order.
+        let got = payloads(&send_all(&mut s, 4));
+        assert_eq!(got, vec![vec![2; 10], vec![3; 3]]);
+        assert!(s.ack(1) && s.ack(2));
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_started_qos0_is_not_evicted() {
+        let len = packet::publish_len(1, 10, Q0);
+        let mut s = Spool::new(2 * len, 16);
+        push(&mut s, "t", &[1; 10], Q0).unwrap();
+        push(&mut s, "t", &[2; 10], Q0).unwrap();
+        let first = rest(&s.next(1, true).unwrap());
+        s.advance(0); // started, nothing written yet: the caller may hold the bytes
+        assert_eq!(push(&mut s, "t", &[3; 10], Q0), Ok(Pushed { evicted: 1 }));
+        let out = s.next(1, false).unwrap();
+        assert_eq!(rest(&out), first);
+        s.advance(first.len());
+        assert_eq!(payloads(&send_all(&mut s, 1)), vec![vec![3; 10]]);
+    }
+
+    #[test]
+    fn eviction_behind_an_inflight_qos1_compacts_and_keeps_the_rest_intact() {
+        // Every message is 17 bytes; the region holds four after a 13-byte
+        // filler moved the start, so the ring wraps.
+        let mut s = Spool::new(68, 16);
+        push(&mut s, "t", &[0; 8], Q0).unwrap();
+        send(&mut s, 4).unwrap();
+        push(&mut s, "t", b"AAAAAAAAAA", Q1).unwrap();
+        push(&mut s, "t", b"BBBBBBBBBBBB", Q0).unwrap();
+        push(&mut s, "t", b"CCCCCCCCCCCC", Q0).unwrap();
+        push(&mut s, "t", b"DDDDDDDDDDDD", Q0).unwrap();
+        assert_eq!(s.bytes(), 68);
+        let a = send(&mut s, 4).unwrap(); // A in flight at the head
+        assert_eq!(s.compactions, 0);
+        // E needs 17 bytes: B, behind A, goes and leaves a hole.
+        assert_eq!(
+            push(&mut s, "t", b"EEEEEEEEEEEE", Q0),
+            Ok(Pushed { evicted: 1 })
+        );
+        assert_eq!(s.compactions, 1);
+        assert_eq!(s.start, 0);
+        // A's bytes moved but are intact; after a reset they are resent.
+        s.reset_inflight();
+        let again = send(&mut s, 4).unwrap();
+        assert_eq!(again, encoded("t", b"AAAAAAAAAA", Q1, false, 1, true));
+        assert_eq!(again[1..], a[1..]);
+        let got = payloads(&send_all(&mut s, 4));
+        assert_eq!(
+            got,
+            vec![
+                b"CCCCCCCCCCCC".to_vec(),
+                b"DDDDDDDDDDDD".to_vec(),
+                b"EEEEEEEEEEEE".to_vec()
+            ]
+        );
+        assert!(s.ack(1));
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn compaction_moves_a_message_in_the_middle_of_being_written_safely() {
+        let mut s = Spool::new(68, 16);
+        push(&mut s, "t", &[0; 8], Q0).unwrap();
+        send(&mut s, 4).unwrap();
+        push(&mut s, "t", b"AAAAAAAAAA", Q1).unwrap();
+        push(&mut s, "t", b"BBBBBBBBBBBB", Q0).unwrap();
+        push(&mut s, "t", b"CCCCCCCCCCCC", Q0).unwrap();
+        push(&mut s, "t", b"DDDDDDDDDDDD", Q0).unwrap();
+        send(&mut s, 4).unwrap();
+        let out = s.next(4, true).unwrap();
+        let b = rest(&out);
+        s.advance(5); // B is half written: C is the oldest evictable
+        assert_eq!(
+            push(&mut s, "t", b"EEEEEEEEEEEE", Q0),
+            Ok(Pushed { evicted: 1 })
+        );
+        assert_eq!(s.compactions, 1);
+        let out = s.next(4, false).unwrap();
+        assert_eq!((out.written, rest(&out)), (5, b[5..].to_vec()));
+        let n = out.remaining();
+        s.advance(n);
+        let got = payloads(&send_all(&mut s, 4));
+        assert_eq!(
+            got,
+            vec![b"DDDDDDDDDDDD".to_vec(), b"EEEEEEEEEEEE".to_vec()]
+        );
+    }
+
+    #[test]
+    fn the_message_count_limit_works_independently_of_the_byte_limit() {
+        let mut s = Spool::new(10_000, 3);
+        for k in 0..3 {
+            push(&mut s, "t", &[k], Q0).unwrap();
+        }
+        assert_eq!(push(&mut s, "t", &[3], Q0), Ok(Pushed { evicted: 1 }));
+        assert_eq!(
+            payloads(&send_all(&mut s, 1)),
+            vec![vec![1], vec![2], vec![3]]
+        );
+        for k in 0..3 {
+            push(&mut s, "t", &[k], Q1).unwrap();
+        }
+        assert_eq!(push(&mut s, "t", &[3], Q0), Err(PushError::Busy));
+        assert_eq!(s.len(), 3);
+        assert!(s.bytes() < 100);
+        // Message slots taken by holes behind an in-flight QoS 1 come back.
+        let mut s = Spool::new(10_000, 3);
+        push(&mut s, "t", &[0], Q1).unwrap();
+        push(&mut s, "t", &[1], Q0).unwrap();
+        push(&mut s, "t", &[2], Q0).unwrap();
+        send(&mut s, 1).unwrap();
+        send(&mut s, 1).unwrap(); // 1 leaves a hole between 0 and 2
+        assert_eq!((s.len(), s.count), (2, 3));
+        assert_eq!(push(&mut s, "t", &[3], Q0), Ok(Pushed { evicted: 0 }));
+        assert_eq!(s.compactions, 1);
+        assert_eq!(push(&mut s, "t", &[4], Q0), Ok(Pushed { evicted: 1 }));
+        assert_eq!(payloads(&send_all(&mut s, 1)), vec![vec![3], vec![4]]);
+    }
+
+    #[test]
+    fn the_byte_limit_works_independently_of_the_message_count_limit() {
+        let len = packet::publish_len(1, 10, Q0);
+        let mut s = Spool::new(3 * len, 1000);
+        for k in 0..3 {
+            push(&mut s, "t", &[k; 10], Q0).unwrap();
+        }
+        assert_eq!(push(&mut s, "t", &[3; 10], Q0), Ok(Pushed { evicted: 1 }));
+        assert_eq!(push(&mut s, "t", &[4; 11], Q0), Ok(Pushed { evicted: 2 }));
+        assert_eq!(s.len(), 2);
+    }
+
+    #[test]
+    fn the_inflight_window_is_respected_and_keeps_the_order() {
+        let mut s = Spool::new(1024, 16);
+        for k in 0..4 {
+            push(&mut s, "t", &[k], Q1).unwrap();
+        }
+        push(&mut s, "t", &[9], Q0).unwrap();
+        assert_eq!(send_all(&mut s, 2).len(), 2);
+        assert_eq!(s.inflight(), 2);
+        assert_eq!(s.peek_next_len(2), None);
+        assert!(
+            s.next(2, true).is_none(),
+            "window full; the QoS 0 waits its turn"
+        );
+        assert_eq!(s.peek_next_len(3), Some(packet::publish_len(1, 1, Q1)));
+        assert!(s.next(0, true).is_none());
+        assert!(s.ack(2));
+        assert_eq!(payloads(&send_all(&mut s, 2)), vec![vec![2]]);
+        assert!(s.ack(1));
+        assert_eq!(payloads(&send_all(&mut s, 2)), vec![vec![3], vec![9]]);
+        assert_eq!(s.inflight(), 2);
+    }
+
+    #[test]
+    fn acks_of_unknown_ids_are_ignored() {
+        let mut s = Spool::new(1024, 16);
+        push(&mut s, "t", b"x", Q1).unwrap();
+        push(&mut s, "t", b"y", Q1).unwrap();
+        send(&mut s, 4).unwrap();
+        let (len, stats) = (s.len(), s.stats());
+        for id in [0, 2, 3, 32_767, 32_768, 65_535] {
+            assert!(!s.ack(id), "id {id}");
+        }
+        assert_eq!((s.len(), s.inflight(), s.stats()), (len, 1, stats));
+        assert!(s.ack(1));
+        assert!(!s.ack(1), "a second ack of the same id");
+        check(&s);
+        // An id held by a QoS 1 queued for resending is not in flight.
+        send(&mut s, 4).unwrap();
+        s.reset_inflight();
+        assert!(!s.ack(2));
+        assert_eq!(s.len(), 1);
+    }
+
+    #[test]
+    fn reset_resends_inflight_qos1_with_dup_and_the_same_ids_before_newer_ones() {
+        let mut s = Spool::new(1024, 16);
+        push(&mut s, "t", b"a", Q1).unwrap();
+        push(&mut s, "t", b"b", Q1).unwrap();
+        push(&mut s, "t", b"c", Q0).unwrap();
+        push(&mut s, "t", b"d", Q1).unwrap();
+        assert_eq!(send_all(&mut s, 2).len(), 3); // a, b in flight; c done
+        push(&mut s, "t", b"e", Q0).unwrap();
+        s.reset_inflight();
+        check(&s);
+        assert_eq!(s.inflight(), 0);
+        assert_eq!(s.len(), 4);
+        let sent = send_all(&mut s, 10);
+        assert_eq!(
+            sent,
+            vec![
+                encoded("t", b"a", Q1, false, 1, true),
+                encoded("t", b"b", Q1, false, 2, true),
+                encoded("t", b"d", Q1, false, 3, false),
+                encoded("t", b"e", Q0, false, 0, false),
+            ]
+        );
+        let st = s.stats();
+        assert_eq!((st.sent, st.resent), (5, 2));
+        // A second drop resends again, still with the same ids.
+        s.reset_inflight();
+        let ids: Vec<_> = send_all(&mut s, 10)
+            .iter()
+            .map(|p| publish_of(p).packet_id)
+            .collect();
+        assert_eq!(ids, vec![Some(1), Some(2), Some(3)]);
+        assert_eq!(s.stats().resent, 5);
+        for id in 1..=3 {
+            assert!(s.ack(id));
+        }
+        assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_partially_written_message_restarts_from_its_first_byte_after_a_reset() {
+        let mut s = Spool::new(1024, 16);
+        push(&mut s, "t", b"one", Q1).unwrap();
+        push(&mut s, "t", b"two", Q0).unwrap();
+        s.next(4, true).unwrap();
+        s.advance(4);
+        s.reset_inflight();
+        check(&s);
+        assert_eq!(s.peek_next_len(4), Some(packet::publish_len(1, 3, Q1)));
+        assert!(
+            s.next(4, false).is_none(),
+            "a restart needs the rate limiter again"
+        );
+        let out = s.next(4, true).unwrap();
+        assert!(out.started);
+        assert_eq!((out.written, out.packet_id), (0, Some(1)));
+        assert_eq!(rest(&out), encoded("t", b"one", Q1, false, 1, true));
+        let n = out.len;
+        s.advance(n);
+        assert_eq!(
+            s.stats().sent,
+            1,
+            "its first complete write is a first send"
+        );
+        s.next(4, true).unwrap();
+        s.advance(2);
+        s.reset_inflight();
+        assert!(s.ack(1) || s.inflight() == 0);
+        let sent = send_all(&mut s, 4);
+        assert_eq!(
+            sent.last(),
+            Some(&encoded("t", b"two", Q0, false, 0, false))
+        );
+        assert_eq!(s.stats().sent, 2);
+    }
+
+    #[test]
+    fn sent_qos0_messages_are_not_resent_after_a_reset() {
+        let mut s = Spool::new(1024, 16);
+        push(&mut s, "t", b"a", Q0).unwrap();
+        push(&mut s, "t", b"b", Q0).unwrap();
+        send_all(&mut s, 4);
+        s.reset_inflight();
+        assert!(s.is_empty());
+        assert!(s.next(4, true).is_none());
+    }
+
+    #[test]
+    fn packet_ids_skip_ids_in_flight_and_wrap_within_the_publish_space() {
+        let mut s = Spool::new(1024, 16);
+        push(&mut s, "t", b"held", Q1).unwrap();
+        send(&mut s, 4).unwrap(); // id 1 stays in flight
+        for expected in (2..=MAX_PUBLISH_ID).chain([2, 3]) {
+            push(&mut s, "t", b"x", Q1).unwrap();
+            let id = publish_of(&send(&mut s, 4).unwrap()).packet_id.unwrap();
+            assert_eq!(id, expected);
+            assert!(s.ack(id));
+        }
+        assert!(s.ack(1));
+        push(&mut s, "t", b"x", Q1).unwrap();
+        push(&mut s, "t", b"y", Q1).unwrap();
+        assert_eq!(
+            send(&mut s, 4).map(|p| publish_of(&p).packet_id.unwrap()),
+            Some(4)
+        );
+        s.next_id = MAX_PUBLISH_ID;
+        assert_eq!(
+            send(&mut s, 4).map(|p| publish_of(&p).packet_id.unwrap()),
+            Some(MAX_PUBLISH_ID)
+        );
+        push(&mut s, "t", b"z", Q1).unwrap();
+        assert_eq!(
+            send(&mut s, 4).map(|p| publish_of(&p).packet_id.unwrap()),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn a_topic_or_packet_too_long_is_an_error_not_a_panic() {
+        let mut s = Spool::new(1024, 16);
+        let topic = "a".repeat(65_536);
+        assert_eq!(s.push(&topic, b"", Q0, false), Err(PushError::TooLong));
+        // Zeroed allocations are lazy; the push refuses before reading it.
+        let payload = vec![0u8; MAX_REMAINING_LEN];
+        assert_eq!(s.push("t", &payload, Q1, false), Err(PushError::TooLong));
+        assert_eq!(
+            s.push("t", &payload[..MAX_REMAINING_LEN - 3], Q0, false),
+            Err(PushError::Busy)
+        );
+        assert_eq!(
+            s.stats(),
+            Stats {
+                busy: 1,
+                ..Stats::default()
+            }
+        );
+        assert_eq!(PushError::Busy.to_string(), "outgoing queue full");
+        assert_eq!(
+            PushError::TooLong.to_string(),
+            "topic or publish packet too long"
+        );
+    }
+
+    #[test]
+    fn a_spool_of_zero_capacity_refuses_everything_without_panicking() {
+        for (bytes, msgs) in [(0, 0), (0, 4), (1024, 0), (3, 3)] {
+            let mut s = Spool::new(bytes, msgs);
+            assert_eq!(s.push("t", b"", Q0, false), Err(PushError::Busy));
+            assert!(s.next(4, true).is_none());
+            assert!(!s.advance(1) && !s.ack(1));
+            s.reset_inflight();
+            check(&s);
+        }
+    }
+
+    #[test]
+    fn remaining_lengths_encode_like_the_codec_at_every_boundary() {
+        for rl in [
+            0,
+            1,
+            127,
+            128,
+            16_383,
+            16_384,
+            2_097_151,
+            2_097_152,
+            MAX_REMAINING_LEN,
+        ] {
+            let mut out = [0; 4];
+            let n = encode_remaining_len(rl, &mut out);
+            if rl >= 2 {
+                assert_eq!(packet::publish_len(rl - 2, 0, Q0), 1 + n + rl);
+            }
+            assert_eq!(
+                packet::packet_len(&[&[0x30][..], &out[..n]].concat()),
+                Ok(Some(1 + n + rl))
+            );
+        }
+    }
+
+    // ---- model -------------------------------------------------------------
+
+    struct XorShift(u64);
+
+    impl XorShift {
+        fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+
+        fn below(&mut self, n: usize) -> usize {
+            usize::try_from(self.next() % u64::try_from(n.max(1)).unwrap()).unwrap()
+        }
+    }
+
+    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+    enum MState {
+        Queued,
+        Inflight,
+    }
+
+    struct Msg {
+        topic: String,
+        payload: Vec<u8>,
+        qos: QoS,
+        retain: bool,
+        state: MState,
+        id: u16,
+        dup: bool,
+        sent_before: bool,
+    }
+
+    impl Msg {
+        fn bytes(&self) -> Vec<u8> {
+            encoded(
+                &self.topic,
+                &self.payload,
+                self.qos,
+                self.retain,
+                self.id,
+                self.dup,
+            )
+        }
+
+        fn len(&self) -> usize {
+            packet::publish_len(self.topic.len(), self.payload.len(), self.qos)
+        }
+    }
+
+    /// The spool's rules over a plain deque of live messages: no ring, no
+    /// holes, no compaction.
+    struct Model {
+        q: VecDeque<Msg>,
+        current: bool,
+        written: usize,
+        next_id: u16,
+        stats: Stats,
+        cap_bytes: usize,
+        cap_msgs: usize,
+    }
+
+    impl Model {
+        fn first_queued(&self) -> Option<usize> {
+            self.q.iter().position(|m| m.state == MState::Queued)
+        }
+
+        fn inflight(&self) -> usize {
+            self.q
+                .iter()
+                .filter(|m| m.state == MState::Inflight)
+                .count()
+        }
+
+        fn bytes(&self) -> usize {
+            self.q.iter().map(Msg::len).sum()
+        }
+
+        fn push(&mut self, m: Msg) -> Result<Pushed, PushError> {
+            let len = m.len();
+            let current = if self.current {
+                self.first_queued()
+            } else {
+                None
+            };
+            let mut victims = Vec::new();
+            let (mut n, mut bytes) = (self.q.len() + 1, self.bytes() + len);
+            for (i, v) in self.q.iter().enumerate() {
+                if n <= self.cap_msgs && bytes <= self.cap_bytes {
+                    break;
+                }
+                if v.qos == Q0 && v.state == MState::Queued && Some(i) != current {
+                    victims.push(i);
+                    n -= 1;
+                    bytes -= v.len();
+                }
+            }
+            if len > self.cap_bytes || n > self.cap_msgs || bytes > self.cap_bytes {
+                self.stats.busy += 1;
+                return Err(PushError::Busy);
+            }
+            for &i in victims.iter().rev() {
+                self.q.remove(i);
+            }
+            self.stats.evicted += u64::try_from(victims.len()).unwrap();
+            self.stats.published += 1;
+            self.q.push_back(m);
+            Ok(Pushed {
+                evicted: victims.len(),
+            })
+        }
+
+        fn startable(&self, limit: usize) -> Option<usize> {
+            if self.current {
+                return None;
+            }
+            let i = self.first_queued()?;
+            if self.q[i].qos == Q1 && self.inflight() >= limit {
+                return None;
+            }
+            Some(i)
+        }
+
+        /// (bytes still to write, started, written, packet id)
+        fn next(&mut self, limit: usize, may_start: bool) -> Option<(Vec<u8>, bool, usize, u16)> {
+            let started = !self.current;
+            if started {
+                if !may_start {
+                    return None;
+                }
+                let i = self.startable(limit)?;
+                if self.q[i].qos == Q1 && self.q[i].id == 0 {
+                    let mut id = self.next_id;
+                    while self.q.iter().any(|m| m.id == id) {
+                        id = if id == MAX_PUBLISH_ID { 1 } else { id + 1 };
+                    }
+                    self.next_id = if id == MAX_PUBLISH_ID { 1 } else { id + 1 };
+                    self.q[i].id = id;
+                }
+                self.current = true;
+            }
+            let m = &self.q[self.first_queued()?];
+            Some((
+                m.bytes()[self.written..].to_vec(),
+                started,
+                self.written,
+                m.id,
+            ))
+        }
+
+        fn advance(&mut self, n: usize) -> bool {
+            if !self.current {
+                return false;
+            }
+            let i = self.first_queued().unwrap();
+            self.written = (self.written + n).min(self.q[i].len());
+            if self.written < self.q[i].len() {
+                return false;
+            }
+            self.current = false;
+            self.written = 0;
+            if self.q[i].sent_before {
+                self.stats.resent += 1;
+            } else {
+                self.stats.sent += 1;
+            }
+            if self.q[i].qos == Q0 {
+                self.q.remove(i);
+            } else {
+                self.q[i].state = MState::Inflight;
+                self.q[i].sent_before = true;
+            }
+            true
+        }
+
+        fn ack(&mut self, id: u16) -> bool {
+            let found = self
+                .q
+                .iter()
+                .position(|m| m.state == MState::Inflight && m.id == id);
+            if let Some(i) = found {
+                self.q.remove(i);
+                self.stats.acked += 1;
+            }
+            found.is_some()
+        }
+
+        fn reset(&mut self) {
+            for m in self.q.iter_mut() {
+                if m.id != 0 {
+                    m.state = MState::Queued;
+                    m.dup = true;
+                }
+            }
+            self.current = false;
+            self.written = 0;
+        }
+    }
+
+    fn run_model(seed: u64, steps: usize, totals: &mut Stats, compactions: &mut u64) {
+        let mut rng = XorShift(seed);
+        let cap_bytes = 40 + rng.below(1500);
+        let cap_msgs = 1 + rng.below(12);
+        let q1_share = rng.below(100);
+        let mut s = Spool::new(cap_bytes, cap_msgs);
+        let mut m = Model {
+            q: VecDeque::new(),
+            current: false,
+            written: 0,
+            next_id: 1,
+            stats: Stats::default(),
+            cap_bytes,
+            cap_msgs,
+        };
+        let mut serial = 0u32;
+        for step in 0..steps {
+            let limit = rng.below(6);
+            match rng.below(20) {
+                0..=6 => {
+                    let topic: String = (0..1 + rng.below(16))
+                        .map(|_| char::from(b'a' + u8::try_from(rng.below(26)).unwrap()))
+                        .collect();
+                    let mut payload = serial.to_le_bytes().to_vec();
+                    serial += 1;
+                    let extra = if rng.below(10) == 0 {
+                        rng.below(600)
+                    } else {
+                        rng.below(120)
+                    };
+                    payload.extend((0..extra).map(|_| u8::try_from(rng.below(256)).unwrap()));
+                    let qos = if rng.below(100) < q1_share { Q1 } else { Q0 };
+                    let retain = rng.below(2) == 0;
+                    let got = s.push(&topic, &payload, qos, retain);
+                    let want = m.push(Msg {
+                        topic,
+                        payload,
+                        qos,
+                        retain,
+                        state: MState::Queued,
+                        id: 0,
+                        dup: false,
+                        sent_before: false,
+                    });
+                    assert_eq!(got, want, "seed {seed} step {step}: push");
+                }
+                7..=14 => {
+                    let may_start = rng.below(4) != 0;
+                    assert_eq!(
+                        s.peek_next_len(limit),
+                        m.startable(limit).map(|i| m.q[i].len()),
+                        "seed {seed} step {step}: peek"
+                    );
+                    let want = m.next(limit, may_start);
+                    let got = s.next(limit, may_start).map(|o| {
+                        assert_eq!(o.len, o.written + o.remaining());
+                        (rest(&o), o.started, o.written, o.packet_id.unwrap_or(0))
+                    });
+                    assert_eq!(got, want, "seed {seed} step {step}: next");
+                    if let Some((bytes, ..)) = got {
+                        let n = match rng.below(5) {
+                            0 => 0,
+                            1 => 1,
+                            2 => rng.below(bytes.len() + 1),
+                            3 => bytes.len(),
+                            _ => bytes.len() + rng.below(3),
+                        };
+                        assert_eq!(
+                            s.advance(n),
+                            m.advance(n),
+                            "seed {seed} step {step}: advance"
+                        );
+                    }
+                }
+                15..=17 => {
+                    let inflight: Vec<u16> =
+                        m.q.iter()
+                            .filter(|x| x.state == MState::Inflight)
+                            .map(|x| x.id)
+                            .collect();
+                    let id = if !inflight.is_empty() && rng.below(5) != 0 {
+                        inflight[rng.below(inflight.len())]
+                    } else {
+                        u16::try_from(rng.below(65_536)).unwrap()
+                    };
+                    assert_eq!(s.ack(id), m.ack(id), "seed {seed} step {step}: ack {id}");
+                }
+                18 => {
+                    s.reset_inflight();
+                    m.reset();
+                }
+                _ => {
+                    // A stray advance, with or without a started message.
+                    let n = rng.below(4);
+                    assert_eq!(
+                        s.advance(n),
+                        m.advance(n),
+                        "seed {seed} step {step}: stray advance"
+                    );
+                }
+            }
+            check(&s);
+            assert_eq!(s.stats(), m.stats, "seed {seed} step {step}: stats");
+            assert_eq!(
+                (s.len(), s.bytes(), s.inflight()),
+                (m.q.len(), m.bytes(), m.inflight()),
+                "seed {seed} step {step}"
+            );
+        }
+        let st = s.stats();
+        totals.published += st.published;
+        totals.sent += st.sent;
+        totals.resent += st.resent;
+        totals.acked += st.acked;
+        totals.evicted += st.evicted;
+        totals.busy += st.busy;
+        *compactions += s.compactions;
+    }
+
+    #[test]
+    fn random_operations_match_a_simple_deque_model() {
+        let mut totals = Stats::default();
+        let mut compactions = 0;
+        for seed in 1..=60u64 {
+            run_model(
+                seed.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                4_000,
+                &mut totals,
+                &mut compactions,
+            );
+        }
+        // Every path must be exercised for the test to mean anything.
+        assert!(totals.sent > 10_000, "{totals:?}");
+        assert!(totals.resent > 500 && totals.acked > 1_000, "{totals:?}");
+        assert!(totals.evicted > 1_000 && totals.busy > 1_000, "{totals:?}");
+        assert!(compactions > 200, "{compactions} compactions");
+    }
+}
