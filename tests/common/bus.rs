@@ -33,8 +33,14 @@ impl Reply {
     pub fn message(&self) -> (String, Vec<u8>) {
         let map = self.object().as_map().expect("map");
         let topic = map.get(b"topic").and_then(|o| o.as_buf()).expect("topic");
-        let payload = map.get(b"payload").and_then(|o| o.as_buf()).expect("payload");
-        (String::from_utf8_lossy(topic).into_owned(), payload.to_vec())
+        let payload = map
+            .get(b"payload")
+            .and_then(|o| o.as_buf())
+            .expect("payload");
+        (
+            String::from_utf8_lossy(topic).into_owned(),
+            payload.to_vec(),
+        )
     }
 }
 
@@ -58,9 +64,11 @@ pub struct BusClient {
 impl BusClient {
     /// Connects, with a 10 s read timeout.
     pub fn connect(path: &Path) -> BusClient {
-        let stream = UnixStream::connect(path)
-            .unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
-        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let stream =
+            UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
         BusClient {
             stream,
             buf: Vec::new(),
@@ -70,7 +78,9 @@ impl BusClient {
     /// Tries to connect; `None` if the socket refuses.
     pub fn try_connect(path: &Path) -> Option<BusClient> {
         let stream = UnixStream::connect(path).ok()?;
-        stream.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .ok()?;
         Some(BusClient {
             stream,
             buf: Vec::new(),
@@ -120,10 +130,16 @@ impl BusClient {
         }
     }
 
-    /// Whether the daemon closed the connection (EOF within the timeout).
+    /// Whether the daemon closed the connection within the timeout: EOF,
+    /// or a reset (the daemon closed with our unread request bytes still in
+    /// its buffer; the answer before it was readable all the same).
     pub fn closed(&mut self) -> bool {
         let mut b = [0u8; 1];
-        matches!(self.stream.read(&mut b), Ok(0))
+        match self.stream.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => e.kind() == std::io::ErrorKind::ConnectionReset,
+        }
     }
 
     /// A call: sends it and reads the answer.

@@ -16,6 +16,8 @@
 //!   failing test shows what the broker and the daemon saw.
 #![allow(dead_code)]
 
+pub mod bus;
+
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::fs::{self, File};

@@ -1,0 +1,811 @@
+//! End to end: local clients on the core bus, through the real daemon, to a
+//! real mosquitto with mutual TLS, and back. Requirement IDs are from
+//! spec/iotcored.md and spec/core-bus.md.
+
+mod common;
+
+use std::io::Read;
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use common::bus::*;
+use common::*;
+use iotcored::bus::frame::{self, RequestType};
+
+const BIN: &str = env!("CARGO_BIN_EXE_iotcored");
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// The daemon connected to `port`, its bus socket in its own directory.
+fn daemon(port: u16, id: &str) -> (Daemon, PathBuf) {
+    let mut args = iotcored_args(Pki::get(), port, id);
+    args.extend(["--socket-dir".into(), ".".into()]);
+    let d = Daemon::start(BIN, &args);
+    let sock = d.dir().join("aws_iot_mqtt");
+    assert!(
+        wait_until(SECS(5), || sock.exists()),
+        "no bus socket; log:\n{}",
+        d.log()
+    );
+    (d, sock)
+}
+
+fn connected(port: u16, id: &str) -> (Daemon, PathBuf) {
+    let (d, sock) = daemon(port, id);
+    assert!(
+        d.wait_log("connected (session present", SECS(10)),
+        "{}",
+        d.log()
+    );
+    (d, sock)
+}
+
+/// The null result of a call, as `Reply` sees it: payload `00`.
+fn is_null(r: &Option<Reply>) -> bool {
+    r.as_ref() == Some(&Reply::Payload(vec![0]))
+}
+
+fn stats(sock: &std::path::Path) -> std::collections::HashMap<String, i64> {
+    let mut c = BusClient::connect(sock);
+    let reply = c.call("stats", &params(&[])).expect("stats answer");
+    let map = reply.object().as_map().expect("map");
+    map.iter()
+        .filter_map(|(k, v)| Some((String::from_utf8_lossy(k).into_owned(), v.as_i64()?)))
+        .collect()
+}
+
+#[test]
+fn publishes_of_qos_0_and_1_reach_the_broker_intact() {
+    // [iotcored-bus-publish-1..3] [iotcored-bus-publish-2.2]
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(&broker, "pub/#", 1);
+    let (_d, sock) = connected(broker.port(), "gw-pub");
+    let mut c = BusClient::connect(&sock);
+    assert!(is_null(
+        &c.call("publish", &publish_params("pub/q0", b"zero", 0))
+    ));
+    assert!(is_null(
+        &c.call("publish", &publish_params("pub/q1", b"one", 1))
+    ));
+    let no_payload = params(&[("topic", V::Buf(b"pub/empty"))]);
+    assert!(is_null(&c.call("publish", &no_payload)));
+    let binary: Vec<u8> = (0..=255u8).filter(|b| *b != b'\n').collect();
+    let mut back = BusClient::connect(&sock);
+    back.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["pub/bin"], 1),
+    );
+    assert_eq!(back.read(), Some(Reply::Accepted));
+    assert!(is_null(
+        &c.call("publish", &publish_params("pub/bin", &binary, 1))
+    ));
+    assert!(sub.wait_lines(4, SECS(10)), "{:?}", sub.lines());
+    let out = sub.output();
+    assert!(out.contains("pub/q0 zero\n"), "{out:?}");
+    assert!(out.contains("pub/q1 one\n"), "{out:?}");
+    // mosquitto_sub prints "(null)" for an empty payload; the broker log
+    // shows the sizes.
+    assert!(out.contains("pub/empty (null)\n"), "{out:?}");
+    let log = broker.log();
+    assert!(log.contains("'pub/empty', ... (0 bytes)"), "{log}");
+    assert!(log.contains("'pub/bin', ... (255 bytes)"), "{log}");
+    assert!(
+        log.contains("Received PUBLISH from gw-pub (d0, q1"),
+        "{log}"
+    );
+    // Through the broker and back, every byte intact.
+    assert_eq!(back.read().unwrap().message(), ("pub/bin".into(), binary));
+}
+
+#[test]
+fn the_worked_example_of_the_spec_is_answered_null() {
+    // core-bus.md section 5, byte for byte.
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(&broker, "a/b", 0);
+    let (_d, sock) = connected(broker.port(), "gw-example");
+    let example: [u8; 99] = [
+        0x00, 0x00, 0x00, 0x63, 0x00, 0x00, 0x00, 0x1b, 0x31, 0xd5, 0x1b, 0x18, 0x06, 0x6d, 0x65,
+        0x74, 0x68, 0x6f, 0x64, 0x07, 0x00, 0x07, 0x70, 0x75, 0x62, 0x6c, 0x69, 0x73, 0x68, 0x04,
+        0x74, 0x79, 0x70, 0x65, 0x04, 0x00, 0x00, 0x00, 0x01, 0x06, 0x03, 0x00, 0x00, 0x00, 0x05,
+        0x00, 0x00, 0x00, 0x74, 0x6f, 0x70, 0x69, 0x63, 0x04, 0x03, 0x00, 0x00, 0x00, 0x61, 0x2f,
+        0x62, 0x07, 0x00, 0x00, 0x00, 0x70, 0x61, 0x79, 0x6c, 0x6f, 0x61, 0x64, 0x04, 0x02, 0x00,
+        0x00, 0x00, 0x68, 0x69, 0x03, 0x00, 0x00, 0x00, 0x71, 0x6f, 0x73, 0x02, 0x01, 0x00, 0x00,
+        0x00, 0x00, 0x00, 0x00, 0x00, 0x66, 0xdd, 0xcd, 0x27,
+    ];
+    let mut c = BusClient::connect(&sock);
+    c.send_raw(&example);
+    // The call result null: 00000011 00000000 38a2615b 00 a171ab15.
+    assert!(is_null(&c.read()));
+    assert!(sub.wait_lines(1, SECS(10)));
+    assert_eq!(sub.lines(), ["a/b hi"]);
+}
+
+#[test]
+fn bad_parameters_get_their_code_and_the_connection_stays_open() {
+    // [iotcored-bus-publish-3.3] [bus-err-3] [bus-req-5]
+    let broker = Mosquitto::start();
+    let (_d, sock) = connected(broker.port(), "gw-badparams");
+    let mut c = BusClient::connect(&sock);
+    let long_topic = "x".repeat(257);
+    let cases: Vec<(&str, Vec<u8>, i32)> = vec![
+        ("publish", publish_params("a", b"x", 2), code::INVALID),
+        ("publish", publish_params("a/+", b"x", 0), code::INVALID),
+        ("publish", publish_params("a/#", b"x", 0), code::INVALID),
+        ("publish", publish_params(&long_topic, b"x", 0), code::RANGE),
+        (
+            "publish",
+            publish_params("a/b/c/d/e/f/g/h/i", b"x", 0),
+            code::RANGE,
+        ),
+        ("publish", publish_params("$SYS/x", b"x", 0), code::INVALID),
+        (
+            "publish",
+            params(&[("payload", V::Buf(b"x"))]),
+            code::INVALID,
+        ),
+        ("publish", params(&[("topic", V::I64(1))]), code::INVALID),
+        ("no_such_method", params(&[]), code::NOENTRY),
+        ("subscribe", subscribe_params(&["a/#/b"], 0), code::INVALID),
+        (
+            "unsubscribe",
+            params(&[
+                ("topic_filter", V::Buf(b"a")),
+                ("response_endpoint", V::Buf(b"nobody")),
+            ]),
+            code::NOENTRY,
+        ),
+    ];
+    for (method, p, code) in cases {
+        // A call; `subscribe` as a call without response_endpoint is INVALID
+        // too, so it is sent as a subscribe request.
+        let kind = if method == "subscribe" {
+            RequestType::Subscribe
+        } else {
+            RequestType::Call
+        };
+        c.send(method, kind, &p);
+        assert_eq!(c.read(), Some(Reply::Error(code)), "{method}");
+    }
+    // The wrong request type for a method [bus-req-5].
+    c.send(
+        "publish",
+        RequestType::Subscribe,
+        &publish_params("a", b"x", 0),
+    );
+    assert_eq!(c.read(), Some(Reply::Error(code::INVALID)));
+    // Still open and serving.
+    assert!(is_null(
+        &c.call("publish", &publish_params("ok/t", b"x", 0))
+    ));
+}
+
+#[test]
+fn pipelined_calls_are_answered_in_order_and_notifies_are_not_answered() {
+    // [bus-req-4] [bus-req-4.1]
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(&broker, "pipe/#", 0);
+    let (_d, sock) = connected(broker.port(), "gw-pipe");
+    let mut c = BusClient::connect(&sock);
+    let mut burst = Vec::new();
+    burst.extend(request(
+        "publish",
+        RequestType::Call,
+        &publish_params("pipe/1", b"a", 0),
+    ));
+    burst.extend(request(
+        "publish",
+        RequestType::Notify,
+        &publish_params("pipe/2", b"b", 0),
+    ));
+    burst.extend(request(
+        "publish",
+        RequestType::Notify,
+        &publish_params("pipe/+", b"bad", 0),
+    ));
+    burst.extend(request(
+        "publish",
+        RequestType::Call,
+        &publish_params("pipe/+", b"c", 0),
+    ));
+    burst.extend(request(
+        "publish",
+        RequestType::Call,
+        &publish_params("pipe/3", b"d", 1),
+    ));
+    c.send_raw(&burst);
+    assert!(is_null(&c.read()));
+    assert_eq!(c.read(), Some(Reply::Error(code::INVALID)));
+    assert!(is_null(&c.read()));
+    assert!(sub.wait_lines(3, SECS(10)));
+    assert_eq!(sub.lines(), ["pipe/1 a", "pipe/2 b", "pipe/3 d"]);
+}
+
+/// Malformed frames [bus-frame-3] [bus-err-1] [bus-obj-1..2]: each gets its
+/// code and then the connection is closed.
+#[test]
+fn every_malformed_frame_gets_its_code_and_the_connection_closes() {
+    let broker = Mosquitto::start();
+    let (mut d, sock) = connected(broker.port(), "gw-malformed-bus");
+    let good = request("publish", RequestType::Call, &publish_params("a", b"x", 0));
+    let refresh_crcs = |mut f: Vec<u8>| {
+        let prelude = frame::crc32(&f[..8]).to_be_bytes();
+        f[8..12].copy_from_slice(&prelude);
+        let n = f.len();
+        let msg = frame::crc32(&f[..n - 4]).to_be_bytes();
+        f[n - 4..].copy_from_slice(&msg);
+        f
+    };
+    let mut bad_prelude_crc = good.clone();
+    bad_prelude_crc[8] ^= 0xFF;
+    let mut bad_message_crc = good.clone();
+    let n = bad_message_crc.len();
+    bad_message_crc[n - 1] ^= 0xFF;
+    let mut headers_too_long = good.clone();
+    headers_too_long[4..8].copy_from_slice(&u32::try_from(n).unwrap().to_be_bytes());
+    let headers_too_long = refresh_crcs(headers_too_long);
+    let mut bad_header_type = good.clone();
+    bad_header_type[12 + 1 + 6] = 5; // "method" value type 5: not on this bus
+    let bad_header_type = refresh_crcs(bad_header_type);
+    let nested = {
+        // 15 nested non-empty maps: the params map plus 14 more [bus-obj-1].
+        let mut p = vec![0x06, 1, 0, 0, 0];
+        for _ in 0..14 {
+            p.extend([1, 0, 0, 0, b'k', 0x06, 1, 0, 0, 0]);
+        }
+        p.extend([1, 0, 0, 0, b'k', 0x00]);
+        request("publish", RequestType::Call, &p)
+    };
+    let mut trailing = publish_params("a", b"x", 0);
+    trailing.push(0x00);
+    let no_type = {
+        let headers = [("method", frame::HeaderValue::Str(b"publish"))];
+        let mut buf = vec![0u8; frame::buffer_len(&headers, 0)];
+        let n = frame::emit(&mut buf, &headers, &[]).unwrap();
+        buf.truncate(n);
+        buf
+    };
+    let bad_type_value = {
+        let headers = [
+            ("method", frame::HeaderValue::Str(b"publish")),
+            ("type", frame::HeaderValue::I32(7)),
+        ];
+        let mut buf = vec![0u8; frame::buffer_len(&headers, 0)];
+        let n = frame::emit(&mut buf, &headers, &[]).unwrap();
+        buf.truncate(n);
+        buf
+    };
+    let short = refresh_crcs({
+        let mut f = vec![0, 0, 0, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        f[0..4].copy_from_slice(&12u32.to_be_bytes());
+        f
+    });
+    let cases: Vec<(&str, Vec<u8>, i32)> = vec![
+        ("bad prelude CRC", bad_prelude_crc, code::PARSE),
+        ("bad message CRC", bad_message_crc, code::PARSE),
+        ("headers_len past the end", headers_too_long, code::PARSE),
+        ("header value type 5", bad_header_type, code::PARSE),
+        ("total_len under 16", short[..12].to_vec(), code::PARSE),
+        ("no type header", no_type, code::INVALID),
+        ("type 7", bad_type_value, code::INVALID),
+        (
+            "params not a map",
+            request(
+                "publish",
+                RequestType::Call,
+                &[0x02, 0, 0, 0, 0, 0, 0, 0, 0],
+            ),
+            code::INVALID,
+        ),
+        (
+            "unknown object tag",
+            request("publish", RequestType::Call, &[0x09]),
+            code::INVALID,
+        ),
+        (
+            "truncated object",
+            request("publish", RequestType::Call, &[0x06, 1, 0, 0, 0]),
+            code::PARSE,
+        ),
+        (
+            "count over the bytes left",
+            request(
+                "publish",
+                RequestType::Call,
+                &[0x05, 0xFF, 0xFF, 0xFF, 0xFF],
+            ),
+            code::PARSE,
+        ),
+        (
+            "trailing bytes",
+            request("publish", RequestType::Call, &trailing),
+            code::PARSE,
+        ),
+        ("nesting 15 deep", nested, code::RANGE),
+    ];
+    for (what, bytes, code) in cases {
+        let mut c = BusClient::connect(&sock);
+        c.send_raw(&bytes);
+        assert_eq!(c.read(), Some(Reply::Error(code)), "{what}");
+        assert!(c.closed(), "{what}: the connection should close");
+    }
+    // A frame over the limit whose prelude is valid: its bytes are read and
+    // discarded, then NOMEM [bus-err-2].
+    let big = request(
+        "publish",
+        RequestType::Call,
+        &publish_params("a", &vec![7u8; 20_000], 0),
+    );
+    let mut c = BusClient::connect(&sock);
+    c.send_raw(&big);
+    assert_eq!(c.read(), Some(Reply::Error(code::NOMEM)));
+    assert!(c.closed());
+    // A frame cut short by the client closing its side: PARSE.
+    let mut c = BusClient::connect(&sock);
+    c.send_raw(&good[..good.len() - 3]);
+    c.stream().shutdown(std::net::Shutdown::Write).unwrap();
+    assert_eq!(c.read(), Some(Reply::Error(code::PARSE)));
+    // Nothing else was disturbed.
+    assert!(d.is_running());
+    let mut c = BusClient::connect(&sock);
+    assert!(is_null(&c.call("publish", &publish_params("a", b"x", 0))));
+}
+
+#[test]
+fn a_client_stuck_mid_frame_does_not_delay_another_clients_publish() {
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(&broker, "stuck/#", 0);
+    let (_d, sock) = connected(broker.port(), "gw-stuck");
+    let mut stuck = BusClient::connect(&sock);
+    let frame = request(
+        "publish",
+        RequestType::Call,
+        &publish_params("stuck/a", b"x", 0),
+    );
+    stuck.send_raw(&frame[..20]); // half a frame, then silence
+    let mut flood = BusClient::connect(&sock);
+    flood.send_raw(&[0x00, 0x00, 0x10]); // a prelude that never completes
+    let mut other = BusClient::connect(&sock);
+    let t0 = std::time::Instant::now();
+    assert!(is_null(
+        &other.call("publish", &publish_params("stuck/b", b"y", 0))
+    ));
+    assert!(t0.elapsed() < SECS(2), "{:?}", t0.elapsed());
+    assert!(sub.wait_lines(1, SECS(5)));
+    assert_eq!(sub.lines(), ["stuck/b y"]);
+    // The stuck client finishes its frame later and is served.
+    stuck.send_raw(&frame[20..]);
+    assert!(is_null(&stuck.read()));
+}
+
+#[test]
+fn a_full_client_table_refuses_new_connections_and_recovers() {
+    // IOTCORED_MAX_BUS_CLIENTS is 100 in the default build.
+    let broker = Mosquitto::start();
+    let (d, sock) = connected(broker.port(), "gw-full");
+    let mut held: Vec<BusClient> = (0..100).map(|_| BusClient::connect(&sock)).collect();
+    // Every held slot works.
+    assert!(is_null(
+        &held[99].call("publish", &publish_params("f/a", b"x", 0))
+    ));
+    let mut extra = BusClient::connect(&sock); // the kernel accepts; we close it
+    extra.timeout(SECS(5));
+    assert!(
+        extra.closed(),
+        "the 101st connection should be closed at once"
+    );
+    assert!(d.wait_log("client slots busy", SECS(2)), "{}", d.log());
+    held.truncate(50);
+    let mut again = None;
+    assert!(wait_until(SECS(5), || {
+        let mut c = BusClient::connect(&sock);
+        let ok = is_null(&c.call("publish", &publish_params("f/b", b"y", 0)));
+        if ok {
+            again = Some(c);
+        }
+        ok
+    }));
+    assert!(is_null(
+        &held[0].call("publish", &publish_params("f/c", b"z", 0))
+    ));
+}
+
+/// A bus server standing in for a component's `response_endpoint`: it
+/// records `(method, topic, payload)` of every request frame it receives.
+/// (method, topic, payload) of each request an endpoint received.
+type Received = Arc<Mutex<Vec<(String, String, Vec<u8>)>>>;
+
+struct Endpoint {
+    got: Received,
+}
+
+impl Endpoint {
+    fn start(path: PathBuf) -> Endpoint {
+        let listener = UnixListener::bind(&path).expect("bind endpoint");
+        listener.set_nonblocking(true).unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&got);
+        thread::spawn(move || {
+            let deadline = std::time::Instant::now() + SECS(60);
+            while std::time::Instant::now() < deadline && Arc::strong_count(&sink) > 1 {
+                let Ok((mut s, _)) = listener.accept() else {
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                s.set_nonblocking(false).unwrap();
+                s.set_read_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    match s.read(&mut chunk) {
+                        Ok(0) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        Err(_) => {
+                            if Arc::strong_count(&sink) == 1 {
+                                return;
+                            }
+                        }
+                    }
+                    while let frame::FrameLen::Len(n) = frame::frame_len(&buf, 1 << 20) {
+                        if buf.len() < n {
+                            break;
+                        }
+                        let bytes: Vec<u8> = buf.drain(..n).collect();
+                        let f = frame::parse(&bytes).unwrap();
+                        let r = f.request().unwrap();
+                        let reply = Reply::Payload(r.payload.to_vec());
+                        let (topic, payload) = reply.message();
+                        let method = String::from_utf8_lossy(r.method).into_owned();
+                        sink.lock().unwrap().push((method, topic, payload));
+                    }
+                }
+            }
+        });
+        Endpoint { got }
+    }
+
+    fn messages(&self) -> Vec<(String, String, Vec<u8>)> {
+        self.got.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn broker_messages_reach_stream_and_response_endpoint_subscribers() {
+    // [iotcored-bus-subscribe-1..3] [iotcored-bus-subscribe-3.1]
+    let broker = Mosquitto::start();
+    let (d, sock) = connected(broker.port(), "gw-subs");
+    let endpoint = Endpoint::start(d.dir().join("my_component"));
+
+    let mut stream = BusClient::connect(&sock);
+    stream.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["down/+"], 1),
+    );
+    assert_eq!(stream.read(), Some(Reply::Accepted));
+
+    let mut caller = BusClient::connect(&sock);
+    let by_endpoint = params(&[
+        ("topic_filter", V::Buf(b"down/#")),
+        ("response_endpoint", V::Buf(b"my_component")),
+    ]);
+    assert!(is_null(&caller.call("subscribe", &by_endpoint)));
+
+    publish(&broker, "down/x", b"hello", 1, false);
+    publish(&broker, "down/y/z", b"deep", 0, false);
+    let got = stream.read().expect("a message on the stream");
+    assert_eq!(got.message(), ("down/x".into(), b"hello".to_vec()));
+    // Keys in the order topic, payload [iotcored-bus-subscribe-3.1].
+    let keys: Vec<Vec<u8>> = got
+        .object()
+        .as_map()
+        .unwrap()
+        .iter()
+        .map(|(k, _)| k.to_vec())
+        .collect();
+    assert_eq!(keys, [b"topic".to_vec(), b"payload".to_vec()]);
+    assert!(
+        wait_until(SECS(5), || endpoint.messages().len() == 2),
+        "{:?}",
+        endpoint.messages()
+    );
+    assert_eq!(
+        endpoint.messages(),
+        [
+            (
+                "iotcored_response".into(),
+                "down/x".into(),
+                b"hello".to_vec()
+            ),
+            (
+                "iotcored_response".into(),
+                "down/y/z".into(),
+                b"deep".to_vec()
+            ),
+        ]
+    );
+    // unsubscribe ends the endpoint subscription; a second time: NOENTRY.
+    let unsub = params(&[
+        ("topic_filter", V::List(vec![b"down/#"])),
+        ("response_endpoint", V::Buf(b"my_component")),
+    ]);
+    assert!(is_null(&caller.call("unsubscribe", &unsub)));
+    assert_eq!(
+        caller.call("unsubscribe", &unsub),
+        Some(Reply::Error(code::NOENTRY))
+    );
+    publish(&broker, "down/x", b"again", 0, false);
+    assert_eq!(stream.read().unwrap().message().1, b"again");
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        endpoint.messages().len(),
+        2,
+        "no delivery after unsubscribe"
+    );
+}
+
+#[test]
+fn local_subscribers_to_one_filter_share_one_broker_subscription() {
+    let broker = Mosquitto::start();
+    let (_d, sock) = connected(broker.port(), "gw-share");
+    let mut a = BusClient::connect(&sock);
+    a.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["share/t"], 0),
+    );
+    assert_eq!(a.read(), Some(Reply::Accepted));
+    let mut b = BusClient::connect(&sock);
+    b.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["share/t"], 0),
+    );
+    assert_eq!(b.read(), Some(Reply::Accepted));
+    assert_eq!(broker.count_log("Received SUBSCRIBE from gw-share"), 1);
+    publish(&broker, "share/t", b"both", 0, false);
+    assert_eq!(a.read().unwrap().message().1, b"both");
+    assert_eq!(b.read().unwrap().message().1, b"both");
+    drop(a);
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        broker.count_log("Received UNSUBSCRIBE from gw-share"),
+        0,
+        "b still uses it"
+    );
+    drop(b);
+    assert!(broker.wait_log("Received UNSUBSCRIBE from gw-share", SECS(5)));
+}
+
+#[test]
+fn overlapping_filters_of_one_subscription_deliver_each_message_once() {
+    let broker = Mosquitto::start();
+    let (_d, sock) = connected(broker.port(), "gw-overlap");
+    let mut s = BusClient::connect(&sock);
+    s.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["o/+", "o/#", "o/x"], 0),
+    );
+    assert_eq!(s.read(), Some(Reply::Accepted));
+    publish(&broker, "o/x", b"1", 0, false);
+    publish(&broker, "o/y", b"2", 0, false);
+    assert_eq!(s.read().unwrap().message(), ("o/x".into(), b"1".to_vec()));
+    assert_eq!(s.read().unwrap().message(), ("o/y".into(), b"2".to_vec()));
+    s.timeout(Duration::from_millis(500));
+    assert_eq!(s.read(), None, "no duplicate deliveries");
+}
+
+#[test]
+fn a_filter_the_broker_refuses_is_a_remote_error_to_the_client() {
+    // mosquitto's dynamic-security plugin answers SUBACK 0x80 for denied/#.
+    let dir = TestDir::new("dynsec");
+    let json = dir.join("dynsec.json");
+    std::fs::write(
+        &json,
+        r##"{"clients":[{"username":"iotcored-test","roles":[{"rolename":"r"}]}],
+"roles":[{"rolename":"r","acls":[
+ {"acltype":"subscribePattern","topic":"denied/#","priority":10,"allow":false},
+ {"acltype":"subscribePattern","topic":"#","allow":true},
+ {"acltype":"publishClientSend","topic":"#","allow":true},
+ {"acltype":"publishClientReceive","topic":"#","allow":true}]}],
+"defaultACLAccess":{"publishClientSend":true,"publishClientReceive":true,"subscribe":true,"unsubscribe":true}}"##,
+    )
+    .unwrap();
+    let broker = Mosquitto::builder()
+        .config_line("plugin /usr/lib/x86_64-linux-gnu/mosquitto_dynamic_security.so")
+        .config_line(&format!("plugin_opt_config_file {}", json.display()))
+        .start();
+    let (_d, sock) = connected(broker.port(), "gw-refused");
+    let mut s = BusClient::connect(&sock);
+    s.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["ok/x", "denied/x"], 0),
+    );
+    assert_eq!(s.read(), Some(Reply::Error(code::REMOTE)));
+    // The request's other filter was released: UNSUBSCRIBE for ok/x.
+    assert!(broker.wait_log("Received UNSUBSCRIBE from gw-refused", SECS(5)));
+    let mut ok = BusClient::connect(&sock);
+    ok.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["ok/x"], 0),
+    );
+    assert_eq!(ok.read(), Some(Reply::Accepted));
+}
+
+#[test]
+fn connection_status_follows_a_broker_restart_and_subscriptions_come_back() {
+    let mut broker = Mosquitto::start();
+    let (d, sock) = connected(broker.port(), "gw-status");
+    let mut status = BusClient::connect(&sock);
+    status.send("connection_status", RequestType::Subscribe, &params(&[]));
+    assert_eq!(status.read(), Some(Reply::Accepted));
+    assert_eq!(
+        status.read(),
+        Some(Reply::Payload(vec![0x01, 0x01])),
+        "true"
+    );
+    let mut s = BusClient::connect(&sock);
+    s.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["back/t"], 1),
+    );
+    assert_eq!(s.read(), Some(Reply::Accepted));
+
+    broker.kill();
+    assert_eq!(
+        status.read(),
+        Some(Reply::Payload(vec![0x01, 0x00])),
+        "false"
+    );
+    broker.restart();
+    status.timeout(SECS(20));
+    assert_eq!(
+        status.read(),
+        Some(Reply::Payload(vec![0x01, 0x01])),
+        "true again"
+    );
+    assert!(
+        broker.wait_log("Received SUBSCRIBE from gw-status", SECS(5)),
+        "{}",
+        d.log()
+    );
+    publish(&broker, "back/t", b"after restart", 1, false);
+    assert_eq!(s.read().unwrap().message().1, b"after restart");
+    assert_eq!(stats(&sock)["reconnects"], 1);
+}
+
+#[test]
+fn a_subscribe_made_while_offline_is_accepted_at_once_and_made_on_connect() {
+    let port = free_port();
+    let (d, sock) = daemon(port, "gw-offline-sub");
+    let mut s = BusClient::connect(&sock);
+    s.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["later/#"], 0),
+    );
+    assert_eq!(s.read(), Some(Reply::Accepted));
+    let broker = Mosquitto::builder().port(port).start();
+    assert!(
+        d.wait_log("connected (session present", SECS(15)),
+        "{}",
+        d.log()
+    );
+    assert!(broker.wait_log("Received SUBSCRIBE from gw-offline-sub", SECS(5)));
+    publish(&broker, "later/x", b"made it", 0, false);
+    assert_eq!(s.read().unwrap().message().1, b"made it");
+}
+
+#[test]
+fn a_subscriber_that_stops_reading_is_disconnected_and_others_are_not_disturbed() {
+    let broker = Mosquitto::start();
+    let (_d, sock) = connected(broker.port(), "gw-slow");
+    let mut slow = BusClient::connect(&sock);
+    slow.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["slow/#"], 0),
+    );
+    assert_eq!(slow.read(), Some(Reply::Accepted));
+    let mut fast = BusClient::connect(&sock);
+    fast.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["slow/#"], 0),
+    );
+    assert_eq!(fast.read(), Some(Reply::Accepted));
+    // `slow` never reads again. 40 x 100 KB is far more than its socket
+    // buffer and backlog; `fast` reads everything.
+    let payload = vec![b'p'; 100_000];
+    let reader = thread::spawn(move || {
+        let mut n = 0;
+        while let Some(r) = fast.read() {
+            assert_eq!(r.message().1.len(), 100_000);
+            n += 1;
+            if n == 40 {
+                break;
+            }
+        }
+        n
+    });
+    for i in 0..40 {
+        publish(&broker, &format!("slow/{i}"), &payload, 0, false);
+    }
+    assert_eq!(
+        reader.join().unwrap(),
+        40,
+        "the reading subscriber got everything"
+    );
+    assert!(stats(&sock)["dropped"] >= 1);
+    // The slow one was cut off: after what was buffered, EOF.
+    slow.timeout(SECS(5));
+    let mut got = 0;
+    while slow.read().is_some() {
+        got += 1;
+    }
+    assert!(got < 40, "slow subscriber got {got}");
+}
+
+#[test]
+fn the_iotcorectl_tool_publishes_subscribes_and_reads_status_through_the_daemon() {
+    let broker = Mosquitto::start();
+    let (d, _sock) = connected(broker.port(), "gw-cli");
+    let ctl = env!("CARGO_BIN_EXE_iotcorectl");
+    let dir = d.dir().display().to_string();
+    let run = |args: &[&str]| {
+        std::process::Command::new(ctl)
+            .args(["--socket-dir", &dir])
+            .args(args)
+            .output()
+            .expect("run iotcorectl")
+    };
+    let status = run(&["status"]);
+    assert_eq!(status.status.code(), Some(0));
+    assert_eq!(String::from_utf8_lossy(&status.stdout).trim(), "connected");
+
+    let sub = std::process::Command::new(ctl)
+        .args([
+            "--socket-dir",
+            &dir,
+            "sub",
+            "-t",
+            "cli/#",
+            "-C",
+            "2",
+            "-W",
+            "10",
+            "-v",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn iotcorectl sub");
+    assert!(broker.wait_log("Received SUBSCRIBE from gw-cli", SECS(5)));
+    let out = run(&["pub", "-t", "cli/a", "-m", "one", "-q", "1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    publish(&broker, "cli/b", b"two", 0, false);
+    let got = sub.wait_with_output().expect("sub output");
+    assert_eq!(got.status.code(), Some(0));
+    assert_eq!(
+        String::from_utf8_lossy(&got.stdout),
+        "cli/a one\ncli/b two\n"
+    );
+
+    // A wildcard in a topic name is refused by the daemon: exit 10 + INVALID.
+    let bad = std::process::Command::new(ctl)
+        .args(["--socket-dir", &dir, "pub", "-t", "cli/+", "-m", "x"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(10 + code::INVALID));
+}
