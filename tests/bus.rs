@@ -809,3 +809,115 @@ fn the_iotcorectl_tool_publishes_subscribes_and_reads_status_through_the_daemon(
         .unwrap();
     assert_eq!(bad.status.code(), Some(10 + code::INVALID));
 }
+
+#[test]
+fn the_socket_is_created_with_its_parents_mode_0660_and_replaces_a_stale_one() {
+    // [bus-sock-1] [bus-sock-2]
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    let broker = Mosquitto::start();
+    let dir = TestDir::new("sockdir");
+    let sock_dir = dir.join("a/b");
+    // A stale socket left by a crashed daemon: a socket file nobody serves.
+    std::fs::create_dir_all(&sock_dir).unwrap();
+    drop(UnixListener::bind(sock_dir.join("custom")).unwrap());
+    let mut args = iotcored_args(Pki::get(), broker.port(), "gw-sock");
+    args.extend(["--socket-dir".into(), sock_dir.display().to_string()]);
+    args.extend(["-n".into(), "custom".into()]);
+    let mut d = Daemon::start(BIN, &args);
+    let sock = sock_dir.join("custom");
+    assert!(d.wait_log("bus: serving", SECS(5)), "{}", d.log());
+    let meta = std::fs::metadata(&sock).unwrap();
+    assert!(meta.file_type().is_socket());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+    let mut c = BusClient::connect(&sock);
+    assert!(is_null(&c.call("publish", &publish_params("s/t", b"x", 0))));
+    // A second daemon on the same socket refuses to steal it.
+    let mut second = Daemon::start(BIN, &args);
+    let status = second.wait_exit(SECS(5)).expect("second daemon exits");
+    assert_eq!(status.code(), Some(1));
+    assert!(
+        second.log().contains("another process is serving it"),
+        "{}",
+        second.log()
+    );
+    // Missing parents are created (mode 0755).
+    let fresh = dir.join("x/y/z");
+    let mut args2 = iotcored_args(Pki::get(), broker.port(), "gw-sock2");
+    args2.extend(["--socket-dir".into(), fresh.display().to_string()]);
+    let d2 = Daemon::start(BIN, &args2);
+    assert!(d2.wait_log("bus: serving", SECS(5)), "{}", d2.log());
+    let parent = std::fs::metadata(dir.join("x/y")).unwrap();
+    assert_eq!(parent.permissions().mode() & 0o777, 0o755);
+    d.signal(libc::SIGTERM);
+    assert_eq!(d.wait_exit(SECS(3)).and_then(|s| s.code()), Some(0));
+    assert!(!sock.exists(), "the socket is removed on exit");
+}
+
+#[test]
+fn an_unreachable_response_endpoint_costs_dropped_messages_then_its_subscription() {
+    let broker = Mosquitto::start();
+    let (d, sock) = connected(broker.port(), "gw-noendpoint");
+    let mut caller = BusClient::connect(&sock);
+    let by_endpoint = params(&[
+        ("topic_filter", V::Buf(b"gone/#")),
+        ("response_endpoint", V::Buf(b"nobody_home")),
+    ]);
+    assert!(is_null(&caller.call("subscribe", &by_endpoint)));
+    for i in 0..3 {
+        publish(&broker, &format!("gone/{i}"), b"x", 0, false);
+    }
+    assert!(d.wait_log_count(
+        "cannot deliver to response endpoint nobody_home",
+        3,
+        SECS(5)
+    ));
+    assert!(d.wait_log("subscription removed", SECS(2)), "{}", d.log());
+    assert!(broker.wait_log("Received UNSUBSCRIBE from gw-noendpoint", SECS(5)));
+    assert_eq!(stats(&sock)["dropped"], 3);
+}
+
+#[test]
+fn virtual_subscriptions_match_locally_without_a_broker_subscription() {
+    let broker = Mosquitto::start();
+    let (_d, sock) = connected(broker.port(), "gw-virtual");
+    let mut v = BusClient::connect(&sock);
+    let p = params(&[("topic_filter", V::Buf(b"v/#")), ("virtual", V::Bool(true))]);
+    v.send("subscribe", RequestType::Subscribe, &p);
+    assert_eq!(v.read(), Some(Reply::Accepted));
+    thread::sleep(Duration::from_millis(200));
+    assert_eq!(broker.count_log("Received SUBSCRIBE from gw-virtual"), 0);
+    // A real subscription to v/x brings v/x messages, which the virtual
+    // subscription sees too.
+    let mut real = BusClient::connect(&sock);
+    real.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["v/x"], 0),
+    );
+    assert_eq!(real.read(), Some(Reply::Accepted));
+    publish(&broker, "v/x", b"seen", 0, false);
+    assert_eq!(real.read().unwrap().message().1, b"seen");
+    assert_eq!(
+        v.read().unwrap().message(),
+        ("v/x".into(), b"seen".to_vec())
+    );
+}
+
+#[test]
+fn a_request_with_more_than_8_filters_is_split_into_several_subscribes() {
+    // AWS IoT Core takes at most 8 filters per SUBSCRIBE.
+    let broker = Mosquitto::start();
+    let (_d, sock) = connected(broker.port(), "gw-split");
+    let filters: Vec<String> = (0..10).map(|i| format!("split/{i}")).collect();
+    let refs: Vec<&str> = filters.iter().map(String::as_str).collect();
+    let mut s = BusClient::connect(&sock);
+    s.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&refs, 0),
+    );
+    assert_eq!(s.read(), Some(Reply::Accepted));
+    assert_eq!(broker.count_log("Received SUBSCRIBE from gw-split"), 2);
+    publish(&broker, "split/9", b"last", 0, false);
+    assert_eq!(s.read().unwrap().message().0, "split/9");
+}

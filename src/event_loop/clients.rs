@@ -62,8 +62,11 @@ impl Client {
 
 /// What handling one request calls for.
 enum Reply {
-    /// Nothing (a notify, or an error already logged).
+    /// Nothing: a notify that succeeded.
     Silent,
+    /// Nothing: a notify that failed (logged; counted as dropped)
+    /// [bus-req-4.1].
+    Dropped,
     /// The call's null result.
     Null,
     /// An error answer; the connection stays open [bus-err-3].
@@ -262,7 +265,7 @@ fn handle_request(
             code.name()
         );
         if notify {
-            Reply::Silent
+            Reply::Dropped
         } else {
             Reply::Error(code)
         }
@@ -406,13 +409,19 @@ impl EventLoop {
 
     fn handle_frame(&mut self, i: usize, n: usize, now: Instant) {
         let generation = self.bus.slot(i).generation();
+        let before = self.spool.stats();
         let reply = {
             let bytes = self.bus.slot(i).frame(n);
             handle_request(bytes, i, generation, &mut self.spool, &mut self.router)
         };
         self.bus.consume(i, n);
+        let after = self.spool.stats();
+        if after.evicted != before.evicted || after.busy != before.busy {
+            self.log_spool_pressure(now);
+        }
         match reply {
             Reply::Silent => {}
+            Reply::Dropped => self.counters.dropped += 1,
             Reply::Null => self.send_null(i),
             Reply::Error(code) => self.send_error(i, code),
             Reply::Fatal(code) => {
@@ -520,6 +529,25 @@ impl EventLoop {
                 }
             }
         }
+    }
+
+    /// Logs, at most once a second, that the spool is full and what it cost.
+    fn log_spool_pressure(&mut self, now: Instant) {
+        let quiet = self
+            .spool_log_at
+            .is_some_and(|t| now.saturating_since(t).as_secs() < 1);
+        if quiet {
+            return;
+        }
+        self.spool_log_at = Some(now);
+        let s = self.spool.stats();
+        log::warn!(
+            "outgoing queue full ({} messages, {} bytes): {} QoS 0 evicted, {} publishes refused BUSY so far",
+            self.spool.len(),
+            self.spool.bytes(),
+            s.evicted,
+            s.busy
+        );
     }
 
     /// Tells every `connection_status` subscriber the new state.

@@ -92,6 +92,8 @@ pub struct EventLoop {
     /// The `iotcored_response` request frame for endpoint subscribers.
     scratch_notify: Box<[u8]>,
     counters: Counters,
+    /// When the spool's evictions and refusals were last logged.
+    spool_log_at: Option<Instant>,
     /// Consecutive failed deliveries per response-endpoint subscription.
     endpoint_failures: Vec<(crate::router::SubId, u8)>,
     epoch: std::time::Instant,
@@ -142,6 +144,7 @@ impl EventLoop {
             scratch: vec![0u8; frame_room.max(consts::BUS_MAX_FRAME)].into_boxed_slice(),
             scratch_notify: vec![0u8; frame_room].into_boxed_slice(),
             counters: Counters::default(),
+            spool_log_at: None,
             endpoint_failures: Vec::with_capacity(consts::MAX_SUBSCRIPTIONS),
             epoch: std::time::Instant::now(),
             stopping: None,
