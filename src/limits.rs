@@ -1,4 +1,5 @@
-//! Pacing, as pure data: the reconnect backoff [iotcored-2].
+//! Pacing, as pure data: the reconnect backoff [iotcored-2] and the publish
+//! rate limit [iotcored-bus-publish-4].
 //!
 //! Nothing here reads the clock or the OS random source: `now` and the seed
 //! are passed in, so every schedule is a plain unit test.
@@ -72,6 +73,123 @@ impl Backoff {
     /// Consecutive failures so far.
     pub fn failures(&self) -> u32 {
         self.failures
+    }
+}
+
+/// The window over which publishes are counted. AWS IoT Core's limits are
+/// per second; 20 ms of guard keeps a window measured at the far end (after
+/// network jitter has bunched packets together) within them too, at a cost
+/// of 2 % of the rate.
+pub const RATE_WINDOW: Duration = Duration::from_millis(1020);
+
+/// Slots of the window when the packet count is unlimited (only bytes are).
+const UNLIMITED_COUNT_SLOTS: usize = 1024;
+
+/// An exact sliding-window limiter: no window of `RATE_WINDOW` holds more
+/// than `max_count` packets or more than `max_bytes` bytes
+/// [iotcored-bus-publish-4.2] [iotcored-bus-publish-4.3].
+///
+/// It remembers the time and size of each send still inside the window, in
+/// a ring of `max_count` slots allocated once. (A token bucket with a burst
+/// of N lets 2N through across a window boundary; this does not.) Bytes are
+/// counted as whole PUBLISH packets: fixed header, topic, packet id and
+/// payload. With `max_count` 0 (unlimited), the ring has 1024 slots and a
+/// send that would need a 1025th waits as if the count were limited to
+/// that; `max_bytes` 0 means bytes are unlimited.
+#[derive(Debug)]
+pub struct RateLimiter {
+    sends: Box<[(Instant, u32)]>,
+    head: usize,
+    len: usize,
+    bytes: u64,
+    max_count: usize,
+    max_bytes: u64,
+}
+
+impl RateLimiter {
+    /// A limiter of `max_count` packets and `max_bytes` bytes per window
+    /// (0 = unlimited for either).
+    pub fn new(max_count: usize, max_bytes: u64) -> Self {
+        let slots = if max_count == 0 {
+            UNLIMITED_COUNT_SLOTS
+        } else {
+            max_count
+        };
+        Self {
+            sends: vec![(Instant::default(), 0); slots].into_boxed_slice(),
+            head: 0,
+            len: 0,
+            bytes: 0,
+            max_count: slots,
+            max_bytes,
+        }
+    }
+
+    fn entry(&self, i: usize) -> (Instant, u32) {
+        self.sends[(self.head + i) % self.sends.len()]
+    }
+
+    /// Forgets the sends that left the window by `now`.
+    fn expire(&mut self, now: Instant) {
+        while self.len > 0 {
+            let (t, n) = self.entry(0);
+            if t + RATE_WINDOW > now {
+                break;
+            }
+            self.head = (self.head + 1) % self.sends.len();
+            self.len -= 1;
+            self.bytes -= u64::from(n);
+        }
+    }
+
+    /// The earliest time a packet of `len` bytes may be sent: `now` if at
+    /// once.
+    pub fn ready_at(&mut self, now: Instant, len: usize) -> Instant {
+        self.expire(now);
+        let mut ready = now;
+        // Count: the oldest sends must leave until one slot is free.
+        if self.len >= self.max_count {
+            let (t, _) = self.entry(self.len - self.max_count);
+            ready = ready.max(t + RATE_WINDOW);
+        }
+        // Bytes: the oldest sends must leave until this one fits (a packet
+        // larger than the whole budget goes alone in an empty window).
+        if self.max_bytes > 0 {
+            let len = u64::try_from(len).unwrap_or(u64::MAX).min(self.max_bytes);
+            let mut excess = (self.bytes + len).saturating_sub(self.max_bytes);
+            let mut i = 0;
+            while excess > 0 && i < self.len {
+                let (t, n) = self.entry(i);
+                excess = excess.saturating_sub(u64::from(n));
+                ready = ready.max(t + RATE_WINDOW);
+                i += 1;
+            }
+        }
+        ready
+    }
+
+    /// Records a packet of `len` bytes sent at `now` (after `ready_at`
+    /// allowed it).
+    pub fn record(&mut self, now: Instant, len: usize) {
+        self.expire(now);
+        let n = u32::try_from(len).unwrap_or(u32::MAX);
+        if self.len == self.sends.len() {
+            // Only reachable if the caller ignored `ready_at`: drop the oldest.
+            let (_, old) = self.entry(0);
+            self.bytes -= u64::from(old);
+            self.head = (self.head + 1) % self.sends.len();
+            self.len -= 1;
+        }
+        let slot = (self.head + self.len) % self.sends.len();
+        self.sends[slot] = (now, n);
+        self.len += 1;
+        self.bytes += u64::from(n);
+    }
+
+    /// Packets and bytes inside the window at `now`.
+    pub fn in_window(&mut self, now: Instant) -> (usize, u64) {
+        self.expire(now);
+        (self.len, self.bytes)
     }
 }
 
@@ -155,6 +273,98 @@ mod tests {
         b.next_delay(Instant::from_secs(15));
         assert_eq!(b.ceiling(), Duration::from_secs(32));
         assert_eq!(b.failures(), 4);
+    }
+
+    /// Sends as fast as the limiter allows from `start` for `secs` seconds,
+    /// `len` bytes each; returns the send times.
+    fn saturate(r: &mut RateLimiter, start: u64, secs: u64, len: usize) -> std::vec::Vec<u64> {
+        let mut now = Instant::from_millis(start);
+        let end = Instant::from_millis(start + secs * 1000);
+        let mut sent = std::vec::Vec::new();
+        while now < end {
+            let at = r.ready_at(now, len);
+            if at > now {
+                now = at;
+                continue;
+            }
+            r.record(now, len);
+            sent.push(now.millis());
+        }
+        sent
+    }
+
+    /// The most sends in any window of `RATE_WINDOW`, and in any 1 s.
+    fn max_in_window(times: &[u64], window_ms: u64) -> usize {
+        let mut best = 0;
+        let mut lo = 0;
+        for hi in 0..times.len() {
+            while times[hi] - times[lo] >= window_ms {
+                lo += 1;
+            }
+            best = best.max(hi - lo + 1);
+        }
+        best
+    }
+
+    #[test]
+    fn no_window_ever_holds_more_than_the_packet_limit() {
+        // [iotcored-bus-publish-4.2] A token bucket would allow 200 across
+        // a boundary; the sliding window allows exactly 100.
+        let mut r = RateLimiter::new(100, 0);
+        let times = saturate(&mut r, 5_000, 60, 10);
+        assert_eq!(max_in_window(&times, 1_020), 100);
+        assert_eq!(max_in_window(&times, 1_000), 100);
+        // As close to the limit as the guard allows: 100 per 1.02 s.
+        let rate = times.len() as f64 / 60.0;
+        assert!(rate >= 0.97 * 100.0, "{rate}/s");
+    }
+
+    #[test]
+    fn no_window_ever_holds_more_than_the_byte_limit() {
+        // [iotcored-bus-publish-4.3] 10 KiB packets against 512 KiB/s: the
+        // byte limit binds (51 per window), not the count.
+        let mut r = RateLimiter::new(100, 512 * 1024);
+        let times = saturate(&mut r, 0, 30, 10 * 1024);
+        let per_window = max_in_window(&times, 1_020);
+        assert!(per_window * 10 * 1024 <= 512 * 1024, "{per_window}");
+        assert_eq!(per_window, 51);
+        let bytes_per_sec = times.len() as f64 * 10.0 * 1024.0 / 30.0;
+        assert!(
+            bytes_per_sec >= 0.95 * 512.0 * 1024.0 * 1000.0 / 1020.0,
+            "{bytes_per_sec}"
+        );
+    }
+
+    #[test]
+    fn a_quiet_limiter_lets_a_burst_through_at_once() {
+        let mut r = RateLimiter::new(100, 512 * 1024);
+        let now = Instant::from_secs(10);
+        for _ in 0..100 {
+            assert_eq!(r.ready_at(now, 100), now);
+            r.record(now, 100);
+        }
+        assert_eq!(r.ready_at(now, 100), now + RATE_WINDOW, "the 101st waits");
+        assert_eq!(r.in_window(now), (100, 10_000));
+        assert_eq!(r.in_window(now + RATE_WINDOW), (0, 0));
+    }
+
+    #[test]
+    fn a_packet_larger_than_the_byte_budget_goes_alone_in_an_empty_window() {
+        let mut r = RateLimiter::new(0, 1_000);
+        let now = Instant::from_secs(1);
+        assert_eq!(r.ready_at(now, 5_000), now);
+        r.record(now, 5_000);
+        assert_eq!(r.ready_at(now, 1), now + RATE_WINDOW);
+    }
+
+    #[test]
+    fn unlimited_settings_never_wait() {
+        let mut r = RateLimiter::new(0, 0);
+        let now = Instant::from_secs(1);
+        for _ in 0..UNLIMITED_COUNT_SLOTS {
+            assert_eq!(r.ready_at(now, 1_000_000), now);
+            r.record(now, 1_000_000);
+        }
     }
 
     #[test]

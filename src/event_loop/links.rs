@@ -20,7 +20,7 @@ use mio::{Interest, Token, Waker};
 use super::{EventLoop, Exit, LINK_BASE};
 use crate::config::Config;
 use crate::consts;
-use crate::limits::Backoff;
+use crate::limits::{Backoff, RateLimiter};
 use crate::mqtt::packet::{self, SubackCode};
 use crate::mqtt::session::{self, Event, Session};
 use crate::time::Instant;
@@ -122,6 +122,10 @@ pub(super) struct Link {
     closes_without_connack: u32,
     /// Whether this link was connected before (for "reconnected" logs).
     was_connected: bool,
+    /// AWS IoT Core's per-connection publish limits.
+    limiter: RateLimiter,
+    /// The next PUBLISH waits for the limiter until then.
+    rate_until: Option<Instant>,
 }
 
 impl Link {
@@ -138,6 +142,11 @@ impl Link {
             generation: 0,
             closes_without_connack: 0,
             was_connected: false,
+            limiter: RateLimiter::new(
+                consts::PUBLISH_RATE,
+                u64::try_from(consts::PUBLISH_BYTES_PER_SEC).unwrap_or(u64::MAX),
+            ),
+            rate_until: None,
         }
     }
 
@@ -166,7 +175,10 @@ impl Link {
             | Phase::Connecting { until, .. }
             | Phase::Handshaking { until, .. }
             | Phase::Closing { until, .. } => Some(*until),
-            Phase::Mqtt { .. } => self.session.poll_at(),
+            Phase::Mqtt { .. } => match (self.session.poll_at(), self.rate_until) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
             Phase::Unused => None,
         }
     }
@@ -203,7 +215,11 @@ impl EventLoop {
                 }
                 Phase::Mqtt { .. } => match link.session.poll(now) {
                     Err(e) => Due::Fail(Failure::Session(e)),
-                    Ok(()) if link.rx_pending || !link.session.pending_tx().is_empty() => {
+                    Ok(())
+                        if link.rx_pending
+                            || !link.session.pending_tx().is_empty()
+                            || link.rate_until.is_some_and(|t| now >= t) =>
+                    {
                         Due::Drive
                     }
                     Ok(()) => Due::Nothing,
@@ -559,13 +575,24 @@ impl EventLoop {
                     break;
                 }
             }
-            // 3. A new PUBLISH.
+            // 3. A new PUBLISH, when the rate limit allows it
+            // [iotcored-bus-publish-4.1]: waiting is never an error.
             if !carries_publishes {
+                break;
+            }
+            link.rate_until = None;
+            let Some(len) = self.spool.peek_next_len(consts::MAX_INFLIGHT) else {
+                break;
+            };
+            let ready = link.limiter.ready_at(now, len);
+            if ready > now {
+                link.rate_until = Some(ready);
                 break;
             }
             let Some(out) = self.spool.next(consts::MAX_INFLIGHT, true) else {
                 break;
             };
+            link.limiter.record(now, out.len);
             let n = send_parts(tls, out.first, out.second);
             let done = self.spool.advance(n);
             link.session.note_tx(now);
