@@ -74,3 +74,67 @@ pub fn random_seed() -> u64 {
     h.write_u32(std::process::id());
     h.finish()
 }
+
+/// systemd's readiness protocol (`sd_notify(3)`): datagrams on
+/// `$NOTIFY_SOCKET`, written without blocking and without libsystemd.
+/// Without `NOTIFY_SOCKET` every call does nothing.
+pub struct Notifier {
+    socket: Option<(
+        std::os::unix::net::UnixDatagram,
+        std::os::unix::net::SocketAddr,
+    )>,
+    watchdog: Option<std::time::Duration>,
+}
+
+impl Notifier {
+    /// Reads `NOTIFY_SOCKET`, `WATCHDOG_USEC` and `WATCHDOG_PID`, and
+    /// removes them from the environment so they are used once.
+    pub fn from_env() -> Self {
+        let socket = std::env::var_os("NOTIFY_SOCKET").and_then(|path| {
+            let addr = notify_addr(&path)?;
+            let sock = std::os::unix::net::UnixDatagram::unbound().ok()?;
+            sock.set_nonblocking(true).ok()?;
+            Some((sock, addr))
+        });
+        let pid_ok = std::env::var("WATCHDOG_PID")
+            .ok()
+            .and_then(|p| p.parse::<u32>().ok())
+            .map_or(true, |p| p == std::process::id());
+        let watchdog = std::env::var("WATCHDOG_USEC")
+            .ok()
+            .and_then(|u| u.parse::<u64>().ok())
+            .filter(|&u| u > 0 && pid_ok)
+            .map(std::time::Duration::from_micros);
+        for var in ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"] {
+            std::env::remove_var(var);
+        }
+        Self { socket, watchdog }
+    }
+
+    /// How often to send `WATCHDOG=1`: half the interval systemd expects.
+    pub fn watchdog_interval(&self) -> Option<std::time::Duration> {
+        self.socket.as_ref()?;
+        self.watchdog.map(|d| d / 2)
+    }
+
+    /// Sends one message (e.g. `READY=1`); failures are ignored, since
+    /// systemd may be gone and a lost notification must not stop the loop.
+    pub fn notify(&self, message: &str) {
+        if let Some((sock, addr)) = &self.socket {
+            let _ = sock.send_to_addr(message.as_bytes(), addr);
+        }
+    }
+}
+
+/// The address in `NOTIFY_SOCKET`: a path, or `@name` for the abstract
+/// namespace.
+fn notify_addr(path: &std::ffi::OsStr) -> Option<std::os::unix::net::SocketAddr> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = path.as_bytes();
+    match bytes.first()? {
+        b'@' => std::os::unix::net::SocketAddr::from_abstract_name(&bytes[1..]).ok(),
+        b'/' => std::os::unix::net::SocketAddr::from_pathname(path).ok(),
+        _ => None,
+    }
+}

@@ -725,6 +725,10 @@ impl EventLoop {
     fn link_established(&mut self, i: usize, session_present: bool, now: Instant) {
         self.router.link_up(i, session_present);
         if i == 0 {
+            self.notifier.notify(&format!(
+                "STATUS=connected to {}:{}",
+                self.config.endpoint, self.config.port
+            ));
             self.notify_status(true, now);
         }
     }
@@ -802,6 +806,10 @@ impl EventLoop {
         }
         if was_up {
             log::warn!("connection {i} ({id}): disconnected: {failure}");
+            if i == 0 {
+                self.notifier
+                    .notify(&format!("STATUS=disconnected: {failure}; reconnecting"));
+            }
         } else {
             log::warn!("connection {i} ({id}): connection attempt failed: {failure}");
         }

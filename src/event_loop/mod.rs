@@ -29,7 +29,7 @@ use crate::config::Config;
 use crate::consts;
 use crate::router::Router;
 use crate::spool::Spool;
-use crate::sys::{self, SignalFd};
+use crate::sys::{self, Notifier, SignalFd};
 use crate::time::Instant;
 use crate::tls;
 
@@ -96,6 +96,10 @@ pub struct EventLoop {
     spool_log_at: Option<Instant>,
     /// Consecutive failed deliveries per response-endpoint subscription.
     endpoint_failures: Vec<(crate::router::SubId, u8)>,
+    /// systemd notifications (READY, STATUS, WATCHDOG, STOPPING).
+    notifier: Notifier,
+    /// When the next `WATCHDOG=1` is due.
+    watchdog_at: Option<Instant>,
     epoch: std::time::Instant,
     stopping: Option<Instant>,
 }
@@ -105,6 +109,8 @@ impl EventLoop {
     /// thread, and allocates every table.
     pub fn new(config: Config, tls_config: Arc<ClientConfig>) -> Result<Self, String> {
         let server_name = tls::server_name(&config.endpoint)?;
+        // Read (and clear) the systemd variables before any thread exists.
+        let notifier = Notifier::from_env();
         let mut bus =
             Server::bind(&config.socket_dir, &config.interface_name).map_err(|e| e.to_string())?;
         let io_err = |what: &str, e: io::Error| format!("cannot start: {what}: {e}");
@@ -146,6 +152,8 @@ impl EventLoop {
             counters: Counters::default(),
             spool_log_at: None,
             endpoint_failures: Vec::with_capacity(consts::MAX_SUBSCRIPTIONS),
+            notifier,
+            watchdog_at: None,
             epoch: std::time::Instant::now(),
             stopping: None,
             config,
@@ -161,9 +169,23 @@ impl EventLoop {
     pub fn run(&mut self) -> Exit {
         let mut events = Events::with_capacity(256);
         let now = self.now();
+        // Ready once the bus is served, before the first MQTT connect:
+        // local clients may publish (into the spool) while we connect.
+        self.notifier.notify(&format!(
+            "READY=1\nSTATUS=connecting to {}:{}",
+            self.config.endpoint, self.config.port
+        ));
+        self.watchdog_at = self.notifier.watchdog_interval().map(|d| now + d);
         self.begin_attempt(0, now);
         loop {
             let now = self.now();
+            if let (Some(at), Some(every)) = (self.watchdog_at, self.notifier.watchdog_interval()) {
+                if now >= at {
+                    // From the loop itself, so a stuck loop gets restarted.
+                    self.notifier.notify("WATCHDOG=1");
+                    self.watchdog_at = Some(now + every);
+                }
+            }
             if let Err(exit) = self.run_timers(now) {
                 return exit;
             }
@@ -223,7 +245,10 @@ impl EventLoop {
 
     /// The earliest deadline of any link, session, bus slot or the shutdown.
     fn next_deadline(&self, now: Instant) -> Option<Instant> {
-        let mut next = self.stopping;
+        let mut next = match (self.stopping, self.watchdog_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
         let mut consider = |d: Option<Instant>| {
             if let Some(d) = d {
                 next = Some(next.map_or(d, |n| n.min(d)));
@@ -253,6 +278,7 @@ impl EventLoop {
                 "SIGTERM"
             };
             log::info!("{name}: disconnecting and stopping");
+            self.notifier.notify("STOPPING=1\nSTATUS=stopping");
             self.stopping = Some(now + SHUTDOWN_GRACE);
             for i in 0..self.links.len() {
                 self.close_link(i, now);
