@@ -1506,9 +1506,8 @@ pub enum Behaviour {
 }
 
 /// A TLS server on 127.0.0.1 (server.pem, client certificates verified
-/// against ca.pem by webpki) on one thread, serving connections one after
-/// another: connection `i` follows `script[i]`, the last entry repeating.
-/// While one connection lasts, the next waits in the listen backlog.
+/// against ca.pem by webpki), a thread per connection: connection `i`
+/// (in accept order) follows `script[i]`, the last entry repeating.
 pub struct MockBroker {
     port: u16,
     state: Arc<Mutex<MockState>>,
@@ -1658,27 +1657,34 @@ fn mock_serve(
     state: &Mutex<MockState>,
     stop: &AtomicBool,
 ) {
-    while !stop.load(Ordering::SeqCst) {
-        let sock = match listener.accept() {
-            Ok((sock, _)) => sock,
-            Err(_) => {
-                thread::sleep(POLL / 2);
-                continue;
-            }
-        };
-        let index = {
-            let mut st = lock(state);
-            st.connections += 1;
-            st.connections - 1
-        };
-        let behaviour = &script[index.min(script.len() - 1)];
-        let result = mock_connection(sock, config, behaviour, state, stop);
-        let mut st = lock(state);
-        st.closed += 1;
-        if let Err(e) = result {
-            st.errors.push(format!("connection {index}: {e}"));
+    // One thread per connection, so that several connections of one
+    // client (its extra MQTT connections) can be open at once; each stops
+    // within 50 ms of the stop flag.
+    thread::scope(|scope| {
+        while !stop.load(Ordering::SeqCst) {
+            let sock = match listener.accept() {
+                Ok((sock, _)) => sock,
+                Err(_) => {
+                    thread::sleep(POLL / 2);
+                    continue;
+                }
+            };
+            let index = {
+                let mut st = lock(state);
+                st.connections += 1;
+                st.connections - 1
+            };
+            let behaviour = &script[index.min(script.len() - 1)];
+            scope.spawn(move || {
+                let result = mock_connection(sock, config, behaviour, state, stop);
+                let mut st = lock(state);
+                st.closed += 1;
+                if let Err(e) = result {
+                    st.errors.push(format!("connection {index}: {e}"));
+                }
+            });
         }
-    }
+    });
 }
 
 /// A server-side TLS connection with blocking reads that time out, so the
