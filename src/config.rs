@@ -43,6 +43,11 @@ pub struct Config {
     pub interface_name: String,
     /// Directory of the bus sockets.
     pub socket_dir: PathBuf,
+    /// MQTT clean session 0: the broker keeps our subscriptions and queues
+    /// QoS 1 messages for us while we are away.
+    pub persistent_session: bool,
+    /// The longest wait between reconnect attempts, in seconds.
+    pub max_backoff: u16,
 }
 
 impl Config {
@@ -102,6 +107,9 @@ Options:
       --keepalive SECONDS     MQTT keepalive, 1-65535 [default: 60; AWS honours 30-1200]
   -n, --interface_name NAME   core bus interface name [default: aws_iot_mqtt]
       --socket-dir DIR        directory of core bus sockets [default: /run/greengrass]
+      --max-backoff SECONDS   longest wait between reconnect attempts, 1-3600 [default: 120]
+      --persistent-session    ask the broker to keep our session (MQTT clean session 0):
+                              subscriptions and QoS 1 messages survive a disconnect
   -h, --help                  print this help
   -V, --version               print the version
 
@@ -127,6 +135,8 @@ where
     let mut keepalive: u16 = 60;
     let mut interface_name = String::from("aws_iot_mqtt");
     let mut socket_dir = PathBuf::from("/run/greengrass");
+    let mut persistent_session = false;
+    let mut max_backoff: u16 = 120;
 
     let mut parser = lexopt::Parser::from_args(args);
     while let Some(arg) = parser.next()? {
@@ -142,6 +152,8 @@ where
                 interface_name = string(&mut parser, "interface_name")?
             }
             Long("socket-dir") => socket_dir = PathBuf::from(parser.value()?),
+            Long("persistent-session") => persistent_session = true,
+            Long("max-backoff") => max_backoff = number(&mut parser, "max-backoff", 1)?,
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
             _ => return Err(arg.unexpected().into()),
@@ -158,6 +170,8 @@ where
         keepalive,
         interface_name,
         socket_dir,
+        persistent_session,
+        max_backoff,
     };
     validate(&config)?;
     Ok(Command::Run(config))
@@ -193,6 +207,12 @@ fn validate(config: &Config) -> Result<(), UsageError> {
         return fail(format!(
             "--endpoint: {:?} is not a host name (give the port with --port)",
             config.endpoint
+        ));
+    }
+    if config.max_backoff > 3600 {
+        return fail(format!(
+            "--max-backoff: {} is not a whole number from 1 to 3600",
+            config.max_backoff
         ));
     }
     let id = &config.client_id;
@@ -321,6 +341,8 @@ mod tests {
         assert_eq!(c.keepalive, 5);
         assert!(c.keepalive_outside_aws_range());
         assert_eq!(c.socket_path(), PathBuf::from("/tmp/x/mqtt2"));
+        assert!(!c.persistent_session);
+        assert!(config(&["--persistent-session"]).persistent_session);
         assert!(!config(&["--keepalive", "1200"]).keepalive_outside_aws_range());
     }
 

@@ -13,7 +13,7 @@ use crate::time::Instant;
 pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// The ceiling of the first wait; each failure doubles the ceiling.
 pub const BACKOFF_FIRST_CEILING: Duration = Duration::from_secs(2);
-/// The largest ceiling.
+/// The largest ceiling by default (`--max-backoff`).
 pub const BACKOFF_MAX: Duration = Duration::from_secs(120);
 /// A connection that stayed up this long resets the backoff.
 pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
@@ -27,6 +27,7 @@ pub const BACKOFF_RESET_AFTER: Duration = Duration::from_secs(60);
 #[derive(Clone, Debug)]
 pub struct Backoff {
     failures: u32,
+    max: Duration,
     rng: XorShift64,
     up_since: Option<Instant>,
 }
@@ -34,8 +35,14 @@ pub struct Backoff {
 impl Backoff {
     /// A backoff with no failures yet; `seed` feeds the jitter.
     pub fn new(seed: u64) -> Self {
+        Self::with_max(seed, BACKOFF_MAX)
+    }
+
+    /// A backoff whose ceiling stops growing at `max` (at least 1 s).
+    pub fn with_max(seed: u64, max: Duration) -> Self {
         Self {
             failures: 0,
+            max: max.max(BACKOFF_MIN),
             rng: XorShift64::new(seed),
             up_since: None,
         }
@@ -65,9 +72,9 @@ impl Backoff {
 
     /// The current ceiling of the wait.
     pub fn ceiling(&self) -> Duration {
-        // 2^6 * 2 s = 128 s is past BACKOFF_MAX already; cap the shift.
-        let doubled = BACKOFF_FIRST_CEILING * (1u32 << self.failures.min(6));
-        doubled.min(BACKOFF_MAX)
+        // 2^11 * 2 s is past an hour, the largest `--max-backoff`.
+        let doubled = BACKOFF_FIRST_CEILING * (1u32 << self.failures.min(11));
+        doubled.min(self.max)
     }
 
     /// Consecutive failures so far.
@@ -365,6 +372,15 @@ mod tests {
             assert_eq!(r.ready_at(now, 1_000_000), now);
             r.record(now, 1_000_000);
         }
+    }
+
+    #[test]
+    fn a_smaller_maximum_caps_the_waits() {
+        let mut b = Backoff::with_max(9, Duration::from_secs(2));
+        for _ in 0..20 {
+            assert!(b.next_delay(Instant::from_secs(0)) <= Duration::from_secs(2));
+        }
+        assert_eq!(b.ceiling(), Duration::from_secs(2));
     }
 
     #[test]

@@ -135,7 +135,10 @@ impl Link {
             client_id: client_id(&config.client_id, index),
             phase: Phase::Unused,
             session: Session::new(config.keepalive),
-            backoff: Backoff::new(seed ^ (index as u64).wrapping_mul(0x9E37_79B9)),
+            backoff: Backoff::with_max(
+                seed ^ (index as u64).wrapping_mul(0x9E37_79B9),
+                Duration::from_secs(u64::from(config.max_backoff)),
+            ),
             rx: vec![0u8; consts::MQTT_MAX_PACKET].into_boxed_slice(),
             rx_len: 0,
             rx_pending: false,
@@ -511,7 +514,8 @@ impl EventLoop {
         if let Phase::Handshaking { tls, .. } = phase {
             link.phase = Phase::Mqtt { tls };
         }
-        let connect = session::connect_packet(&link.client_id, true);
+        let clean_session = !self.config.persistent_session;
+        let connect = session::connect_packet(&link.client_id, clean_session);
         if let Err(e) = link.session.start(now, &connect) {
             return self.fail(i, now, Failure::Session(e));
         }

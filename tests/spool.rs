@@ -1,0 +1,312 @@
+//! End to end: iotcored as a spooler that loses nothing within its bounds:
+//! publishes accepted while the link is down, cut, refused or blackholed
+//! are delivered after it comes back, QoS 1 at least once and in order;
+//! a full spool evicts QoS 0 first, then answers BUSY, and says so in
+//! `stats`; a persistent session brings the broker's queued messages.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::bus::*;
+use common::*;
+use iotcored::bus::frame::RequestType;
+
+const BIN: &str = env!("CARGO_BIN_EXE_iotcored");
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+fn is_null(r: &Option<Reply>) -> bool {
+    r.as_ref() == Some(&Reply::Payload(vec![0]))
+}
+
+fn start(port: u16, id: &str, extra: &[&str]) -> (Daemon, PathBuf) {
+    let mut args = iotcored_args(Pki::get(), port, id);
+    args.extend(["--socket-dir".into(), ".".into()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let d = Daemon::start(BIN, &args);
+    let sock = d.dir().join("aws_iot_mqtt");
+    assert!(wait_until(SECS(5), || sock.exists()), "{}", d.log());
+    (d, sock)
+}
+
+fn stats(sock: &Path) -> HashMap<String, i64> {
+    let mut c = BusClient::connect(sock);
+    let reply = c.call("stats", &params(&[])).expect("stats answer");
+    let map = reply.object().as_map().expect("map");
+    map.iter()
+        .filter_map(|(k, v)| Some((String::from_utf8_lossy(k).into_owned(), v.as_i64()?)))
+        .collect()
+}
+
+/// Publishes `count` QoS 1 messages `0..count` on `topic` at about `rate`
+/// per second from a thread; returns when all were accepted.
+fn publisher(
+    sock: PathBuf,
+    topic: &'static str,
+    count: usize,
+    rate: u64,
+) -> thread::JoinHandle<()> {
+    thread::spawn(move || {
+        let mut c = BusClient::connect(&sock);
+        let t0 = Instant::now();
+        for i in 0..count {
+            let due = t0 + Duration::from_millis(i as u64 * 1000 / rate);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                thread::sleep(wait);
+            }
+            let answer = c.call(
+                "publish",
+                &publish_params(topic, i.to_string().as_bytes(), 1),
+            );
+            assert!(is_null(&answer), "publish {i}: {answer:?}");
+        }
+    })
+}
+
+/// The sequence numbers a `-v` subscriber saw on `topic`, in arrival order.
+fn sequence(sub: &Subscriber, topic: &str) -> Vec<usize> {
+    sub.lines()
+        .iter()
+        .filter_map(|l| l.strip_prefix(topic)?.strip_prefix(' ')?.parse().ok())
+        .collect()
+}
+
+/// Every number below `count` at least once, and in order apart from
+/// retransmitted duplicates: after removing repeats of numbers already
+/// seen, the sequence is exactly 0..count.
+fn assert_complete_in_order(seen: &[usize], count: usize) {
+    let mut next = 0;
+    for &n in seen {
+        if n == next {
+            next += 1;
+        } else {
+            assert!(n < next, "{n} arrived before {next} (out of order or lost)");
+        }
+    }
+    assert_eq!(next, count, "only 0..{next} of 0..{count} arrived");
+}
+
+#[test]
+fn qos1_survives_cuts_refusals_and_a_blackhole_at_least_once_and_in_order() {
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(&broker, "seq/#", 1);
+    let proxy = Proxy::start(broker.port());
+    // Ten cuts in 20 s would grow the backoff to its 120 s ceiling (the
+    // link never stays up the 60 s that resets it); --max-backoff 2 keeps
+    // this test short without changing what it checks.
+    let args = ["--keepalive", "2", "--max-backoff", "2"];
+    let (d, sock) = start(proxy.port(), "gw-faults", &args);
+    assert!(d.wait_log("connected (session present", SECS(10)));
+    let count = 2000;
+    let pubs = publisher(sock.clone(), "seq/a", count, 100);
+    // Ten cuts, FIN and RST alternately, each once the link is back up.
+    for k in 0..10 {
+        thread::sleep(Duration::from_millis(700));
+        proxy.cut(if k % 2 == 0 { Cut::Fin } else { Cut::Rst });
+        assert!(
+            d.wait_log_count("reconnected", k + 1, SECS(10)),
+            "{}",
+            d.log()
+        );
+    }
+    // Connections refused for 5 s.
+    proxy.refuse(true);
+    proxy.cut(Cut::Rst);
+    thread::sleep(SECS(5));
+    proxy.refuse(false);
+    assert!(d.wait_log_count("reconnected", 11, SECS(10)), "{}", d.log());
+    // Silence for 3 x keepalive: the link is declared dead and replaced.
+    proxy.blackhole(true);
+    thread::sleep(SECS(6));
+    proxy.blackhole(false);
+    proxy.cut(Cut::Rst);
+    pubs.join().expect("publisher");
+    assert!(
+        wait_until(SECS(40), || sequence(&sub, "seq/a").iter().max()
+            == Some(&(count - 1))),
+        "last message never arrived: {:?}",
+        stats(&sock)
+    );
+    thread::sleep(Duration::from_millis(500));
+    assert_complete_in_order(&sequence(&sub, "seq/a"), count);
+    assert!(
+        d.log().contains("no PINGRESP"),
+        "the blackhole was detected"
+    );
+    let s = stats(&sock);
+    assert_eq!(s["published"], count as i64);
+    assert!(wait_until(SECS(5), || stats(&sock)["spooled"] == 0));
+    assert_eq!(s["evicted"] + s["busy"], 0);
+}
+
+#[test]
+fn qos1_survives_a_broker_restart_at_least_once_and_in_order() {
+    // The broker is stopped (SIGTERM, saving its persistence) and started
+    // again; the broker-side subscriber has a persistent session, so what
+    // the broker accepted reaches it even if it reconnects late.
+    let dir = TestDir::new("persist");
+    let mut broker = Mosquitto::builder()
+        .config_line("persistence true")
+        .config_line(&format!("persistence_location {}/", dir.path().display()))
+        .start();
+    let sub = Subscriber::builder(&broker, "seq/#")
+        .qos(1)
+        .client_id("seq-observer")
+        .arg("-c")
+        .start();
+    let (d, sock) = start(broker.port(), "gw-restart-seq", &[]);
+    assert!(d.wait_log("connected (session present", SECS(10)));
+    let count = 1000;
+    let pubs = publisher(sock.clone(), "seq/b", count, 100);
+    thread::sleep(SECS(3));
+    broker.stop();
+    thread::sleep(SECS(3));
+    broker.restart();
+    pubs.join().expect("publisher");
+    assert!(
+        wait_until(SECS(40), || sequence(&sub, "seq/b").iter().max()
+            == Some(&(count - 1))),
+        "last message never arrived: {:?}",
+        stats(&sock)
+    );
+    thread::sleep(Duration::from_millis(500));
+    assert_complete_in_order(&sequence(&sub, "seq/b"), count);
+    assert!(stats(&sock)["reconnects"] >= 1);
+}
+
+#[test]
+fn messages_published_before_the_broker_ever_came_up_are_all_delivered() {
+    let port = free_port();
+    let (d, sock) = start(port, "gw-late-broker", &[]);
+    let mut c = BusClient::connect(&sock);
+    let mut burst = Vec::new();
+    for i in 0..1000 {
+        let qos = (i % 2) as i64;
+        burst.extend(request(
+            "publish",
+            RequestType::Call,
+            &publish_params("late/t", i.to_string().as_bytes(), qos),
+        ));
+    }
+    c.send_raw(&burst);
+    for i in 0..1000 {
+        assert!(is_null(&c.read()), "publish {i} refused while offline");
+    }
+    assert_eq!(stats(&sock)["spooled"], 1000);
+    let broker = Mosquitto::builder().port(port).start();
+    let sub = Subscriber::start(&broker, "late/#", 1);
+    assert!(
+        d.wait_log("connected (session present", SECS(15)),
+        "{}",
+        d.log()
+    );
+    assert!(
+        sub.wait_lines(1000, SECS(30)),
+        "{} arrived",
+        sub.lines().len()
+    );
+    // MQTT keeps order per QoS level: the broker forwards QoS 0 at once
+    // and QoS 1 behind its in-flight window, so the two interleave.
+    let seen = sequence(&sub, "late/t");
+    let qos0: Vec<usize> = seen.iter().copied().filter(|n| n % 2 == 0).collect();
+    let qos1: Vec<usize> = seen.iter().copied().filter(|n| n % 2 == 1).collect();
+    assert_eq!(qos0, (0..1000).step_by(2).collect::<Vec<_>>());
+    assert_eq!(qos1, (1..1000).step_by(2).collect::<Vec<_>>());
+    let s = stats(&sock);
+    assert_eq!((s["spooled"], s["sent"], s["acked"]), (0, 1000, 500));
+}
+
+#[test]
+fn a_full_spool_evicts_qos0_first_then_answers_busy_and_counts_both() {
+    // The default spool: 2048 messages, 1 MiB. With the broker down:
+    // 2048 QoS 0 fill it; 2048 QoS 1 then evict every QoS 0; one more
+    // QoS 1 finds nothing to evict: BUSY.
+    let port = free_port();
+    let (_d, sock) = start(port, "gw-full-spool", &[]);
+    let mut c = BusClient::connect(&sock);
+    let send_all = |c: &mut BusClient, qos: i64, from: usize, n: usize| {
+        let mut burst = Vec::new();
+        for i in from..from + n {
+            let p = publish_params("full/t", format!("{i}").as_bytes(), qos);
+            burst.extend(request("publish", RequestType::Call, &p));
+        }
+        c.send_raw(&burst);
+        (0..n)
+            .map(|_| c.read().expect("an answer"))
+            .collect::<Vec<_>>()
+    };
+    let answers = send_all(&mut c, 0, 0, 2048);
+    assert!(answers.iter().all(|a| is_null(&Some(a.clone()))));
+    let answers = send_all(&mut c, 1, 2048, 2048);
+    assert!(
+        answers.iter().all(|a| is_null(&Some(a.clone()))),
+        "QoS 1 evicts QoS 0"
+    );
+    let s = stats(&sock);
+    assert_eq!((s["spooled"], s["evicted"], s["busy"]), (2048, 2048, 0));
+    let answers = send_all(&mut c, 1, 4096, 1);
+    assert_eq!(answers, [Reply::Error(code::BUSY)]);
+    let answers = send_all(&mut c, 0, 4097, 1);
+    assert_eq!(
+        answers,
+        [Reply::Error(code::BUSY)],
+        "QoS 0 cannot evict QoS 1"
+    );
+    let s = stats(&sock);
+    assert_eq!(
+        (s["published"], s["spooled"], s["evicted"], s["busy"]),
+        (4096, 2048, 2048, 2)
+    );
+    // Once the broker comes up, exactly the 2048 QoS 1 messages arrive.
+    let broker = Mosquitto::builder().port(port).start();
+    let sub = Subscriber::start(&broker, "full/#", 1);
+    assert!(
+        sub.wait_lines(2048, SECS(40)),
+        "{} arrived",
+        sub.lines().len()
+    );
+    assert_eq!(sequence(&sub, "full/t"), (2048..4096).collect::<Vec<_>>());
+}
+
+#[test]
+fn a_persistent_session_brings_the_messages_queued_while_we_were_away() {
+    let broker = Mosquitto::start();
+    let proxy = Proxy::start(broker.port());
+    let (d, sock) = start(proxy.port(), "gw-persist", &["--persistent-session"]);
+    assert!(
+        d.wait_log("connected (session present: false)", SECS(10)),
+        "{}",
+        d.log()
+    );
+    let mut s = BusClient::connect(&sock);
+    s.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["away/#"], 1),
+    );
+    assert_eq!(s.read(), Some(Reply::Accepted));
+    proxy.refuse(true);
+    proxy.cut(Cut::Rst);
+    assert!(d.wait_log("disconnected:", SECS(5)));
+    for i in 0..5 {
+        publish(&broker, "away/x", format!("q{i}").as_bytes(), 1, false);
+    }
+    proxy.refuse(false);
+    assert!(
+        d.wait_log("reconnected (session present: true)", SECS(15)),
+        "{}",
+        d.log()
+    );
+    for i in 0..5 {
+        let (topic, payload) = s.read().expect("a queued message").message();
+        assert_eq!(
+            (topic.as_str(), payload),
+            ("away/x", format!("q{i}").into_bytes())
+        );
+    }
+    // The kept session was not subscribed again.
+    assert_eq!(broker.count_log("Received SUBSCRIBE from gw-persist"), 1);
+}
