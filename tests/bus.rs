@@ -921,3 +921,40 @@ fn a_request_with_more_than_8_filters_is_split_into_several_subscribes() {
     publish(&broker, "split/9", b"last", 0, false);
     assert_eq!(s.read().unwrap().message().0, "split/9");
 }
+
+#[test]
+fn a_client_that_never_reads_its_answers_is_paused_not_spun_on() {
+    // The client pipelines calls and never reads: its answers fill its
+    // socket buffer and backlog, then iotcored stops reading from it. The
+    // loop must then sleep (not poll that client in a spin) and keep
+    // serving others.
+    let broker = Mosquitto::start();
+    let (d, sock) = connected(broker.port(), "gw-noread");
+    let mut greedy = BusClient::connect(&sock);
+    greedy.stream().set_nonblocking(true).unwrap();
+    let one = request(
+        "publish",
+        RequestType::Call,
+        &publish_params("nr/t", b"x", 0),
+    );
+    let mut sent = 0usize;
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < SECS(3) {
+        use std::io::Write;
+        match greedy.stream().write(&one) {
+            Ok(_) => sent += 1,
+            Err(_) => thread::sleep(Duration::from_millis(20)),
+        }
+    }
+    assert!(sent > 100, "sent {sent}");
+    // Paused means asleep in poll: a loop re-polling that client every
+    // millisecond would wake ~2000 times in 2 s.
+    let before = wakeups(d.pid());
+    thread::sleep(SECS(2));
+    let woke = wakeups(d.pid()) - before;
+    assert!(woke < 50, "woke {woke} times in 2 s while paused");
+    let mut other = BusClient::connect(&sock);
+    assert!(is_null(
+        &other.call("publish", &publish_params("nr/u", b"y", 0))
+    ));
+}

@@ -196,6 +196,11 @@ fn messages_published_before_the_broker_ever_came_up_are_all_delivered() {
         assert!(is_null(&c.read()), "publish {i} refused while offline");
     }
     assert_eq!(stats(&sock)["spooled"], 1000);
+    // Offline with a full queue, the loop sleeps until the next attempt.
+    let before = wakeups(d.pid());
+    std::thread::sleep(SECS(2));
+    let woke = wakeups(d.pid()) - before;
+    assert!(woke < 50, "woke {woke} times in 2 s while offline");
     let broker = Mosquitto::builder().port(port).start();
     let sub = Subscriber::start(&broker, "late/#", 1);
     assert!(

@@ -356,13 +356,28 @@ impl EventLoop {
         }
     }
 
+    /// Whether slot `i` has input that can be handled now: input may be
+    /// waiting, the slot wants it, and (for requests) the previous answer
+    /// has left the backlog.
+    pub(super) fn client_ready(&self, i: usize) -> bool {
+        let slot = self.bus.slot(i);
+        let mode = self.clients[i].mode;
+        slot.is_open()
+            && slot.readable()
+            && self.clients[i].wants_input()
+            && !(mode == Mode::Requests && (slot.has_backlog() || slot.is_closing()))
+    }
+
     /// Serves slots that still have input buffered (pipelined requests that
-    /// waited for an earlier answer).
+    /// waited for an earlier answer) and ends overdue discards.
     pub(super) fn drive_pending_clients(&mut self, now: Instant) {
         for i in 0..self.clients.len() {
-            let slot = self.bus.slot(i);
-            let discarding = slot.discard_deadline().is_some_and(|d| now >= d);
-            if slot.is_open() && (discarding || slot.readable() && self.clients[i].wants_input()) {
+            let discarding = self
+                .bus
+                .slot(i)
+                .discard_deadline()
+                .is_some_and(|d| now >= d);
+            if discarding || self.client_ready(i) {
                 self.drive_client(i, now);
             }
         }

@@ -553,6 +553,7 @@ impl EventLoop {
     /// in-flight window and the TLS send buffer allow.
     pub(super) fn write_link(&mut self, i: usize, now: Instant) -> Result<(), Exit> {
         let link = &mut self.links[i];
+        link.rate_until = None;
         let Phase::Mqtt { tls } = &mut link.phase else {
             return Ok(());
         };
@@ -584,7 +585,6 @@ impl EventLoop {
             if !carries_publishes {
                 break;
             }
-            link.rate_until = None;
             let Some(len) = self.spool.peek_next_len(consts::MAX_INFLIGHT) else {
                 break;
             };

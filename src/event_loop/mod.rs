@@ -258,9 +258,8 @@ impl EventLoop {
             consider(link.deadline());
         }
         for i in 0..self.bus.capacity() {
-            let slot = self.bus.slot(i);
-            consider(slot.discard_deadline());
-            if slot.is_open() && slot.readable() && self.clients[i].wants_input() {
+            consider(self.bus.slot(i).discard_deadline());
+            if self.client_ready(i) {
                 consider(Some(now));
             }
         }

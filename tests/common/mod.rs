@@ -1468,6 +1468,19 @@ impl Drop for Daemon {
     }
 }
 
+/// How many times a process's main thread went to sleep and woke up
+/// (`voluntary_ctxt_switches`): an event loop that spins instead of
+/// sleeping in poll shows up here, however cheap each turn is.
+pub fn wakeups(pid: u32) -> u64 {
+    let status = fs::read_to_string(format!("/proc/{pid}/task/{pid}/status"))
+        .expect("read the process status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("voluntary_ctxt_switches")
+}
+
 /// `-e 127.0.0.1 -i ID -r ca.pem -c client.pem -k client.key --port PORT`.
 pub fn iotcored_args(pki: &Pki, port: u16, client_id: &str) -> Vec<String> {
     let p = |name: &str| pki.path(name).display().to_string();
