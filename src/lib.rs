@@ -13,5 +13,7 @@ pub mod router;
 pub mod service;
 pub mod spool;
 pub mod sys;
+#[cfg(test)]
+mod test_rng;
 pub mod time;
 pub mod tls;

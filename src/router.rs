@@ -2036,26 +2036,7 @@ mod tests {
 
     // ---- randomized -----------------------------------------------------------
 
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            usize::try_from(self.next() % u64::try_from(n).unwrap()).unwrap()
-        }
-
-        fn chance(&mut self, percent: usize) -> bool {
-            self.below(100) < percent
-        }
-    }
+    use crate::test_rng::XorShift;
 
     /// The broker: one session per link and the answers on their way.
     #[derive(Default)]
@@ -2291,7 +2272,7 @@ mod tests {
 
     #[test]
     fn random_operations_keep_the_tables_consistent_with_the_broker() {
-        let mut rng = XorShift(0x2545_F491_4F6C_DD1D);
+        let mut rng = XorShift::new(0x2545_F491_4F6C_DD1D);
         let mut outcomes = BTreeMap::<&str, usize>::new();
         for round in 0..60 {
             let mut r = Router::new();

@@ -1312,22 +1312,7 @@ mod tests {
 
     // ---- model -------------------------------------------------------------
 
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            usize::try_from(self.next() % u64::try_from(n.max(1)).unwrap()).unwrap()
-        }
-    }
+    use crate::test_rng::XorShift;
 
     #[derive(Clone, Copy, PartialEq, Eq, Debug)]
     enum MState {
@@ -1513,7 +1498,7 @@ mod tests {
     }
 
     fn run_model(seed: u64, steps: usize, totals: &mut Stats, compactions: &mut u64) {
-        let mut rng = XorShift(seed);
+        let mut rng = XorShift::new(seed);
         let cap_bytes = 40 + rng.below(1500);
         let cap_msgs = 1 + rng.below(12);
         let q1_share = rng.below(100);

@@ -2282,26 +2282,7 @@ mod tests {
         assert_eq!(parsed, 3);
     }
 
-    struct XorShift(u64);
-
-    impl XorShift {
-        fn next(&mut self) -> u64 {
-            let mut x = self.0;
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            self.0 = x;
-            x
-        }
-
-        fn below(&mut self, n: usize) -> usize {
-            usize::try_from(self.next() % u64::try_from(n).unwrap()).unwrap()
-        }
-
-        fn byte(&mut self) -> u8 {
-            self.next().to_le_bytes()[0]
-        }
-    }
+    use crate::test_rng::XorShift;
 
     #[test]
     fn random_mutations_of_valid_packets_never_panic_and_reparse_identically() {
@@ -2325,7 +2306,7 @@ mod tests {
         ];
         seeds.extend(more.iter().map(Vec::as_slice));
 
-        let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);
+        let mut rng = XorShift::new(0x9E37_79B9_7F4A_7C15);
         let mut out = vec![0u8; 1024];
         let (mut ok, mut rejected) = (0, 0);
         for _ in 0..20_000 {
