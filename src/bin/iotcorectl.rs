@@ -197,20 +197,8 @@ enum Action {
 }
 
 /// A usage error: the message names the option and what is wrong.
-#[derive(Debug, PartialEq)]
-struct UsageError(String);
-
-impl fmt::Display for UsageError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl From<lexopt::Error> for UsageError {
-    fn from(e: lexopt::Error) -> Self {
-        UsageError(e.to_string())
-    }
-}
+/// The daemon's usage error: the same message shape and `From<lexopt::Error>`.
+use iotcored::config::UsageError;
 
 fn usage<T>(msg: impl Into<String>) -> Result<T, UsageError> {
     Err(UsageError(msg.into()))
