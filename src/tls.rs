@@ -238,6 +238,12 @@ impl TlsStream {
     /// decrypting into `out`.
     pub fn recv(&mut self, out: &mut [u8]) -> Result<Received, StreamError> {
         let mut got = Received::default();
+        if out.is_empty() {
+            // No room: reading more would only fill rustls's plaintext
+            // buffer until it refuses. The caller makes room first.
+            got.more = true;
+            return Ok(got);
+        }
         loop {
             // Drain decrypted data first: rustls refuses to read more while
             // its plaintext buffer is full.

@@ -312,16 +312,6 @@ impl Server {
             .ok_or_else(|| io::Error::other("no free bus slot"))
     }
 
-    /// The open slot connected to this endpoint, if any.
-    pub fn endpoint_slot(&self, endpoint: &str) -> Option<usize> {
-        self.slots.iter().position(|s| {
-            s.is_open()
-                && !s.read_closed
-                && !s.close_after_flush
-                && matches!(&s.peer, Peer::Endpoint(n) if n.as_str() == endpoint)
-        })
-    }
-
     fn install(
         &mut self,
         registry: &Registry,

@@ -28,6 +28,10 @@ use crate::time::Instant;
 /// subscription is removed.
 pub const ENDPOINT_FAILURE_LIMIT: u8 = 3;
 
+/// How long a closing slot may take to hand its last bytes to a peer that
+/// does not read them before it is closed anyway.
+pub const CLOSE_LINGER: core::time::Duration = core::time::Duration::from_secs(5);
+
 /// What a bus connection is doing.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(super) enum Mode {
@@ -51,6 +55,9 @@ pub(super) enum Mode {
 #[derive(Clone, Copy, Debug, Default)]
 pub(super) struct Client {
     mode: Mode,
+    /// When the loop first saw the slot closing (its backlog still being
+    /// written): it is closed `CLOSE_LINGER` later whatever is left.
+    closing_since: Option<Instant>,
 }
 
 impl Client {
@@ -73,12 +80,38 @@ enum Reply {
     Error(ErrorCode),
     /// A malformed request: the code, then the connection closes [bus-err-1].
     Fatal(ErrorCode),
-    /// A subscription was made; its answer comes when it settles.
-    Subscribed { id: SubId, stream: bool },
+    /// A subscription was made; its answer comes when it settles (none
+    /// for a notify).
+    Subscribed {
+        id: SubId,
+        stream: bool,
+        notify: bool,
+    },
     /// `connection_status`: accepted and the current state follow.
     Status,
     /// `stats`: the counters.
     Stats,
+}
+
+/// Lists a delivery fills, allocated once at start-up with room for every
+/// bus slot and every subscription.
+pub(super) struct DeliveryLists {
+    to_close: Vec<usize>,
+    failed: Vec<SubId>,
+    delivered: Vec<SubId>,
+    /// Consecutive failed deliveries per response-endpoint subscription.
+    endpoint_failures: Vec<(SubId, u8)>,
+}
+
+impl DeliveryLists {
+    pub(super) fn new(slots: usize, subscriptions: usize) -> Self {
+        Self {
+            to_close: Vec::with_capacity(slots),
+            failed: Vec::with_capacity(subscriptions),
+            delivered: Vec::with_capacity(subscriptions),
+            endpoint_failures: Vec::with_capacity(subscriptions),
+        }
+    }
 }
 
 /// The parts of the loop a message delivery touches.
@@ -90,11 +123,15 @@ pub(super) struct Delivery<'a> {
     pub scratch_notify: &'a mut [u8],
     pub dropped: &'a mut u64,
     pub clients: &'a mut [Client],
-    pub endpoint_failures: &'a mut Vec<(SubId, u8)>,
+    pub lists: &'a mut DeliveryLists,
 }
 
 /// Delivers one incoming message to every matching local subscription:
 /// the frame is built once and written to each subscriber.
+///
+/// A response endpoint gets a connection of its own for each message,
+/// closed once the notify is written: GGL's servers close a connection
+/// after one notify, so a reused connection would lose what follows it.
 pub(super) fn deliver(d: &mut Delivery<'_>, topic: &str, payload: &[u8]) {
     let Delivery {
         bus,
@@ -104,13 +141,19 @@ pub(super) fn deliver(d: &mut Delivery<'_>, topic: &str, payload: &[u8]) {
         scratch_notify,
         dropped,
         clients,
-        endpoint_failures,
+        lists,
     } = d;
+    let DeliveryLists {
+        to_close,
+        failed,
+        delivered,
+        endpoint_failures,
+    } = lists;
+    to_close.clear();
+    failed.clear();
+    delivered.clear();
     let mut message_len = None;
     let mut notify_len = None;
-    let mut to_close: heapless::Vec<usize, 32> = heapless::Vec::new();
-    let mut failed: heapless::Vec<SubId, 32> = heapless::Vec::new();
-    let mut delivered: heapless::Vec<SubId, 32> = heapless::Vec::new();
     router.route(topic, |id, dest| match dest {
         Dest::Stream { client, generation } => {
             let i = usize::from(*client);
@@ -127,11 +170,11 @@ pub(super) fn deliver(d: &mut Delivery<'_>, topic: &str, payload: &[u8]) {
                 Err(SendError::Full) => {
                     **dropped += 1;
                     log::warn!("bus: subscriber in slot {i} is not reading; message dropped, disconnecting it");
-                    let _ = to_close.push(i);
+                    to_close.push(i);
                 }
                 Err(SendError::Closed) => {
                     **dropped += 1;
-                    let _ = to_close.push(i);
+                    to_close.push(i);
                 }
             }
         }
@@ -141,40 +184,43 @@ pub(super) fn deliver(d: &mut Delivery<'_>, topic: &str, payload: &[u8]) {
                 **dropped += 1;
                 return;
             };
-            let slot = match bus.endpoint_slot(name) {
-                Some(i) => Ok(i),
-                None => bus.connect_endpoint(registry, name).map(|i| {
+            let sent = match bus.connect_endpoint(registry, name) {
+                Ok(i) => {
                     if let Some(c) = clients.get_mut(i) {
-                        c.mode = Mode::Outbound;
+                        *c = Client {
+                            mode: Mode::Outbound,
+                            ..Client::default()
+                        };
                     }
                     bus.ignore_input(i);
-                    i
-                }),
-            };
-            let sent = match slot {
-                Ok(i) => bus.send(i, &[frame]).map_err(|e| format!("{e:?}")),
+                    let sent = bus.send(i, &[frame]).map_err(|e| format!("{e:?}"));
+                    bus.close_after_flush(i);
+                    if bus.flush(i) {
+                        to_close.push(i);
+                    }
+                    sent
+                }
                 Err(e) => Err(e.to_string()),
             };
             match sent {
-                Ok(()) => {
-                    let _ = delivered.push(id);
-                }
+                Ok(()) => delivered.push(id),
                 Err(e) => {
                     **dropped += 1;
                     log::warn!("bus: cannot deliver to response endpoint {name}: {e}");
-                    let _ = failed.push(id);
+                    failed.push(id);
                 }
             }
         }
     });
-    endpoint_failures.retain(|(id, _)| !delivered.contains(id));
-    for id in failed {
+    endpoint_failures.retain(|(id, _)| !delivered.contains(id) && router.state(*id).is_some());
+    for &id in failed.iter() {
         let count = match endpoint_failures.iter_mut().find(|(f, _)| *f == id) {
             Some((_, n)) => {
                 *n = n.saturating_add(1);
                 *n
             }
             None => {
+                // Room is certain: one entry per live subscription at most.
                 if endpoint_failures.len() < endpoint_failures.capacity() {
                     endpoint_failures.push((id, 1));
                 }
@@ -189,10 +235,12 @@ pub(super) fn deliver(d: &mut Delivery<'_>, topic: &str, payload: &[u8]) {
             endpoint_failures.retain(|(f, _)| *f != id);
         }
     }
-    for i in to_close {
+    for &i in to_close.iter() {
         let generation = bus.slot(i).generation();
-        if let Ok(client) = u16::try_from(i) {
-            router.remove_stream(client, generation);
+        if matches!(clients.get(i).map(|c| c.mode), Some(Mode::Stream(_))) {
+            if let Ok(client) = u16::try_from(i) {
+                router.remove_stream(client, generation);
+            }
         }
         bus.close(registry, i);
         if let Some(c) = clients.get_mut(i) {
@@ -309,6 +357,7 @@ fn handle_request(
                 Ok(id) => Reply::Subscribed {
                     id,
                     stream: s.endpoint.is_none(),
+                    notify,
                 },
                 Err(e) => {
                     let code = ErrorCode::from_i32(e.code()).unwrap_or(ErrorCode::Failure);
@@ -372,6 +421,18 @@ impl EventLoop {
     /// waited for an earlier answer) and ends overdue discards.
     pub(super) fn drive_pending_clients(&mut self, now: Instant) {
         for i in 0..self.clients.len() {
+            let slot = self.bus.slot(i);
+            if slot.is_open() && slot.is_closing() {
+                match self.clients[i].closing_since {
+                    None => self.clients[i].closing_since = Some(now),
+                    Some(t) if now >= t + CLOSE_LINGER => {
+                        log::debug!("bus: slot {i}: peer not reading; closed");
+                        self.close_client(i);
+                        continue;
+                    }
+                    Some(_) => {}
+                }
+            }
             let discarding = self
                 .bus
                 .slot(i)
@@ -381,6 +442,20 @@ impl EventLoop {
                 self.drive_client(i, now);
             }
         }
+    }
+
+    /// When slot `i` must be closed whatever its peer does, if closing.
+    pub(super) fn client_deadline(&self, i: usize) -> Option<Instant> {
+        let slot = self.bus.slot(i);
+        if !(slot.is_open() && slot.is_closing()) {
+            return None;
+        }
+        // Unmarked: the next turn marks it, so wake for that.
+        Some(
+            self.clients[i]
+                .closing_since
+                .map_or(Instant::default(), |t| t + CLOSE_LINGER),
+        )
     }
 
     /// Reads, handles and answers what slot `i` has, as far as it can.
@@ -443,14 +518,14 @@ impl EventLoop {
                 self.send_error(i, code);
                 self.bus.close_after_flush(i);
             }
-            Reply::Subscribed { id, stream } => {
+            Reply::Subscribed { id, stream, notify } => {
                 if stream {
                     self.clients[i].mode = Mode::AwaitStream(id);
                     self.bus.ignore_input(i);
-                } else {
+                } else if !notify {
                     self.clients[i].mode = Mode::AwaitCall(id);
                 }
-                self.settle_subscriptions(now);
+                self.settle_subscriptions();
             }
             Reply::Status => {
                 self.clients[i].mode = Mode::Status;
@@ -486,7 +561,7 @@ impl EventLoop {
     }
 
     /// Answers every subscription the router settled.
-    pub(super) fn settle_subscriptions(&mut self, now: Instant) {
+    pub(super) fn settle_subscriptions(&mut self) {
         while let Some(s) = self.router.take_settled() {
             match s.dest {
                 Dest::Stream { client, generation } => {
@@ -525,16 +600,22 @@ impl EventLoop {
                         .iter()
                         .position(|c| c.mode == Mode::AwaitCall(s.id));
                     match (s.outcome, waiting) {
+                        // The slot's pipelined requests continue from the
+                        // loop (`drive_pending_clients`), not from here:
+                        // settling inside a request must not recurse.
                         (Outcome::Accepted, Some(i)) => {
                             self.clients[i].mode = Mode::Requests;
                             self.send_null(i);
-                            self.drive_client(i, now);
                         }
                         (Outcome::Refused, Some(i)) => {
                             log::warn!("bus: slot {i}: the broker refused a topic filter");
                             self.clients[i].mode = Mode::Requests;
                             self.send_error(i, ErrorCode::Remote);
-                            self.drive_client(i, now);
+                        }
+                        (Outcome::Refused, None) => {
+                            // A notify subscribe: nobody to answer.
+                            log::warn!("bus: the broker refused a topic filter of the subscription for {name}");
+                            self.counters.dropped += 1;
                         }
                         (Outcome::Dropped, _) => log::warn!(
                             "bus: the broker refused a topic filter of the subscription for {name}; removed"

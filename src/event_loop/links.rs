@@ -20,7 +20,7 @@ use mio::{Interest, Token, Waker};
 use super::{EventLoop, Exit, LINK_BASE};
 use crate::config::Config;
 use crate::consts;
-use crate::limits::{Backoff, RateLimiter};
+use crate::limits::{Backoff, RateLimiter, BACKOFF_MIN};
 use crate::mqtt::packet::{self, SubackCode};
 use crate::mqtt::session::{self, Event, Session};
 use crate::time::Instant;
@@ -40,6 +40,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 pub const CLOSES_WITHOUT_CONNACK_LIMIT: u32 = 3;
 /// Addresses kept from one DNS answer.
 const MAX_ADDRS: usize = 8;
+/// Room the control buffer must have before another received packet is
+/// handled (a PUBACK is 4 bytes; this leaves room for PINGREQ too).
+const RX_RESUME_ROOM: usize = 64;
 /// Room a SUBSCRIBE of 8 maximal filters needs in the control buffer.
 const SUBSCRIBE_ROOM: usize = 8 * (2 + 256 + 1) + 8;
 
@@ -118,10 +121,17 @@ pub(super) struct Link {
     rx_len: usize,
     /// More plaintext may be waiting in the socket or TLS buffers.
     rx_pending: bool,
+    /// Reading is paused: the control buffer is too full to take the
+    /// PUBACKs that handling more packets would queue. Cleared once writes
+    /// drain it; until then only a writable event moves this link.
+    rx_blocked: bool,
     generation: u64,
     closes_without_connack: u32,
     /// Whether this link was connected before (for "reconnected" logs).
     was_connected: bool,
+    /// When the last connection attempt began (or the link was closed):
+    /// AWS allows one CONNECT per second per client id.
+    last_attempt: Option<Instant>,
     /// AWS IoT Core's per-connection publish limits.
     limiter: RateLimiter,
     /// The next PUBLISH waits for the limiter until then.
@@ -142,6 +152,7 @@ impl Link {
             rx: vec![0u8; consts::MQTT_MAX_PACKET].into_boxed_slice(),
             rx_len: 0,
             rx_pending: false,
+            rx_blocked: false,
             generation: 0,
             closes_without_connack: 0,
             was_connected: false,
@@ -150,6 +161,7 @@ impl Link {
                 u64::try_from(consts::PUBLISH_BYTES_PER_SEC).unwrap_or(u64::MAX),
             ),
             rate_until: None,
+            last_attempt: None,
         }
     }
 
@@ -169,7 +181,9 @@ impl Link {
 
     /// When this link next needs attention.
     pub(super) fn deadline(&self) -> Option<Instant> {
-        if self.rx_pending {
+        // More to read (or reading paused but now possible again): at once.
+        let can_read = !self.rx_blocked || self.session.tx_free() >= RX_RESUME_ROOM;
+        if can_read && (self.rx_pending || self.rx_blocked) {
             return Some(Instant::default());
         }
         match &self.phase {
@@ -219,9 +233,8 @@ impl EventLoop {
                 Phase::Mqtt { .. } => match link.session.poll(now) {
                     Err(e) => Due::Fail(Failure::Session(e)),
                     Ok(())
-                        if link.rx_pending
-                            || !link.session.pending_tx().is_empty()
-                            || link.rate_until.is_some_and(|t| now >= t) =>
+                        if link.deadline().is_some_and(|d| d <= now)
+                            || !link.session.pending_tx().is_empty() =>
                     {
                         Due::Drive
                     }
@@ -262,12 +275,24 @@ impl EventLoop {
     pub(super) fn close_link(&mut self, i: usize, now: Instant) {
         let was_up = self.links[i].is_connected();
         let link = &mut self.links[i];
+        link.last_attempt = Some(now);
         let phase = std::mem::replace(&mut link.phase, Phase::Unused);
         link.phase = match phase {
             Phase::Mqtt { mut tls } => {
-                link.session.disconnect();
-                let n = tls.send(link.session.pending_tx());
-                link.session.consume_tx(now, n);
+                // A PUBLISH already started must end before DISCONNECT, or
+                // the broker would read DISCONNECT inside it.
+                let mut clean = true;
+                if i == 0 && was_up {
+                    if let Some(out) = self.spool.next(consts::MAX_INFLIGHT, false) {
+                        let n = send_parts(&mut tls, out.first, out.second);
+                        clean = self.spool.advance(n);
+                    }
+                }
+                if clean {
+                    link.session.disconnect();
+                    let n = tls.send(link.session.pending_tx());
+                    link.session.consume_tx(now, n);
+                }
                 tls.close_notify();
                 let _ = tls.flush();
                 Phase::Closing {
@@ -290,6 +315,7 @@ impl EventLoop {
         link.session.reset();
         link.rx_len = 0;
         link.rx_pending = false;
+        link.rx_blocked = false;
         if was_up {
             self.link_lost(i, now);
         }
@@ -326,7 +352,14 @@ impl EventLoop {
                     "connection {i} ({}): needed for subscriptions",
                     self.links[i].client_id
                 );
-                self.begin_attempt(i, now);
+                // Never sooner than a second after the last attempt.
+                let link = &mut self.links[i];
+                let earliest = link.last_attempt.map_or(now, |t| t + BACKOFF_MIN);
+                if earliest > now {
+                    link.phase = Phase::Waiting { until: earliest };
+                } else {
+                    self.begin_attempt(i, now);
+                }
             } else if !wanted && !unused && !matches!(self.links[i].phase, Phase::Closing { .. }) {
                 log::info!(
                     "connection {i} ({}): no subscriptions left; closing",
@@ -346,6 +379,7 @@ impl EventLoop {
         let port = self.config.port;
         let link = &mut self.links[i];
         link.generation = link.generation.wrapping_add(1);
+        link.last_attempt = Some(now);
         log::info!(
             "connection {i} ({}): connecting to {host}:{port}",
             link.client_id
@@ -527,13 +561,26 @@ impl EventLoop {
         loop {
             self.write_link(i, now)?;
             let link = &mut self.links[i];
-            let Phase::Mqtt { tls } = &mut link.phase else {
+            if !matches!(link.phase, Phase::Mqtt { .. }) {
                 return Ok(());
-            };
+            }
+            if link.rx_blocked {
+                if link.session.tx_free() < RX_RESUME_ROOM {
+                    return Ok(()); // wait for a writable event
+                }
+                // Room again: handle what was already received, then read on.
+                link.rx_blocked = false;
+                link.rx_pending = true;
+                self.process_rx(i, now)?;
+                continue;
+            }
             if !first && !link.rx_pending {
                 return Ok(());
             }
             first = false;
+            let Phase::Mqtt { tls } = &mut link.phase else {
+                return Ok(());
+            };
             let got = match tls.recv(&mut link.rx[link.rx_len..]) {
                 Ok(got) => got,
                 Err(e) => return self.fail(i, now, Failure::Stream(e)),
@@ -541,7 +588,7 @@ impl EventLoop {
             link.rx_len += got.len;
             link.rx_pending = got.more;
             self.process_rx(i, now)?;
-            if got.eof {
+            if got.eof && matches!(self.links[i].phase, Phase::Mqtt { .. }) {
                 return self.fail(i, now, Failure::Closed);
             }
         }
@@ -559,55 +606,62 @@ impl EventLoop {
         };
         let carries_publishes = i == 0 && link.session.is_connected();
         loop {
-            // 1. Finish a started PUBLISH.
-            if carries_publishes {
-                if let Some(out) = self.spool.next(consts::MAX_INFLIGHT, false) {
-                    let n = send_parts(tls, out.first, out.second);
-                    let done = self.spool.advance(n);
-                    link.session.note_tx(now);
-                    if !done {
-                        break;
+            // Fill rustls's send buffer; `full` when it took less than offered.
+            let full = 'fill: loop {
+                // 1. Finish a started PUBLISH.
+                if carries_publishes {
+                    if let Some(out) = self.spool.next(consts::MAX_INFLIGHT, false) {
+                        let n = send_parts(tls, out.first, out.second);
+                        let done = self.spool.advance(n);
+                        link.session.note_tx(now);
+                        if !done {
+                            break 'fill true;
+                        }
                     }
                 }
-            }
-            // 2. Control packets, whole.
-            let pending = link.session.pending_tx();
-            if !pending.is_empty() {
-                let len = pending.len();
-                let n = tls.send(pending);
-                link.session.consume_tx(now, n);
-                if n < len {
-                    break;
+                // 2. Control packets, whole.
+                let pending = link.session.pending_tx();
+                if !pending.is_empty() {
+                    let len = pending.len();
+                    let n = tls.send(pending);
+                    link.session.consume_tx(now, n);
+                    if n < len {
+                        break 'fill true;
+                    }
                 }
-            }
-            // 3. A new PUBLISH, when the rate limit allows it
-            // [iotcored-bus-publish-4.1]: waiting is never an error.
-            if !carries_publishes {
-                break;
-            }
-            let Some(len) = self.spool.peek_next_len(consts::MAX_INFLIGHT) else {
-                break;
+                // 3. A new PUBLISH, when the rate limit allows it
+                // [iotcored-bus-publish-4.1]: waiting is never an error.
+                if !carries_publishes {
+                    break 'fill false;
+                }
+                let Some(len) = self.spool.peek_next_len(consts::MAX_INFLIGHT) else {
+                    break 'fill false;
+                };
+                let ready = link.limiter.ready_at(now, len);
+                if ready > now {
+                    link.rate_until = Some(ready);
+                    break 'fill false;
+                }
+                let Some(out) = self.spool.next(consts::MAX_INFLIGHT, true) else {
+                    break 'fill false;
+                };
+                link.limiter.record(now, out.len);
+                let n = send_parts(tls, out.first, out.second);
+                let done = self.spool.advance(n);
+                link.session.note_tx(now);
+                if !done {
+                    break 'fill true;
+                }
             };
-            let ready = link.limiter.ready_at(now, len);
-            if ready > now {
-                link.rate_until = Some(ready);
-                break;
+            if let Err(e) = tls.flush() {
+                return self.fail(i, now, Failure::Stream(e));
             }
-            let Some(out) = self.spool.next(consts::MAX_INFLIGHT, true) else {
-                break;
-            };
-            link.limiter.record(now, out.len);
-            let n = send_parts(tls, out.first, out.second);
-            let done = self.spool.advance(n);
-            link.session.note_tx(now);
-            if !done {
-                break;
+            // rustls was full but the socket took all of it: no writable
+            // edge will come while the socket has room, so fill again now.
+            if !full || tls.wants_write() {
+                return Ok(());
             }
         }
-        if let Err(e) = tls.flush() {
-            return self.fail(i, now, Failure::Stream(e));
-        }
-        Ok(())
     }
 
     /// Queues the SUBSCRIBE/UNSUBSCRIBE packets the router owes link `i`.
@@ -640,10 +694,10 @@ impl EventLoop {
         let mut pos = 0;
         let result = loop {
             let link = &mut self.links[i];
-            if link.session.tx_free() < 64 {
+            if link.session.tx_free() < RX_RESUME_ROOM {
                 // The broker is not reading our PUBACKs: stop reading its
                 // packets until the control buffer drains.
-                link.rx_pending = true;
+                link.rx_blocked = true;
                 break Ok(());
             }
             let avail = &link.rx[pos..link.rx_len];
@@ -690,7 +744,7 @@ impl EventLoop {
                             scratch_notify: &mut self.scratch_notify,
                             dropped: &mut self.counters.dropped,
                             clients: &mut self.clients,
-                            endpoint_failures: &mut self.endpoint_failures,
+                            lists: &mut self.delivery_lists,
                         },
                         topic,
                         payload,
@@ -759,6 +813,7 @@ impl EventLoop {
         link.session.reset();
         link.rx_len = 0;
         link.rx_pending = false;
+        link.rx_blocked = false;
         if was_up {
             self.link_lost(i, now);
         }

@@ -37,7 +37,7 @@ pub use links::{
     client_id, CLOSES_WITHOUT_CONNACK_LIMIT, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, RESOLVE_TIMEOUT,
 };
 
-use clients::Client;
+use clients::{Client, DeliveryLists};
 use links::{Link, Resolved};
 
 /// How long shutdown waits for DISCONNECT and close_notify to be written.
@@ -94,8 +94,8 @@ pub struct EventLoop {
     counters: Counters,
     /// When the spool's evictions and refusals were last logged.
     spool_log_at: Option<Instant>,
-    /// Consecutive failed deliveries per response-endpoint subscription.
-    endpoint_failures: Vec<(crate::router::SubId, u8)>,
+    /// Lists filled while delivering a message, allocated once.
+    delivery_lists: DeliveryLists,
     /// systemd notifications (READY, STATUS, WATCHDOG, STOPPING).
     notifier: Notifier,
     /// When the next `WATCHDOG=1` is due.
@@ -144,6 +144,7 @@ impl EventLoop {
             resolved_rx,
             links,
             clients: (0..bus.capacity()).map(|_| Client::default()).collect(),
+            delivery_lists: DeliveryLists::new(bus.capacity(), consts::MAX_SUBSCRIPTIONS),
             bus,
             router: Router::new(),
             spool: Spool::new(consts::SPOOL_BYTES, consts::SPOOL_MESSAGES),
@@ -151,7 +152,6 @@ impl EventLoop {
             scratch_notify: vec![0u8; frame_room].into_boxed_slice(),
             counters: Counters::default(),
             spool_log_at: None,
-            endpoint_failures: Vec::with_capacity(consts::MAX_SUBSCRIPTIONS),
             notifier,
             watchdog_at: None,
             epoch: std::time::Instant::now(),
@@ -259,6 +259,7 @@ impl EventLoop {
         }
         for i in 0..self.bus.capacity() {
             consider(self.bus.slot(i).discard_deadline());
+            consider(self.client_deadline(i));
             if self.client_ready(i) {
                 consider(Some(now));
             }
@@ -288,7 +289,7 @@ impl EventLoop {
     /// Everything that follows from a change: answers owed to subscribers,
     /// broker requests to send, extra links to open or close, and writes.
     fn pump(&mut self, now: Instant) -> Result<(), Exit> {
-        self.settle_subscriptions(now);
+        self.settle_subscriptions();
         self.sync_links(now);
         for i in 0..self.links.len() {
             self.queue_broker_requests(i);

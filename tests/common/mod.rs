@@ -1516,6 +1516,13 @@ pub enum Behaviour {
     Reply(Vec<u8>),
     /// Never write anything; read (and record) until the peer closes.
     Silent,
+    /// Write `first`, then `repeat` `count` times, and never read again:
+    /// a broker that stops reading while it keeps sending.
+    Flood {
+        first: Vec<u8>,
+        repeat: Vec<u8>,
+        count: usize,
+    },
 }
 
 /// A TLS server on 127.0.0.1 (server.pem, client certificates verified
@@ -1867,6 +1874,39 @@ fn mock_script(
             drain_recording(conn, record)
         }
         Behaviour::Silent => drain_recording(conn, record),
+        Behaviour::Flood {
+            first,
+            repeat,
+            count,
+        } => {
+            // A small receive buffer, so that what we never read backs up
+            // into the client quickly.
+            let small: libc::c_int = 4096;
+            // SAFETY: a valid socket and a c_int option value of its size.
+            unsafe {
+                libc::setsockopt(
+                    conn.sock.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUF,
+                    std::ptr::addr_of!(small).cast(),
+                    libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
+                );
+            }
+            conn.write_all(first)?;
+            for _ in 0..*count {
+                let mut rest = repeat.as_slice();
+                while !rest.is_empty() {
+                    let n = conn.tls.writer().write(rest)?;
+                    rest = &rest[n..];
+                    conn.flush()?;
+                }
+            }
+            // Hold the connection open without reading until told to stop.
+            loop {
+                conn.check_stop()?;
+                thread::sleep(POLL);
+            }
+        }
     }
 }
 
