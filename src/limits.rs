@@ -89,6 +89,15 @@ impl Backoff {
 /// of 2 % of the rate.
 pub const RATE_WINDOW: Duration = Duration::from_millis(1020);
 
+/// The packet count is also limited per fifth of the window (20 per 204 ms
+/// for AWS's 100/s). The rate is the same, but a burst of 100 cannot leave
+/// at once: AWS counts at its end, where network jitter can push a burst
+/// into the next second and discard what exceeds 100 there. (Bytes are not
+/// paced: AWS delays excess bytes rather than discarding them, and pacing
+/// large packets would cost far more than 5 % of the byte rate.)
+const RATE_SUBWINDOWS: usize = 5;
+const RATE_SUBWINDOWS_U32: u32 = 5;
+
 /// Slots of the window when the packet count is unlimited (only bytes are).
 const UNLIMITED_COUNT_SLOTS: usize = 1024;
 
@@ -110,6 +119,9 @@ pub struct RateLimiter {
     len: usize,
     bytes: u64,
     max_count: usize,
+    /// False when the count is unlimited (the ring's size is not a limit
+    /// to pace by).
+    count_limited: bool,
     max_bytes: u64,
 }
 
@@ -128,6 +140,7 @@ impl RateLimiter {
             len: 0,
             bytes: 0,
             max_count: slots,
+            count_limited: max_count > 0,
             max_bytes,
         }
     }
@@ -158,6 +171,12 @@ impl RateLimiter {
         if self.len >= self.max_count {
             let (t, _) = self.entry(self.len - self.max_count);
             ready = ready.max(t + RATE_WINDOW);
+        }
+        // Count, paced: at most a fifth of it in any fifth of the window.
+        let sub_cap = self.max_count.div_ceil(RATE_SUBWINDOWS);
+        if self.count_limited && self.len >= sub_cap {
+            let (t, _) = self.entry(self.len - sub_cap);
+            ready = ready.max(t + RATE_WINDOW / RATE_SUBWINDOWS_U32);
         }
         // Bytes: the oldest sends must leave until this one fits (a packet
         // larger than the whole budget goes alone in an empty window).
@@ -327,6 +346,15 @@ mod tests {
     }
 
     #[test]
+    fn a_burst_is_paced_over_the_window_in_fifths() {
+        let mut r = RateLimiter::new(100, 0);
+        let times = saturate(&mut r, 0, 20, 10);
+        assert_eq!(max_in_window(&times, 204), 20);
+        assert_eq!(max_in_window(&times, 1_020), 100);
+        assert!(times.len() as f64 / 20.0 >= 97.0, "{}", times.len());
+    }
+
+    #[test]
     fn no_window_ever_holds_more_than_the_byte_limit() {
         // [iotcored-bus-publish-4.3] 10 KiB packets against 512 KiB/s: the
         // byte limit binds (51 per window), not the count.
@@ -343,15 +371,16 @@ mod tests {
     }
 
     #[test]
-    fn a_quiet_limiter_lets_a_burst_through_at_once() {
+    fn a_quiet_limiter_lets_a_fifth_of_the_limit_through_at_once() {
         let mut r = RateLimiter::new(100, 512 * 1024);
         let now = Instant::from_secs(10);
-        for _ in 0..100 {
+        for _ in 0..20 {
             assert_eq!(r.ready_at(now, 100), now);
             r.record(now, 100);
         }
-        assert_eq!(r.ready_at(now, 100), now + RATE_WINDOW, "the 101st waits");
-        assert_eq!(r.in_window(now), (100, 10_000));
+        let fifth = RATE_WINDOW / 5;
+        assert_eq!(r.ready_at(now, 100), now + fifth, "the 21st waits a fifth");
+        assert_eq!(r.in_window(now), (20, 2_000));
         assert_eq!(r.in_window(now + RATE_WINDOW), (0, 0));
     }
 
