@@ -5,7 +5,7 @@ CARGO ?= cargo
 DEMO_DIR ?= $(CURDIR)/demo
 APT_PACKAGES = mosquitto mosquitto-clients openssl
 
-.PHONY: all build release test demo deps lint fmt clippy clean size
+.PHONY: all build release test demo deps lint fmt clippy clean size bench
 
 all: build
 
@@ -46,6 +46,54 @@ clippy:
 size: release
 	@ls -l target/release/iotcored | awk '{ printf "stripped release binary: %d bytes (%.2f MiB)\n", $$5, $$5/1048576 }'
 
+# Benchmark against a local mosquitto on 127.0.0.1 (about 2 minutes): the
+# publish rate limit, throughput, latency, CPU per message, memory, spool
+# capacity and binary size. Prints a report and writes
+# target/bench/report.json; a missed target is reported, not a failure.
+# The variant without a rate limit is built into target/bench-unlimited.
+bench: deps
+	$(CARGO) build --release
+	IOTCORED_PUBLISH_RATE=0 IOTCORED_PUBLISH_BYTES_PER_SEC=0 \
+	  CARGO_TARGET_DIR=$(CURDIR)/target/bench-unlimited \
+	  $(CARGO) build --release --bin iotcored
+	$(CARGO) test --release --test bench
+
 clean:
 	$(CARGO) clean
 	rm -rf $(DEMO_DIR)
+
+# make install [DESTDIR=/staging] [PREFIX=/usr] [NOBUILD=1]
+# Builds the release binaries (unless NOBUILD=1: then it installs what is in
+# BUILDDIR, e.g. target/aarch64-unknown-linux-gnu/release after a cross
+# build) and installs them with the systemd units, the sysusers.d file and,
+# only if there is none yet, $(SYSCONFDIR)/iotcored/iotcored.env from
+# config/systemd/iotcored.env.example. The units are rewritten for BINDIR
+# and SYSCONFDIR. Nothing is enabled or started, and no user is created
+# (systemd-sysusers or the package manager does that).
+PREFIX ?= /usr/local
+BINDIR ?= $(PREFIX)/bin
+SYSTEMDUNITDIR ?= $(PREFIX)/lib/systemd/system
+SYSUSERSDIR ?= $(PREFIX)/lib/sysusers.d
+SYSCONFDIR ?= $(if $(filter /usr,$(PREFIX)),/etc,$(PREFIX)/etc)
+BUILDDIR ?= target/release
+INSTALL ?= install
+
+.PHONY: install
+install: $(if $(NOBUILD),,release)
+	$(INSTALL) -d $(DESTDIR)$(BINDIR) $(DESTDIR)$(SYSTEMDUNITDIR) \
+	  $(DESTDIR)$(SYSUSERSDIR) $(DESTDIR)$(SYSCONFDIR)/iotcored
+	$(INSTALL) -m 0755 $(BUILDDIR)/iotcored $(BUILDDIR)/iotcorectl $(DESTDIR)$(BINDIR)/
+	for unit in iotcored.service iotcored.socket; do \
+	  sed -e 's|/usr/bin/iotcored|$(BINDIR)/iotcored|g' \
+	      -e 's|/etc/iotcored/|$(SYSCONFDIR)/iotcored/|g' \
+	      config/systemd/$$unit > $(DESTDIR)$(SYSTEMDUNITDIR)/$$unit && \
+	  chmod 0644 $(DESTDIR)$(SYSTEMDUNITDIR)/$$unit || exit 1; \
+	done
+	$(INSTALL) -m 0644 config/systemd/iotcored.sysusers $(DESTDIR)$(SYSUSERSDIR)/iotcored.conf
+	@env=$(DESTDIR)$(SYSCONFDIR)/iotcored/iotcored.env; \
+	if [ -e "$$env" ]; then \
+	  echo "keeping the existing $$env"; \
+	else \
+	  echo "$(INSTALL) -m 0644 config/systemd/iotcored.env.example $$env"; \
+	  $(INSTALL) -m 0644 config/systemd/iotcored.env.example "$$env"; \
+	fi
