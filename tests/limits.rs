@@ -17,6 +17,14 @@ use iotcored::bus::frame::RequestType;
 const BIN: &str = env!("CARGO_BIN_EXE_iotcored");
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
+/// The tests here run one at a time: the rate test times arrivals at a
+/// broker-side subscriber, and daemons, brokers and builds of the other
+/// tests running beside it would add scheduling jitter to those times.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn is_null(r: &Option<Reply>) -> bool {
     r.as_ref() == Some(&Reply::Payload(vec![0]))
 }
@@ -56,10 +64,8 @@ fn start(bin: &std::path::Path, port: u16, id: &str) -> (Daemon, PathBuf) {
 
 #[test]
 fn a_burst_of_500_publishes_arrives_complete_in_order_and_paced_by_the_rate_limit() {
+    let _serial = serial();
     // [iotcored-bus-publish-4.1] [iotcored-bus-publish-4.2]
-    // The other tests here build a variant first; timing is measured at
-    // the far end, so let that build finish before this test starts.
-    small_build();
     let broker = Mosquitto::start();
     // QoS 0 to the observer: mosquitto forwards at once, where QoS 1 would
     // pace delivery by the observer's own acknowledgements.
@@ -108,6 +114,7 @@ fn a_burst_of_500_publishes_arrives_complete_in_order_and_paced_by_the_rate_limi
 
 #[test]
 fn subscriptions_past_one_connections_maximum_open_extra_connections() {
+    let _serial = serial();
     // 3 connections x 4 subscriptions: 10 filters give gw, gw_1, gw_2 with
     // 4 + 4 + 2; 12 fit; the 13th is refused; emptying gw_2 closes it.
     let bin = small_build();
@@ -206,6 +213,7 @@ fn subscriptions_past_one_connections_maximum_open_extra_connections() {
 
 #[test]
 fn one_subscribe_request_is_kept_on_one_connection_when_it_fits() {
+    let _serial = serial();
     // 3 + 3 filters in two requests: the second does not fit beside the
     // first on gw (4 max), so it goes whole to gw_1 instead of 1 + 2.
     let bin = small_build();
@@ -243,6 +251,7 @@ fn one_subscribe_request_is_kept_on_one_connection_when_it_fits() {
 
 #[test]
 fn an_auth_failure_on_an_extra_connection_ends_the_daemon() {
+    let _serial = serial();
     // [iotcored-3] on connection 1: the mock broker accepts gw-deny and
     // answers gw-deny_1 with CONNACK 5 (a real broker cannot refuse one
     // client id of a certificate it accepts for another).
