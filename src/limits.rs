@@ -109,9 +109,10 @@ const UNLIMITED_COUNT_SLOTS: usize = 1024;
 /// a ring of `max_count` slots allocated once. (A token bucket with a burst
 /// of N lets 2N through across a window boundary; this does not.) Bytes are
 /// counted as whole PUBLISH packets: fixed header, topic, packet id and
-/// payload. With `max_count` 0 (unlimited), the ring has 1024 slots and a
-/// send that would need a 1025th waits as if the count were limited to
-/// that; `max_bytes` 0 means bytes are unlimited.
+/// payload. `max_count` 0 means the count is unlimited: bytes are then
+/// counted over the last 1024 packets of the window (exact whenever packets
+/// average at least `max_bytes / 1024` bytes). `max_bytes` 0 means bytes
+/// are unlimited; both 0, the limiter does nothing.
 #[derive(Debug)]
 pub struct RateLimiter {
     sends: Box<[(Instant, u32)]>,
@@ -165,10 +166,13 @@ impl RateLimiter {
     /// The earliest time a packet of `len` bytes may be sent: `now` if at
     /// once.
     pub fn ready_at(&mut self, now: Instant, len: usize) -> Instant {
+        if !self.count_limited && self.max_bytes == 0 {
+            return now;
+        }
         self.expire(now);
         let mut ready = now;
         // Count: the oldest sends must leave until one slot is free.
-        if self.len >= self.max_count {
+        if self.count_limited && self.len >= self.max_count {
             let (t, _) = self.entry(self.len - self.max_count);
             ready = ready.max(t + RATE_WINDOW);
         }
@@ -197,10 +201,14 @@ impl RateLimiter {
     /// Records a packet of `len` bytes sent at `now` (after `ready_at`
     /// allowed it).
     pub fn record(&mut self, now: Instant, len: usize) {
+        if !self.count_limited && self.max_bytes == 0 {
+            return;
+        }
         self.expire(now);
         let n = u32::try_from(len).unwrap_or(u32::MAX);
         if self.len == self.sends.len() {
-            // Only reachable if the caller ignored `ready_at`: drop the oldest.
+            // With the count unlimited (or a caller that ignored
+            // `ready_at`): the oldest send leaves the ring early.
             let (_, old) = self.entry(0);
             self.bytes -= u64::from(old);
             self.head = (self.head + 1) % self.sends.len();
@@ -397,9 +405,20 @@ mod tests {
     fn unlimited_settings_never_wait() {
         let mut r = RateLimiter::new(0, 0);
         let now = Instant::from_secs(1);
-        for _ in 0..UNLIMITED_COUNT_SLOTS {
+        for _ in 0..10 * UNLIMITED_COUNT_SLOTS {
             assert_eq!(r.ready_at(now, 1_000_000), now);
             r.record(now, 1_000_000);
+        }
+    }
+
+    #[test]
+    fn an_unlimited_count_is_not_capped_by_the_ring() {
+        // Bytes limited, count not: 10,000 tiny packets in one window.
+        let mut r = RateLimiter::new(0, 512 * 1024);
+        let now = Instant::from_secs(1);
+        for _ in 0..10_000 {
+            assert_eq!(r.ready_at(now, 20), now);
+            r.record(now, 20);
         }
     }
 
