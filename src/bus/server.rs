@@ -72,7 +72,7 @@ pub struct Slot {
     stream: Option<UnixStream>,
     generation: u32,
     peer: Peer,
-    rx: Box<[u8]>,
+    rx: &'static mut [u8],
     rx_len: usize,
     /// Bytes of an oversized frame still to discard, and until when.
     discard: Option<(usize, Instant)>,
@@ -81,7 +81,7 @@ pub struct Slot {
     read_closed: bool,
     /// More input may be waiting (edge-triggered readiness).
     readable: bool,
-    tx: Box<[u8]>,
+    tx: &'static mut [u8],
     tx_head: usize,
     tx_len: usize,
     /// Close once the backlog is written.
@@ -89,18 +89,18 @@ pub struct Slot {
 }
 
 impl Slot {
-    fn new() -> Self {
+    fn new(rx: &'static mut [u8], tx: &'static mut [u8]) -> Self {
         Self {
             stream: None,
             generation: 0,
             peer: Peer::Client,
-            rx: vec![0u8; consts::BUS_MAX_FRAME].into_boxed_slice(),
+            rx,
             rx_len: 0,
             discard: None,
             ignore_input: false,
             read_closed: false,
             readable: false,
-            tx: vec![0u8; consts::BUS_CLIENT_TX].into_boxed_slice(),
+            tx,
             tx_head: 0,
             tx_len: 0,
             close_after_flush: false,
@@ -231,7 +231,7 @@ impl Server {
             listener,
             path: owned_path,
             socket_dir: socket_dir.to_path_buf(),
-            slots: (0..consts::MAX_BUS_CLIENTS).map(|_| Slot::new()).collect(),
+            slots: slot_table(),
             refused: 0,
             last_refusal_log: None,
         })
@@ -535,6 +535,22 @@ impl Drop for Server {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// The slot table with its buffers. Each buffer pool is one allocation,
+/// made once and kept for the daemon's life: large enough to be mapped
+/// on demand, so a slot's pages cost memory only once it is used.
+fn slot_table() -> Vec<Slot> {
+    let n = consts::MAX_BUS_CLIENTS;
+    let rx_pool: &'static mut [u8] =
+        Box::leak(vec![0u8; n * consts::BUS_MAX_FRAME].into_boxed_slice());
+    let tx_pool: &'static mut [u8] =
+        Box::leak(vec![0u8; n * consts::BUS_CLIENT_TX].into_boxed_slice());
+    rx_pool
+        .chunks_mut(consts::BUS_MAX_FRAME)
+        .zip(tx_pool.chunks_mut(consts::BUS_CLIENT_TX))
+        .map(|(rx, tx)| Slot::new(rx, tx))
+        .collect()
 }
 
 /// [bus-sock-2] Creates missing parents (0755) and removes a stale socket;
