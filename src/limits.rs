@@ -89,9 +89,9 @@ impl Backoff {
 /// of 2 % of the rate.
 pub const RATE_WINDOW: Duration = Duration::from_millis(1020);
 
-/// The packet count is also limited per fifth of the window (20 per 204 ms
-/// for AWS's 100/s). The rate is the same, but a burst of 100 cannot leave
-/// at once: AWS counts at its end, where network jitter can push a burst
+/// The packet count is also limited per fifth of the window (25 per 204 ms
+/// for AWS's 100/s, a quarter, so a late wake-up can be caught up). The
+/// rate is the same, but a burst of 100 cannot leave at once: AWS counts at its end, where network jitter can push a burst
 /// into the next second and discard what exceeds 100 there. (Bytes are not
 /// paced: AWS delays excess bytes rather than discarding them, and pacing
 /// large packets would cost far more than 5 % of the byte rate.)
@@ -176,8 +176,9 @@ impl RateLimiter {
             let (t, _) = self.entry(self.len - self.max_count);
             ready = ready.max(t + RATE_WINDOW);
         }
-        // Count, paced: at most a fifth of it in any fifth of the window.
-        let sub_cap = self.max_count.div_ceil(RATE_SUBWINDOWS);
+        // Count, paced: at most a quarter of it in any fifth of the window
+        // (the quarter leaves room to catch up after a late wake-up).
+        let sub_cap = self.max_count.div_ceil(RATE_SUBWINDOWS - 1);
         if self.count_limited && self.len >= sub_cap {
             let (t, _) = self.entry(self.len - sub_cap);
             ready = ready.max(t + RATE_WINDOW / RATE_SUBWINDOWS_U32);
@@ -357,7 +358,7 @@ mod tests {
     fn a_burst_is_paced_over_the_window_in_fifths() {
         let mut r = RateLimiter::new(100, 0);
         let times = saturate(&mut r, 0, 20, 10);
-        assert_eq!(max_in_window(&times, 204), 20);
+        assert_eq!(max_in_window(&times, 204), 25);
         assert_eq!(max_in_window(&times, 1_020), 100);
         assert!(times.len() as f64 / 20.0 >= 97.0, "{}", times.len());
     }
@@ -379,16 +380,16 @@ mod tests {
     }
 
     #[test]
-    fn a_quiet_limiter_lets_a_fifth_of_the_limit_through_at_once() {
+    fn a_quiet_limiter_lets_a_quarter_of_the_limit_through_at_once() {
         let mut r = RateLimiter::new(100, 512 * 1024);
         let now = Instant::from_secs(10);
-        for _ in 0..20 {
+        for _ in 0..25 {
             assert_eq!(r.ready_at(now, 100), now);
             r.record(now, 100);
         }
         let fifth = RATE_WINDOW / 5;
-        assert_eq!(r.ready_at(now, 100), now + fifth, "the 21st waits a fifth");
-        assert_eq!(r.in_window(now), (20, 2_000));
+        assert_eq!(r.ready_at(now, 100), now + fifth, "the 26th waits a fifth");
+        assert_eq!(r.in_window(now), (25, 2_500));
         assert_eq!(r.in_window(now + RATE_WINDOW), (0, 0));
     }
 

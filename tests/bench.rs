@@ -121,6 +121,7 @@ fn main() -> ExitCode {
     );
     report.json("load_average_start", J::Str(loadavg()));
 
+    let built_at = modified(Path::new(BIN));
     report.section("binary", "binary", binary_size);
     let unlimited = report.section(
         "unlimited",
@@ -154,6 +155,13 @@ fn main() -> ExitCode {
     }
     report.section("full", "memory with every table full", tables_full);
     report.section("spool", "spool capacity in messages", spool_messages);
+    if modified(Path::new(BIN)) != built_at {
+        println!(
+            "\nWARNING: {BIN} was rebuilt while the benchmark ran (a shared target \
+             directory?): the figures above mix two builds"
+        );
+        report.json("binary_changed_during_run", J::Bool(true));
+    }
     report.json("load_average_end", J::Str(loadavg()));
     report.json("bench_seconds", J::Num(started.elapsed().as_secs_f64()));
     if let Some(b) = &broker {
@@ -195,14 +203,35 @@ fn binary_size(r: &mut Report) {
 fn build_unlimited(r: &mut Report) -> PathBuf {
     let dir = Path::new(MANIFEST_DIR).join(UNLIMITED_TARGET_DIR);
     let t = Instant::now();
-    let status = Command::new(env!("CARGO"))
-        .args(["build", "--release", "--quiet", "--bin", "iotcored"])
+    let mut cmd = Command::new(env!("CARGO"));
+    cmd.args(["build", "--release", "--quiet", "--bin", "iotcored"])
         .current_dir(MANIFEST_DIR)
         .env("CARGO_TARGET_DIR", &dir)
         .env("IOTCORED_PUBLISH_RATE", "0")
-        .env("IOTCORED_PUBLISH_BYTES_PER_SEC", "0")
-        .status()
-        .expect("run cargo build");
+        .env("IOTCORED_PUBLISH_BYTES_PER_SEC", "0");
+    // What cargo set for this test process; some build scripts (ring's)
+    // track e.g. CARGO_MANIFEST_DIR, and would rebuild from scratch what
+    // `make bench` built a moment ago.
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        let set_by_cargo = key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_EXE_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+                "CARGO_RUSTC_CURRENT_DIR",
+                "OUT_DIR",
+            ]
+            .contains(&key.as_str());
+        if set_by_cargo {
+            cmd.env_remove(&key);
+        }
+    }
+    let status = cmd.status().expect("run cargo build");
     assert!(status.success(), "cargo build of the variant: {status}");
     let bin = dir.join("release/iotcored");
     assert!(bin.exists(), "no {}", bin.display());
@@ -1739,6 +1768,11 @@ fn save_artifact(name: &str, text: &str) {
     if let Err(e) = fs::create_dir_all(&dir).and_then(|()| fs::write(dir.join(name), text)) {
         println!("  cannot write {}: {e}", dir.join(name).display());
     }
+}
+
+/// A file's modification time, to notice a rebuild during the run.
+fn modified(path: &Path) -> Option<SystemTime> {
+    fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
 fn unix_now() -> f64 {

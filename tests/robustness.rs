@@ -243,3 +243,65 @@ fn a_notify_subscribe_is_not_answered_so_later_answers_stay_matched() {
         .expect("the stats map, not the subscribe's null");
     assert!(map.get(b"published").is_some());
 }
+
+#[test]
+fn a_client_that_writes_without_pause_starves_neither_timers_nor_other_clients() {
+    // One client streams bytes after its subscribe (they are read and
+    // discarded) from another core as fast as it can; the loop must still
+    // keep the MQTT link alive and answer another client promptly.
+    let broker = Mosquitto::start();
+    let mut args = iotcored_args(Pki::get(), broker.port(), "gw-firehose");
+    args.extend([
+        "--socket-dir".into(),
+        ".".into(),
+        "--keepalive".into(),
+        "1".into(),
+    ]);
+    let d = Daemon::start(BIN, &args);
+    let sock = d.dir().join("aws_iot_mqtt");
+    assert!(
+        d.wait_log("connected (session present", SECS(10)),
+        "{}",
+        d.log()
+    );
+    let mut hose = BusClient::connect(&sock);
+    hose.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["fh/#"], 0),
+    );
+    assert_eq!(hose.read(), Some(Reply::Accepted));
+    let mut writer = hose.stream().try_clone().unwrap();
+    let stop = Arc::new(AtomicUsize::new(0));
+    let stop2 = Arc::clone(&stop);
+    let firehose = thread::spawn(move || {
+        use std::io::Write;
+        let junk = vec![0x5A; 64 * 1024];
+        while stop2.load(Ordering::SeqCst) == 0 {
+            if writer.write_all(&junk).is_err() {
+                break;
+            }
+        }
+    });
+    thread::sleep(Duration::from_millis(500));
+    let pings = broker.count_log("Received PINGREQ from gw-firehose");
+    let mut other = BusClient::connect(&sock);
+    for i in 0..10 {
+        let t0 = Instant::now();
+        // A topic nobody here subscribes to: nothing comes back, so the
+        // link needs its pings (keepalive 1 s) to stay up.
+        assert!(is_null(
+            &other.call("publish", &publish_params("other/x", b"y", 0))
+        ));
+        assert!(t0.elapsed() < SECS(1), "call {i} took {:?}", t0.elapsed());
+        thread::sleep(Duration::from_millis(200));
+    }
+    // Keepalive 1 s: pings went on during the 2 s of flood.
+    assert!(
+        broker.count_log("Received PINGREQ from gw-firehose") > pings,
+        "no PINGREQ while the client flooded"
+    );
+    stop.store(1, Ordering::SeqCst);
+    firehose.join().unwrap();
+    assert!(!d.log().contains("disconnected"), "{}", d.log());
+}

@@ -27,6 +27,9 @@ use crate::time::Instant;
 /// NOMEM is sent anyway [bus-err-2].
 pub const DISCARD_TIMEOUT: core::time::Duration = core::time::Duration::from_secs(3);
 
+/// Bytes `Server::read` takes from one peer per call.
+const READ_BUDGET: usize = 64 * 1024;
+
 /// The first token of the client slots; slot `i` is `Token(CLIENT_TOKEN_BASE + i)`.
 pub const CLIENT_TOKEN_BASE: usize = 1 << 16;
 
@@ -341,7 +344,13 @@ impl Server {
         let Some(stream) = slot.stream.as_mut() else {
             return Input::Closed;
         };
+        // Bytes one call may read: a peer that writes without pause gets
+        // its turn again later instead of holding the loop.
+        let mut budget = READ_BUDGET;
         loop {
+            if budget == 0 {
+                return Input::Idle; // `readable` stays set: more to read
+            }
             // An oversized frame: read and drop its bytes, then NOMEM.
             if let Some((remaining, until)) = slot.discard {
                 if remaining == 0 || now >= until {
@@ -356,7 +365,10 @@ impl Server {
                         slot.discard = None;
                         return Input::Malformed(frame::ErrorCode::NoMem);
                     }
-                    Ok(n) => slot.discard = Some((remaining - n, until)),
+                    Ok(n) => {
+                        budget = budget.saturating_sub(n);
+                        slot.discard = Some((remaining - n, until));
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         slot.readable = false;
                         return Input::Idle;
@@ -370,7 +382,10 @@ impl Server {
                 let mut sink = [0u8; 512];
                 match stream.read(&mut sink) {
                     Ok(0) => return Input::Closed,
-                    Ok(_) => continue,
+                    Ok(n) => {
+                        budget = budget.saturating_sub(n);
+                        continue;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         slot.readable = false;
                         return Input::Idle;
@@ -409,7 +424,10 @@ impl Server {
                     }
                     return Input::Closed;
                 }
-                Ok(n) => slot.rx_len += n,
+                Ok(n) => {
+                    budget = budget.saturating_sub(n);
+                    slot.rx_len += n;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     slot.readable = false;
                     return Input::Idle;

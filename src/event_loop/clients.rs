@@ -28,6 +28,9 @@ use crate::time::Instant;
 /// subscription is removed.
 pub const ENDPOINT_FAILURE_LIMIT: u8 = 3;
 
+/// Requests handled for one client in one turn of the loop.
+const FRAMES_PER_TURN: usize = 32;
+
 /// How long a closing slot may take to hand its last bytes to a peer that
 /// does not read them before it is closed anyway.
 pub const CLOSE_LINGER: core::time::Duration = core::time::Duration::from_secs(5);
@@ -467,7 +470,10 @@ impl EventLoop {
             self.close_client(i);
             return;
         }
-        loop {
+        // A bounded turn: a client that pipelines without pause must not
+        // keep the loop from its timers (paced sends, keepalive) or from
+        // other clients; what is left is served on the next turn.
+        for _ in 0..FRAMES_PER_TURN {
             let mode = self.clients[i].mode;
             if !self.clients[i].wants_input() {
                 break;

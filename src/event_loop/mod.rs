@@ -196,9 +196,14 @@ impl EventLoop {
                     return Exit::Stopped;
                 }
             }
+            // Work due now: poll without sleeping. Otherwise sleep until
+            // the deadline (rounded up, so it has passed on waking).
             let timeout = self.next_deadline(now).map(|d| {
-                let ms = d.millis().saturating_sub(now.millis());
-                Duration::from_millis(ms.saturating_add(1))
+                if d <= now {
+                    Duration::ZERO
+                } else {
+                    Duration::from_millis(d.millis() - now.millis() + 1)
+                }
             });
             if let Err(e) = self.poll.poll(&mut events, timeout) {
                 if e.kind() == io::ErrorKind::Interrupted {
