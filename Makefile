@@ -42,6 +42,7 @@ fmt:
 
 clippy:
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --test bench -- -D warnings
 
 size: release
 	@ls -l target/release/iotcored | awk '{ printf "stripped release binary: %d bytes (%.2f MiB)\n", $$5, $$5/1048576 }'

@@ -1041,7 +1041,7 @@ fn throughput(
     };
     let published = delta(&s1, "published");
     let done_key = if qos == 0 { "sent" } else { "acked" };
-    let drained = wait_bounded(DRAIN_MAX, Duration::from_millis(20), || {
+    let drained = wait_every(DRAIN_MAX, Duration::from_millis(20), || {
         stats_calls += 1;
         s1 = stats(&mut c);
         delta(&s1, done_key) >= published
@@ -1052,7 +1052,7 @@ fn throughput(
     let rss = sampler.finish();
     let hwm_kib = mem(pid).map_or(0, |m| m.hwm_kib);
     let want = usize::try_from(delta(&s1, "sent")).unwrap_or(0);
-    wait_bounded(DELIVERY_MAX, Duration::from_millis(200), || {
+    wait_every(DELIVERY_MAX, Duration::from_millis(200), || {
         sub.output().lines().count() >= want
     });
     let arr = arrivals(&sub, t0_unix);
@@ -1693,20 +1693,6 @@ fn publish_packet_len(topic: usize, payload: usize, qos: i64) -> u64 {
         _ => 4,
     };
     as_u64(1 + len_bytes + rest)
-}
-
-/// Polls `cond` every `period` until it holds or `timeout` passes.
-fn wait_bounded(timeout: Duration, period: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        thread::sleep(period);
-    }
 }
 
 // ---------------------------------------------------------------------------

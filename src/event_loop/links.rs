@@ -169,6 +169,14 @@ impl Link {
         Token(LINK_BASE + self.index)
     }
 
+    /// Forgets the state of the connection that just ended.
+    fn forget_connection(&mut self) {
+        self.session.reset();
+        self.rx_len = 0;
+        self.rx_pending = false;
+        self.rx_blocked = false;
+    }
+
     /// The client id this link connects with.
     pub(super) fn client_id(&self) -> &str {
         &self.client_id
@@ -312,10 +320,7 @@ impl EventLoop {
             other @ Phase::Closing { .. } => other,
             _ => Phase::Unused,
         };
-        link.session.reset();
-        link.rx_len = 0;
-        link.rx_pending = false;
-        link.rx_blocked = false;
+        link.forget_connection();
         if was_up {
             self.link_lost(i, now);
         }
@@ -810,10 +815,7 @@ impl EventLoop {
         );
         self.drop_link(i);
         let link = &mut self.links[i];
-        link.session.reset();
-        link.rx_len = 0;
-        link.rx_pending = false;
-        link.rx_blocked = false;
+        link.forget_connection();
         if was_up {
             self.link_lost(i, now);
         }

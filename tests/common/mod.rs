@@ -52,7 +52,12 @@ const LOG_TAIL_LINES: usize = 80;
 
 /// Polls `cond` every 10 ms until it holds or `timeout` passes; returns
 /// whether it held. `cond` is always evaluated at least once.
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub fn wait_until(timeout: Duration, cond: impl FnMut() -> bool) -> bool {
+    wait_every(timeout, POLL, cond)
+}
+
+/// Polls `cond` every `period` until it holds or `timeout` passes.
+pub fn wait_every(timeout: Duration, period: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if cond() {
@@ -61,7 +66,7 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        thread::sleep(POLL);
+        thread::sleep(period);
     }
 }
 
