@@ -35,6 +35,9 @@ kill -0 "$broker" 2>/dev/null || { echo "mosquitto failed to start; see $dir/mos
 
 echo "mosquitto (pid $broker) on 127.0.0.1:$port, log: $dir/mosquitto.log"
 echo "iotcored bus socket: $dir/run/aws_iot_mqtt. Ctrl-C stops both."
+echo "In another terminal:"
+echo "  $top/target/release/iotcorectl --socket-dir $dir/run sub -t 'demo/#' -v"
+echo "  $top/target/release/iotcorectl --socket-dir $dir/run pub -t demo/hello -m hi"
 status=0
 RUST_LOG=${RUST_LOG:-info} "$top/target/release/iotcored" \
   -e localhost -i iotcored-demo \
