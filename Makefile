@@ -58,6 +58,9 @@ bench: deps
 	  CARGO_TARGET_DIR=$(CURDIR)/target/bench-unlimited \
 	  $(CARGO) build --release --bin iotcored
 	$(CARGO) test --release --test bench
+	@command -v valgrind >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind; }
+	bash config/dev/alloc-check.sh
 
 clean:
 	$(CARGO) clean
