@@ -114,7 +114,9 @@ impl Notifier {
     /// How often to send `WATCHDOG=1`: half the interval systemd expects.
     pub fn watchdog_interval(&self) -> Option<std::time::Duration> {
         self.socket.as_ref()?;
-        self.watchdog.map(|d| d / 2)
+        // At least a millisecond: the loop's clock counts milliseconds.
+        self.watchdog
+            .map(|d| (d / 2).max(std::time::Duration::from_millis(1)))
     }
 
     /// Sends one message (e.g. `READY=1`); failures are ignored, since

@@ -305,3 +305,133 @@ fn a_client_that_writes_without_pause_starves_neither_timers_nor_other_clients()
     firehose.join().unwrap();
     assert!(!d.log().contains("disconnected"), "{}", d.log());
 }
+
+/// A QoS 0 PUBLISH.
+fn qos0_publish(topic: &str, payload: &[u8]) -> Vec<u8> {
+    let len = 2 + topic.len() + payload.len();
+    let mut p = vec![0x30, u8::try_from(len).unwrap()];
+    p.extend(u16::try_from(topic.len()).unwrap().to_be_bytes());
+    p.extend(topic.as_bytes());
+    p.extend(payload);
+    p
+}
+
+#[test]
+fn a_burst_faster_than_a_response_endpoint_accepts_costs_messages_not_the_subscription() {
+    // GGL's servers listen with a backlog of 10 and accept one connection
+    // per wake-up: a burst of 30 notifies, one connection each, finds the
+    // backlog full. Those messages are dropped and counted; the endpoint
+    // is there, so its subscription must stay.
+    let mut burst = CONNACK_ACCEPTED.to_vec();
+    for i in 0..30 {
+        burst.extend(qos0_publish("f", format!("m{i:02}").as_bytes()));
+    }
+    // First connection closed without CONNACK: the subscription below is
+    // in place when the second one brings the burst.
+    let broker = MockBroker::with_script(
+        Pki::get(),
+        vec![Behaviour::CloseAfterConnect, Behaviour::Reply(burst)],
+    );
+    let (d, sock) = start(broker.port(), "gw-epburst");
+    let listener = UnixListener::bind(d.dir().join("ep")).unwrap();
+    // SAFETY: a valid listening socket; listen(2) only changes its backlog.
+    assert_eq!(
+        unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 10) },
+        0
+    );
+    listener.set_nonblocking(true).unwrap();
+    let mut c = BusClient::connect(&sock);
+    let sub = params(&[
+        ("topic_filter", V::Buf(b"f")),
+        ("response_endpoint", V::Buf(b"ep")),
+        ("virtual", V::Bool(true)),
+    ]);
+    assert!(is_null(&c.call("subscribe", &sub)));
+    let got = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&got);
+    let server = thread::spawn(move || {
+        let deadline = Instant::now() + SECS(10);
+        while Instant::now() < deadline {
+            let Ok((mut s, _)) = listener.accept() else {
+                thread::sleep(Duration::from_millis(2));
+                continue;
+            };
+            s.set_nonblocking(false).unwrap();
+            s.set_read_timeout(Some(SECS(1))).unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            loop {
+                if let frame::FrameLen::Len(n) = frame::frame_len(&buf, 1 << 20) {
+                    if buf.len() >= n {
+                        counter.fetch_add(1, Ordering::SeqCst);
+                        break;
+                    }
+                }
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+        }
+    });
+    assert!(
+        d.wait_log("connected (session present", SECS(10)),
+        "{}",
+        d.log()
+    );
+    server.join().unwrap();
+    let stats = c.call("stats", &params(&[])).expect("stats");
+    let map = stats.object().as_map().unwrap();
+    let dropped = map.get(b"dropped").and_then(|o| o.as_i64()).unwrap();
+    let delivered = got.load(Ordering::SeqCst);
+    assert_eq!(
+        delivered as i64 + dropped,
+        30,
+        "every message delivered or counted"
+    );
+    assert!(!d.log().contains("subscription removed"), "{}", d.log());
+    // Still there: unsubscribing it succeeds.
+    let unsub = params(&[
+        ("topic_filter", V::Buf(b"f")),
+        ("response_endpoint", V::Buf(b"ep")),
+    ]);
+    assert!(is_null(&c.call("unsubscribe", &unsub)));
+}
+
+#[test]
+fn a_broker_flooding_qos0_messages_does_not_hold_the_loop() {
+    // Without a bound on what one turn reads from a link, a bus call
+    // waited seconds behind a flood of incoming messages.
+    let mut repeat = Vec::new();
+    for i in 0..1000 {
+        repeat.extend(qos0_publish("flood", format!("{i:04}").as_bytes()));
+    }
+    let broker = MockBroker::start(
+        Pki::get(),
+        Behaviour::Flood {
+            first: CONNACK_ACCEPTED.to_vec(),
+            repeat,
+            count: 400,
+        },
+    );
+    let (d, sock) = start(broker.port(), "gw-qos0flood");
+    assert!(
+        d.wait_log("connected (session present", SECS(10)),
+        "{}",
+        d.log()
+    );
+    let mut c = BusClient::connect(&sock);
+    for _ in 0..5 {
+        let t0 = Instant::now();
+        assert!(matches!(
+            c.call("stats", &params(&[])),
+            Some(Reply::Payload(_))
+        ));
+        assert!(
+            t0.elapsed() < SECS(1),
+            "a call took {:?} during the flood",
+            t0.elapsed()
+        );
+        thread::sleep(Duration::from_millis(200));
+    }
+}

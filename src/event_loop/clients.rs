@@ -196,21 +196,29 @@ pub(super) fn deliver(d: &mut Delivery<'_>, topic: &str, payload: &[u8]) {
                         };
                     }
                     bus.ignore_input(i);
-                    let sent = bus.send(i, &[frame]).map_err(|e| format!("{e:?}"));
+                    let sent = bus.send(i, &[frame]).map_err(|e| (false, format!("{e:?}")));
                     bus.close_after_flush(i);
                     if bus.flush(i) {
                         to_close.push(i);
                     }
                     sent
                 }
-                Err(e) => Err(e.to_string()),
+                // The endpoint's listen backlog is full (a burst faster than
+                // it accepts): this message is lost, but the endpoint is
+                // there, so it does not count towards removing it.
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    Err((true, "its listen backlog is full".into()))
+                }
+                Err(e) => Err((false, e.to_string())),
             };
             match sent {
                 Ok(()) => delivered.push(id),
-                Err(e) => {
+                Err((busy, e)) => {
                     **dropped += 1;
-                    log::warn!("bus: cannot deliver to response endpoint {name}: {e}");
-                    failed.push(id);
+                    log::warn!("bus: cannot deliver to response endpoint {name}: {e}; message dropped");
+                    if !busy {
+                        failed.push(id);
+                    }
                 }
             }
         }

@@ -40,6 +40,9 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 pub const CLOSES_WITHOUT_CONNACK_LIMIT: u32 = 3;
 /// Addresses kept from one DNS answer.
 const MAX_ADDRS: usize = 8;
+/// Plaintext read from a link per read, and reads per turn of the loop.
+const READ_CHUNK: usize = 16 * 1024;
+const READS_PER_TURN: usize = 4;
 /// Room the control buffer must have before another received packet is
 /// handled (a PUBACK is 4 bytes; this leaves room for PINGREQ too).
 const RX_RESUME_ROOM: usize = 64;
@@ -563,6 +566,7 @@ impl EventLoop {
 
     fn drive_mqtt(&mut self, i: usize, now: Instant) -> Result<(), Exit> {
         let mut first = true;
+        let mut reads = 0;
         loop {
             self.write_link(i, now)?;
             let link = &mut self.links[i];
@@ -582,11 +586,19 @@ impl EventLoop {
             if !first && !link.rx_pending {
                 return Ok(());
             }
+            // A bounded turn: a broker sending without pause must not keep
+            // the loop from its timers and the bus; `rx_pending` brings this
+            // link back on the next turn.
+            if reads == READS_PER_TURN {
+                return Ok(());
+            }
             first = false;
+            reads += 1;
             let Phase::Mqtt { tls } = &mut link.phase else {
                 return Ok(());
             };
-            let got = match tls.recv(&mut link.rx[link.rx_len..]) {
+            let room = (link.rx_len + READ_CHUNK).min(link.rx.len());
+            let got = match tls.recv(&mut link.rx[link.rx_len..room]) {
                 Ok(got) => got,
                 Err(e) => return self.fail(i, now, Failure::Stream(e)),
             };

@@ -242,6 +242,9 @@ impl EventLoop {
             }
             // Work that readiness events made possible elsewhere (answers
             // owed, SUBSCRIBEs to send, extra links to open or close).
+            // A fresh reading: handling the events may have taken a while,
+            // and the rate limiter records send times from it.
+            let now = self.now();
             if let Err(exit) = self.pump(now) {
                 return exit;
             }
