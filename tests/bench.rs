@@ -1643,10 +1643,6 @@ impl Drop for Sampler {
 // ---------------------------------------------------------------------------
 // Bus helpers
 
-fn is_null(r: &Option<Reply>) -> bool {
-    r.as_ref() == Some(&Reply::Payload(vec![0]))
-}
-
 /// The integer counters of a `stats` answer.
 fn read_stats(c: &mut BusClient) -> HashMap<String, i64> {
     let reply = c.read().expect("stats answer");

@@ -20,16 +20,7 @@ const SECS: fn(u64) -> Duration = Duration::from_secs;
 
 /// The daemon connected to `port`, its bus socket in its own directory.
 fn daemon(port: u16, id: &str) -> (Daemon, PathBuf) {
-    let mut args = iotcored_args(Pki::get(), port, id);
-    args.extend(["--socket-dir".into(), ".".into()]);
-    let d = Daemon::start(BIN, &args);
-    let sock = d.dir().join("aws_iot_mqtt");
-    assert!(
-        wait_until(SECS(5), || sock.exists()),
-        "no bus socket; log:\n{}",
-        d.log()
-    );
-    (d, sock)
+    start_with_bus(BIN.as_ref(), port, id, &[])
 }
 
 fn connected(port: u16, id: &str) -> (Daemon, PathBuf) {
@@ -40,20 +31,6 @@ fn connected(port: u16, id: &str) -> (Daemon, PathBuf) {
         d.log()
     );
     (d, sock)
-}
-
-/// The null result of a call, as `Reply` sees it: payload `00`.
-fn is_null(r: &Option<Reply>) -> bool {
-    r.as_ref() == Some(&Reply::Payload(vec![0]))
-}
-
-fn stats(sock: &std::path::Path) -> std::collections::HashMap<String, i64> {
-    let mut c = BusClient::connect(sock);
-    let reply = c.call("stats", &params(&[])).expect("stats answer");
-    let map = reply.object().as_map().expect("map");
-    map.iter()
-        .filter_map(|(k, v)| Some((String::from_utf8_lossy(k).into_owned(), v.as_i64()?)))
-        .collect()
 }
 
 #[test]

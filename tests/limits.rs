@@ -25,10 +25,6 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-fn is_null(r: &Option<Reply>) -> bool {
-    r.as_ref() == Some(&Reply::Payload(vec![0]))
-}
-
 /// The daemon built with 3 connections of 4 subscriptions each (a separate
 /// target directory, built once per test run).
 fn small_build() -> &'static PathBuf {
@@ -50,15 +46,12 @@ fn small_build() -> &'static PathBuf {
 }
 
 fn start(bin: &std::path::Path, port: u16, id: &str) -> (Daemon, PathBuf) {
-    let mut args = iotcored_args(Pki::get(), port, id);
-    args.extend(["--socket-dir".into(), ".".into()]);
-    let d = Daemon::start(bin, &args);
+    let (d, sock) = start_with_bus(bin, port, id, &[]);
     assert!(
         d.wait_log("connected (session present", SECS(10)),
         "{}",
         d.log()
     );
-    let sock = d.dir().join("aws_iot_mqtt");
     (d, sock)
 }
 

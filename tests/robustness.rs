@@ -19,16 +19,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_iotcored");
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
 fn start(port: u16, id: &str) -> (Daemon, PathBuf) {
-    let mut args = iotcored_args(Pki::get(), port, id);
-    args.extend(["--socket-dir".into(), ".".into()]);
-    let d = Daemon::start(BIN, &args);
-    let sock = d.dir().join("aws_iot_mqtt");
-    assert!(wait_until(SECS(5), || sock.exists()), "{}", d.log());
-    (d, sock)
-}
-
-fn is_null(r: &Option<Reply>) -> bool {
-    r.as_ref() == Some(&Reply::Payload(vec![0]))
+    start_with_bus(BIN.as_ref(), port, id, &[])
 }
 
 /// utime + stime of a process, in clock ticks (100 a second).

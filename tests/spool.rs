@@ -6,8 +6,7 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -18,27 +17,8 @@ use iotcored::bus::frame::RequestType;
 const BIN: &str = env!("CARGO_BIN_EXE_iotcored");
 const SECS: fn(u64) -> Duration = Duration::from_secs;
 
-fn is_null(r: &Option<Reply>) -> bool {
-    r.as_ref() == Some(&Reply::Payload(vec![0]))
-}
-
 fn start(port: u16, id: &str, extra: &[&str]) -> (Daemon, PathBuf) {
-    let mut args = iotcored_args(Pki::get(), port, id);
-    args.extend(["--socket-dir".into(), ".".into()]);
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let d = Daemon::start(BIN, &args);
-    let sock = d.dir().join("aws_iot_mqtt");
-    assert!(wait_until(SECS(5), || sock.exists()), "{}", d.log());
-    (d, sock)
-}
-
-fn stats(sock: &Path) -> HashMap<String, i64> {
-    let mut c = BusClient::connect(sock);
-    let reply = c.call("stats", &params(&[])).expect("stats answer");
-    let map = reply.object().as_map().expect("map");
-    map.iter()
-        .filter_map(|(k, v)| Some((String::from_utf8_lossy(k).into_owned(), v.as_i64()?)))
-        .collect()
+    start_with_bus(BIN.as_ref(), port, id, extra)
 }
 
 /// Publishes `count` QoS 1 messages `0..count` on `topic` at about `rate`

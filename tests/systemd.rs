@@ -29,11 +29,6 @@ fn socket_activate() -> PathBuf {
         })
 }
 
-/// The null result of a call: payload `00`.
-fn is_null(r: &Option<Reply>) -> bool {
-    r.as_ref() == Some(&Reply::Payload(vec![0]))
-}
-
 /// `systemd-socket-activate -l SOCK --fdname=NAME iotcored ARGS`, with the
 /// daemon's own --socket-dir in a separate empty directory so that a socket
 /// it bound itself would show there.

@@ -225,3 +225,39 @@ pub fn subscribe_params(filters: &[&str], qos: i64) -> Vec<u8> {
         ("qos", V::I64(qos)),
     ])
 }
+
+/// Whether a reply is a call's null result (payload `00`).
+pub fn is_null(r: &Option<Reply>) -> bool {
+    r.as_ref() == Some(&Reply::Payload(vec![0]))
+}
+
+/// The daemon's `stats` counters (the i64 ones), by one call.
+pub fn stats(sock: &Path) -> std::collections::HashMap<String, i64> {
+    let mut c = BusClient::connect(sock);
+    let reply = c.call("stats", &params(&[])).expect("stats answer");
+    let map = reply.object().as_map().expect("map");
+    map.iter()
+        .filter_map(|(k, v)| Some((String::from_utf8_lossy(k).into_owned(), v.as_i64()?)))
+        .collect()
+}
+
+/// Starts `bin` against `port` with its bus socket in its own directory
+/// (`--socket-dir .`) and `extra` options; returns once the socket exists.
+pub fn start_with_bus(
+    bin: &Path,
+    port: u16,
+    id: &str,
+    extra: &[&str],
+) -> (super::Daemon, std::path::PathBuf) {
+    let mut args = super::iotcored_args(super::Pki::get(), port, id);
+    args.extend(["--socket-dir".into(), ".".into()]);
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let d = super::Daemon::start(bin, &args);
+    let sock = d.dir().join("aws_iot_mqtt");
+    assert!(
+        super::wait_until(Duration::from_secs(5), || sock.exists()),
+        "no bus socket; log:\n{}",
+        d.log()
+    );
+    (d, sock)
+}
