@@ -673,39 +673,45 @@ impl EventLoop {
     }
 
     fn send_bool(&mut self, i: usize, value: bool) {
-        let mut buf = [0u8; 32];
-        let len = frame::begin_message(&mut buf)
-            .ok()
-            .and_then(|mut e| {
-                let n = Encoder::new(e.payload_mut()).bool(value).ok()?.written();
-                e.finish(n).ok()
-            })
-            .unwrap_or(0);
-        if self.bus.send(i, &[&buf[..len]]).is_err() {
-            self.bus.close_after_flush(i);
-        }
+        self.send_value(i, |e| e.bool(value).map(|_| ()));
     }
 
     fn send_null(&mut self, i: usize) {
+        self.send_value(i, |e| e.null().map(|_| ()));
+    }
+
+    /// Sends a frame whose payload is one small object (a result and a
+    /// stream message are the same frame on the wire).
+    fn send_value(
+        &mut self,
+        i: usize,
+        write: impl FnOnce(&mut Encoder<'_>) -> Result<(), object::Error>,
+    ) {
         let mut buf = [0u8; 32];
         let len = frame::begin_result(&mut buf)
             .ok()
             .and_then(|mut e| {
-                let n = Encoder::new(e.payload_mut()).null().ok()?.written();
+                let mut enc = Encoder::new(e.payload_mut());
+                write(&mut enc).ok()?;
+                let n = enc.written();
                 e.finish(n).ok()
             })
             .unwrap_or(0);
-        if self.bus.send(i, &[&buf[..len]]).is_err() {
-            self.bus.close_after_flush(i);
-        }
+        self.send_frame(i, &buf[..len]);
     }
 
     fn send_error(&mut self, i: usize, code: ErrorCode) {
         let mut buf = [0u8; frame::ERROR_FRAME_LEN];
         if let Ok(len) = frame::emit_error(&mut buf, code) {
-            if self.bus.send(i, &[&buf[..len]]).is_err() {
-                self.bus.close_after_flush(i);
-            }
+            self.send_frame(i, &buf[..len]);
+        }
+    }
+
+    /// Sends a whole frame; a peer that cannot take it is closed once its
+    /// backlog is written.
+    fn send_frame(&mut self, i: usize, frame: &[u8]) {
+        if self.bus.send(i, &[frame]).is_err() {
+            self.bus.close_after_flush(i);
         }
     }
 
