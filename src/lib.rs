@@ -1,7 +1,10 @@
 //! iotcored: an MQTT 3.1.1 spooler daemon for AWS IoT Core.
 //!
 //! The event loop (`event_loop`) owns every socket and the clock; everything
-//! it drives is sans-I/O and takes `now` as an argument.
+//! it drives is sans-I/O and takes `now` as an argument. `unsafe` code is
+//! allowed in `sys` alone.
+
+#![deny(unsafe_code)]
 
 pub mod bus;
 pub mod config;
@@ -12,6 +15,7 @@ pub mod mqtt;
 pub mod router;
 pub mod service;
 pub mod spool;
+#[allow(unsafe_code)]
 pub mod sys;
 #[cfg(test)]
 mod test_rng;

@@ -1,5 +1,7 @@
 //! Thin OS glue the standard library lacks: termination signals as a file
-//! descriptor the event loop can poll.
+//! descriptor the event loop can poll, systemd's notifications and socket
+//! activation. The crate's only `unsafe` code lives here, each block with
+//! its SAFETY note.
 //!
 //! SIGTERM and SIGINT are blocked in the calling thread (and so in every
 //! thread spawned after it) and read from a non-blocking `signalfd`, so a
@@ -139,4 +141,25 @@ fn notify_addr(path: &std::ffi::OsStr) -> Option<std::os::unix::net::SocketAddr>
         b'/' => std::os::unix::net::SocketAddr::from_pathname(path).ok(),
         _ => None,
     }
+}
+
+/// [bus-sock-3] The listening socket systemd passed for interface `name`,
+/// if `LISTEN_PID` is our pid and `LISTEN_FDNAMES` names it. The variables
+/// are removed so the fd is taken once.
+pub fn activated_listener(name: &str) -> Option<std::os::unix::net::UnixListener> {
+    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
+    if pid != std::process::id() {
+        return None;
+    }
+    let count: usize = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
+    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
+    let index = names.split(':').take(count).position(|n| n == name)?;
+    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
+        std::env::remove_var(var);
+    }
+    // SD_LISTEN_FDS_START is 3.
+    let fd = RawFd::try_from(3 + index).ok()?;
+    // SAFETY: systemd passed us this listening socket and nothing else owns
+    // it; LISTEN_* are cleared above, so it is taken once.
+    Some(unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) })
 }

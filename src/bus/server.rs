@@ -12,7 +12,6 @@
 
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
-use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -209,11 +208,8 @@ impl Server {
             path: path.clone(),
             what,
         };
-        let (listener, owned_path) = match activated_fd(name) {
-            Some(fd) => {
-                // SAFETY: systemd passed us this listening socket and nothing
-                // else owns it; LISTEN_* are cleared so it is taken once.
-                let std_listener = unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) };
+        let (listener, owned_path) = match crate::sys::activated_listener(name) {
+            Some(std_listener) => {
                 std_listener
                     .set_nonblocking(true)
                     .map_err(|e| err(format!("socket from systemd unusable: {e}")))?;
@@ -595,22 +591,4 @@ fn prepare_path(path: &Path) -> Result<(), String> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(format!("cannot inspect: {e}")),
     }
-}
-
-/// [bus-sock-3] The listening fd systemd passed for interface `name`, if
-/// `LISTEN_PID` is our pid and `LISTEN_FDNAMES` names it. The variables are
-/// removed so the fd is taken once.
-fn activated_fd(name: &str) -> Option<RawFd> {
-    let pid: u32 = std::env::var("LISTEN_PID").ok()?.parse().ok()?;
-    if pid != std::process::id() {
-        return None;
-    }
-    let count: usize = std::env::var("LISTEN_FDS").ok()?.parse().ok()?;
-    let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
-    let index = names.split(':').take(count).position(|n| n == name)?;
-    for var in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] {
-        std::env::remove_var(var);
-    }
-    // SD_LISTEN_FDS_START is 3.
-    RawFd::try_from(3 + index).ok()
 }

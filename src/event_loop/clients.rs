@@ -661,7 +661,7 @@ impl EventLoop {
     }
 
     /// Tells every `connection_status` subscriber the new state.
-    pub(super) fn notify_status(&mut self, connected: bool, _now: Instant) {
+    pub(super) fn notify_status(&mut self, connected: bool) {
         for i in 0..self.clients.len() {
             if self.clients[i].mode == Mode::Status {
                 self.send_bool(i, connected);

@@ -325,7 +325,7 @@ impl EventLoop {
         };
         link.forget_connection();
         if was_up {
-            self.link_lost(i, now);
+            self.link_lost(i);
         }
     }
 
@@ -742,7 +742,7 @@ impl EventLoop {
                         "connection {i} ({}): {again} (session present: {session_present})",
                         link.client_id
                     );
-                    self.link_established(i, session_present, now);
+                    self.link_established(i, session_present);
                 }
                 Ok(Some(Event::Publish(p))) => {
                     self.counters.received += 1;
@@ -797,23 +797,23 @@ impl EventLoop {
     }
 
     /// Link `i` got its CONNACK.
-    fn link_established(&mut self, i: usize, session_present: bool, now: Instant) {
+    fn link_established(&mut self, i: usize, session_present: bool) {
         self.router.link_up(i, session_present);
         if i == 0 {
             self.notifier.notify(&format!(
                 "STATUS=connected to {}:{}",
                 self.config.endpoint, self.config.port
             ));
-            self.notify_status(true, now);
+            self.notify_status(true);
         }
     }
 
     /// Link `i`, which was connected, is gone.
-    fn link_lost(&mut self, i: usize, now: Instant) {
+    fn link_lost(&mut self, i: usize) {
         self.router.link_down(i);
         if i == 0 {
             self.spool.reset_inflight();
-            self.notify_status(false, now);
+            self.notify_status(false);
         }
     }
 
@@ -829,7 +829,7 @@ impl EventLoop {
         let link = &mut self.links[i];
         link.forget_connection();
         if was_up {
-            self.link_lost(i, now);
+            self.link_lost(i);
         }
 
         let link = &mut self.links[i];

@@ -113,7 +113,7 @@ impl EventLoop {
         let notifier = Notifier::from_env();
         let mut bus =
             Server::bind(&config.socket_dir, &config.interface_name).map_err(|e| e.to_string())?;
-        let io_err = |what: &str, e: io::Error| format!("cannot start: {what}: {e}");
+        let io_err = |what: &str, e: io::Error| format!("{what}: {e}");
         // Block the signals before any thread exists, so all inherit the mask.
         let signals = SignalFd::termination().map_err(|e| io_err("signalfd", e))?;
         let poll = Poll::new().map_err(|e| io_err("poll", e))?;

@@ -17,7 +17,7 @@ use core::time::Duration;
 
 use heapless::Vec;
 
-use super::packet::{self, Connack, Connect, ConnectReturnCode, Packet, Publish, QoS};
+use super::packet::{self, Connack, Connect, ConnectReturnCode, Packet, Publish};
 use crate::time::Instant;
 
 /// Bytes of control packets that may wait for the transport.
@@ -317,14 +317,10 @@ pub fn connect_packet(client_id: &str, clean_session: bool) -> Connect<'_> {
     }
 }
 
-/// QoS of a subscription or publish from a bus integer, if supported.
-pub fn qos_from_i64(v: i64) -> Option<QoS> {
-    u8::try_from(v).ok().and_then(QoS::from_u8)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mqtt::packet::QoS;
 
     fn t(ms: u64) -> Instant {
         Instant::from_millis(ms)
