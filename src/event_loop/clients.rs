@@ -15,6 +15,7 @@
 
 use mio::Registry;
 
+use super::links::PUBLISHING;
 use super::EventLoop;
 use crate::bus::frame::{self, ErrorCode, RequestType};
 use crate::bus::object::{self, Encoder};
@@ -548,7 +549,7 @@ impl EventLoop {
                 if let Ok(len) = frame::emit_accepted(&mut buf) {
                     let _ = self.bus.send(i, &[&buf[..len]]);
                 }
-                let connected = self.links[0].is_connected();
+                let connected = self.links[PUBLISHING].is_connected();
                 self.send_bool(i, connected);
             }
             Reply::Stats => {
@@ -747,7 +748,7 @@ impl EventLoop {
             enc.key(b"connections").ok()?.list(links.len()).ok()?;
             for (i, link) in links.iter().enumerate() {
                 let subs = router.link_stats(i).map_or(0, |l| l.filters);
-                let inflight = if i == 0 { inflight0 } else { 0 };
+                let inflight = if i == PUBLISHING { inflight0 } else { 0 };
                 enc.map(4).ok()?;
                 enc.key(b"id").ok()?.buf(link.client_id().as_bytes()).ok()?;
                 enc.key(b"connected").ok()?.bool(link.is_connected()).ok()?;

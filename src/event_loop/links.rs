@@ -10,13 +10,14 @@
 //! order is the order the bus accepted them.
 
 use std::io;
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::sync::{mpsc, Arc};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mio::net::TcpStream;
-use mio::{Interest, Token, Waker};
+use mio::{Interest, Token};
 
+use super::resolver::{Addrs, Lookup};
 use super::{EventLoop, Exit, LINK_BASE};
 use crate::config::Config;
 use crate::consts;
@@ -38,25 +39,19 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// and our CONNECT, without a CONNACK, that count as an authorization
 /// failure: AWS IoT Core answers a CONNECT its policy forbids that way.
 pub const CLOSES_WITHOUT_CONNACK_LIMIT: u32 = 3;
-/// Addresses kept from one DNS answer.
-const MAX_ADDRS: usize = 8;
 /// Plaintext read from a link per read, and reads per turn of the loop.
 const READ_CHUNK: usize = 16 * 1024;
 const READS_PER_TURN: usize = 4;
 /// Room the control buffer must have before another received packet is
 /// handled (a PUBACK is 4 bytes; this leaves room for PINGREQ too).
 const RX_RESUME_ROOM: usize = 64;
+/// The publishing link: every PUBLISH goes over connection 0 (the bare
+/// client id), so publishes leave in the order the bus accepted them, and
+/// its state is what `connection_status` reports. Links above it carry
+/// only subscriptions.
+pub(super) const PUBLISHING: usize = 0;
 /// Room a SUBSCRIBE of 8 maximal filters needs in the control buffer.
 const SUBSCRIBE_ROOM: usize = 8 * (2 + 256 + 1) + 8;
-
-type Addrs = heapless::Vec<SocketAddr, MAX_ADDRS>;
-
-/// A DNS answer from the resolver thread.
-pub(super) struct Resolved {
-    link: usize,
-    generation: u64,
-    result: Result<Addrs, String>,
-}
 
 /// Where a link is in its life.
 // The links table is allocated once at start-up, so a large variant costs
@@ -82,6 +77,21 @@ enum Phase {
     Mqtt { tls: Box<TlsStream> },
     /// DISCONNECT and close_notify being flushed before the socket closes.
     Closing { tls: Box<TlsStream>, until: Instant },
+}
+
+impl Phase {
+    /// The phase's name, for logs.
+    fn name(&self) -> &'static str {
+        match self {
+            Phase::Unused => "unused",
+            Phase::Waiting { .. } => "waiting",
+            Phase::Resolving { .. } => "resolving",
+            Phase::Connecting { .. } => "tcp-connecting",
+            Phase::Handshaking { .. } => "tls-handshaking",
+            Phase::Mqtt { .. } => "mqtt",
+            Phase::Closing { .. } => "closing",
+        }
+    }
 }
 
 /// Why a connection attempt or connection ended.
@@ -117,7 +127,11 @@ impl std::fmt::Display for Failure {
 pub(super) struct Link {
     index: usize,
     client_id: String,
+    /// Changed only through `set_phase` (and `take_phase`).
     phase: Phase,
+    /// The phase last logged: `take_phase` leaves `Unused` in place for a
+    /// moment without it being a change worth a line.
+    logged_phase: &'static str,
     session: Session,
     backoff: Backoff,
     rx: Box<[u8]>,
@@ -147,6 +161,7 @@ impl Link {
             index,
             client_id: client_id(&config.client_id, index),
             phase: Phase::Unused,
+            logged_phase: Phase::Unused.name(),
             session: Session::new(config.keepalive),
             backoff: Backoff::with_max(
                 seed ^ (index as u64).wrapping_mul(0x9E37_79B9),
@@ -170,6 +185,31 @@ impl Link {
 
     fn token(&self) -> Token {
         Token(LINK_BASE + self.index)
+    }
+
+    /// Whether this is the publishing link, `PUBLISHING`.
+    fn is_publishing(&self) -> bool {
+        self.index == PUBLISHING
+    }
+
+    /// Moves the link to `phase`, logging the change at debug.
+    fn set_phase(&mut self, phase: Phase) {
+        let name = phase.name();
+        if name != self.logged_phase {
+            log::debug!(
+                "connection {} ({}): {} -> {name}",
+                self.index,
+                self.client_id,
+                self.logged_phase
+            );
+            self.logged_phase = name;
+        }
+        self.phase = phase;
+    }
+
+    /// Takes the current phase out to rebuild it; `set_phase` must follow.
+    fn take_phase(&mut self) -> Phase {
+        std::mem::replace(&mut self.phase, Phase::Unused)
     }
 
     /// Forgets the state of the connection that just ended.
@@ -287,13 +327,12 @@ impl EventLoop {
         let was_up = self.links[i].is_connected();
         let link = &mut self.links[i];
         link.last_attempt = Some(now);
-        let phase = std::mem::replace(&mut link.phase, Phase::Unused);
-        link.phase = match phase {
+        let next = match link.take_phase() {
             Phase::Mqtt { mut tls } => {
                 // A PUBLISH already started must end before DISCONNECT, or
                 // the broker would read DISCONNECT inside it.
                 let mut clean = true;
-                if i == 0 && was_up {
+                if link.is_publishing() && was_up {
                     if let Some(out) = self.spool.next(consts::MAX_INFLIGHT, false) {
                         let n = send_parts(&mut tls, out.first, out.second);
                         clean = self.spool.advance(n);
@@ -323,6 +362,7 @@ impl EventLoop {
             other @ Phase::Closing { .. } => other,
             _ => Phase::Unused,
         };
+        link.set_phase(next);
         link.forget_connection();
         if was_up {
             self.link_lost(i);
@@ -332,7 +372,7 @@ impl EventLoop {
     /// Deregisters and drops whatever socket link `i` has.
     fn drop_link(&mut self, i: usize) {
         let link = &mut self.links[i];
-        match std::mem::replace(&mut link.phase, Phase::Unused) {
+        match link.take_phase() {
             Phase::Connecting { mut sock, .. } => {
                 let _ = self.poll.registry().deregister(&mut sock);
             }
@@ -344,6 +384,7 @@ impl EventLoop {
             }
             _ => {}
         }
+        link.set_phase(Phase::Unused);
     }
 
     /// Opens extra links that subscriptions need and closes the ones they
@@ -352,7 +393,7 @@ impl EventLoop {
         if self.stopping.is_some() {
             return;
         }
-        for i in 1..self.links.len() {
+        for i in PUBLISHING + 1..self.links.len() {
             let wanted = self.router.link_wanted(i);
             let unused = matches!(self.links[i].phase, Phase::Unused);
             if wanted && unused {
@@ -364,7 +405,7 @@ impl EventLoop {
                 let link = &mut self.links[i];
                 let earliest = link.last_attempt.map_or(now, |t| t + BACKOFF_MIN);
                 if earliest > now {
-                    link.phase = Phase::Waiting { until: earliest };
+                    link.set_phase(Phase::Waiting { until: earliest });
                 } else {
                     self.begin_attempt(i, now);
                 }
@@ -400,13 +441,18 @@ impl EventLoop {
             return;
         }
         let generation = link.generation;
-        link.phase = Phase::Resolving {
+        link.set_phase(Phase::Resolving {
             until: now + RESOLVE_TIMEOUT,
             generation,
-        };
+        });
         if self
             .resolve_tx
-            .send((i, generation, host.clone(), port))
+            .send(Lookup {
+                link: i,
+                generation,
+                host: host.clone(),
+                port,
+            })
             .is_err()
         {
             // The resolver thread is gone; treat it as a failed lookup.
@@ -449,12 +495,12 @@ impl EventLoop {
                         continue;
                     }
                     log::debug!("connection {i}: TCP connecting to {addr}");
-                    self.links[i].phase = Phase::Connecting {
+                    self.links[i].set_phase(Phase::Connecting {
                         sock,
                         until: now + CONNECT_TIMEOUT,
                         addrs,
                         next,
-                    };
+                    });
                     return;
                 }
                 Err(e) => last_err = Some(e),
@@ -467,13 +513,12 @@ impl EventLoop {
 
     /// The current TCP connect failed: try the next address or give up.
     fn next_address(&mut self, i: usize, now: Instant, e: io::Error) -> Result<(), Exit> {
-        let phase = std::mem::replace(&mut self.links[i].phase, Phase::Unused);
         if let Phase::Connecting {
             mut sock,
             addrs,
             next,
             ..
-        } = phase
+        } = self.links[i].take_phase()
         {
             let _ = self.poll.registry().deregister(&mut sock);
             if next < addrs.len() {
@@ -513,16 +558,16 @@ impl EventLoop {
     }
 
     fn start_tls(&mut self, i: usize, now: Instant) -> Result<(), Exit> {
-        let phase = std::mem::replace(&mut self.links[i].phase, Phase::Unused);
-        let Phase::Connecting { sock, .. } = phase else {
+        let Phase::Connecting { sock, .. } = self.links[i].take_phase() else {
+            self.links[i].set_phase(Phase::Unused);
             return Ok(());
         };
         match TlsStream::new(sock, Arc::clone(&self.tls_config), self.server_name.clone()) {
             Ok(tls) => {
-                self.links[i].phase = Phase::Handshaking {
+                self.links[i].set_phase(Phase::Handshaking {
                     tls: Box::new(tls),
                     until: now + HANDSHAKE_TIMEOUT,
-                };
+                });
                 self.drive_handshake(i, now)
             }
             Err(e) => self.fail(i, now, Failure::Stream(StreamError::Tls(e))),
@@ -552,10 +597,11 @@ impl EventLoop {
             "connection {i}: TLS established ({:?})",
             tls.version().unwrap_or(rustls::ProtocolVersion::Unknown(0))
         );
-        let phase = std::mem::replace(&mut link.phase, Phase::Unused);
-        if let Phase::Handshaking { tls, .. } = phase {
-            link.phase = Phase::Mqtt { tls };
-        }
+        let next = match link.take_phase() {
+            Phase::Handshaking { tls, .. } => Phase::Mqtt { tls },
+            other => other,
+        };
+        link.set_phase(next);
         let clean_session = !self.config.persistent_session;
         let connect = session::connect_packet(&link.client_id, clean_session);
         if let Err(e) = link.session.start(now, &connect) {
@@ -618,10 +664,10 @@ impl EventLoop {
     pub(super) fn write_link(&mut self, i: usize, now: Instant) -> Result<(), Exit> {
         let link = &mut self.links[i];
         link.rate_until = None;
+        let carries_publishes = link.is_publishing() && link.session.is_connected();
         let Phase::Mqtt { tls } = &mut link.phase else {
             return Ok(());
         };
-        let carries_publishes = i == 0 && link.session.is_connected();
         loop {
             // Fill rustls's send buffer; `full` when it took less than offered.
             let full = 'fill: loop {
@@ -768,7 +814,7 @@ impl EventLoop {
                     );
                 }
                 Ok(Some(Event::Puback { packet_id })) => {
-                    if i != 0 || !self.spool.ack(packet_id) {
+                    if i != PUBLISHING || !self.spool.ack(packet_id) {
                         log::warn!("connection {i}: PUBACK for unknown packet id {packet_id}");
                     }
                 }
@@ -799,7 +845,7 @@ impl EventLoop {
     /// Link `i` got its CONNACK.
     fn link_established(&mut self, i: usize, session_present: bool) {
         self.router.link_up(i, session_present);
-        if i == 0 {
+        if i == PUBLISHING {
             self.notifier.notify(&format!(
                 "STATUS=connected to {}:{}",
                 self.config.endpoint, self.config.port
@@ -811,7 +857,7 @@ impl EventLoop {
     /// Link `i`, which was connected, is gone.
     fn link_lost(&mut self, i: usize) {
         self.router.link_down(i);
-        if i == 0 {
+        if i == PUBLISHING {
             self.spool.reset_inflight();
             self.notify_status(false);
         }
@@ -879,14 +925,14 @@ impl EventLoop {
         }
         if was_up {
             log::warn!("connection {i} ({id}): disconnected: {failure}");
-            if i == 0 {
+            if i == PUBLISHING {
                 self.notifier
                     .notify(&format!("STATUS=disconnected: {failure}; reconnecting"));
             }
         } else {
             log::warn!("connection {i} ({id}): connection attempt failed: {failure}");
         }
-        if i > 0 && !self.router.link_wanted(i) {
+        if i != PUBLISHING && !self.router.link_wanted(i) {
             log::info!("connection {i} ({id}): no subscriptions left; not reconnecting");
             return Ok(());
         }
@@ -895,7 +941,7 @@ impl EventLoop {
             "connection {i} ({id}): next attempt in {} ms",
             delay.as_millis()
         );
-        link.phase = Phase::Waiting { until: now + delay };
+        link.set_phase(Phase::Waiting { until: now + delay });
         Ok(())
     }
 }
@@ -917,40 +963,6 @@ pub fn client_id(base: &str, index: usize) -> String {
     } else {
         format!("{base}_{index}")
     }
-}
-
-/// Starts the resolver thread: lookups in, answers out, the loop woken.
-#[allow(clippy::type_complexity)]
-pub(super) fn spawn_resolver(
-    waker: Arc<Waker>,
-) -> io::Result<(
-    mpsc::Sender<(usize, u64, String, u16)>,
-    mpsc::Receiver<Resolved>,
-)> {
-    let (req_tx, req_rx) = mpsc::channel::<(usize, u64, String, u16)>();
-    let (res_tx, res_rx) = mpsc::channel();
-    std::thread::Builder::new()
-        .name("resolver".into())
-        .spawn(move || {
-            for (link, generation, host, port) in req_rx {
-                let result = (host.as_str(), port)
-                    .to_socket_addrs()
-                    .map(|it| it.take(MAX_ADDRS).collect::<Addrs>())
-                    .map_err(|e| e.to_string());
-                if res_tx
-                    .send(Resolved {
-                        link,
-                        generation,
-                        result,
-                    })
-                    .is_err()
-                {
-                    break;
-                }
-                let _ = waker.wake();
-            }
-        })?;
-    Ok((req_tx, res_rx))
 }
 
 #[cfg(test)]

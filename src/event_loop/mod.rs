@@ -13,6 +13,7 @@
 
 mod clients;
 mod links;
+mod resolver;
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -38,7 +39,8 @@ pub use links::{
 };
 
 use clients::{Client, DeliveryLists};
-use links::{Link, Resolved};
+use links::Link;
+use resolver::{Lookup, Resolved};
 
 /// How long shutdown waits for DISCONNECT and close_notify to be written.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_millis(800);
@@ -80,7 +82,7 @@ pub struct EventLoop {
     server_name: ServerName<'static>,
     poll: Poll,
     signals: SignalFd,
-    resolve_tx: mpsc::Sender<(usize, u64, String, u16)>,
+    resolve_tx: mpsc::Sender<Lookup>,
     resolved_rx: mpsc::Receiver<Resolved>,
     links: Vec<Link>,
     bus: Server,
@@ -128,7 +130,7 @@ impl EventLoop {
             .map_err(|e| io_err("poll", e))?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER).map_err(|e| io_err("poll", e))?);
         let (resolve_tx, resolved_rx) =
-            links::spawn_resolver(waker).map_err(|e| io_err("resolver thread", e))?;
+            resolver::spawn(waker).map_err(|e| io_err("resolver thread", e))?;
 
         let seed = sys::random_seed();
         let links = (0..consts::MAX_CONNECTIONS)
