@@ -44,6 +44,9 @@ pub const MAX_FILTERS_PER_REQUEST: usize = 16;
 pub const MAX_ENDPOINT_LEN: usize = 50;
 /// First packet id of the router's half of the id space.
 pub const FIRST_PACKET_ID: u16 = 32_768;
+/// Consecutive failed deliveries to a response endpoint after which its
+/// subscription is removed.
+pub const ENDPOINT_FAILURE_LIMIT: u8 = 3;
 /// Distinct filters the links can hold at the broker.
 pub const BROKER_FILTERS: usize = MAX_CONNECTIONS * SUBSCRIPTIONS_PER_CONNECTION;
 
@@ -442,6 +445,8 @@ struct Sub {
     answered: bool,
     /// In the settled queue (kept across reuse of the slot).
     queued: bool,
+    /// Consecutive failed deliveries to its response endpoint.
+    endpoint_failures: u8,
 }
 
 impl Sub {
@@ -457,6 +462,7 @@ impl Sub {
         is_virtual: false,
         answered: false,
         queued: false,
+        endpoint_failures: 0,
     };
 
     fn is_live(&self) -> bool {
@@ -619,6 +625,7 @@ impl Router {
         sub.qos = qos;
         sub.is_virtual = is_virtual;
         sub.answered = false;
+        sub.endpoint_failures = 0;
         let id = SubId {
             slot: u32::try_from(slot).unwrap_or(u32::MAX),
             generation: sub.generation,
@@ -638,6 +645,25 @@ impl Router {
             sub.answered = false;
         }
         true
+    }
+
+    /// Records a delivery to subscription `id`'s response endpoint: one
+    /// that arrived clears its count of failures, and the
+    /// `ENDPOINT_FAILURE_LIMIT`th failure in a row removes it. Returns
+    /// whether it was removed (false too for a stale `id`).
+    pub fn endpoint_delivery(&mut self, id: SubId, delivered: bool) -> bool {
+        let Some(sub) = self.slot_of(id).and_then(|i| self.subs.get_mut(i)) else {
+            return false;
+        };
+        if delivered {
+            sub.endpoint_failures = 0;
+            return false;
+        }
+        sub.endpoint_failures = sub.endpoint_failures.saturating_add(1);
+        if sub.endpoint_failures < ENDPOINT_FAILURE_LIMIT {
+            return false;
+        }
+        self.unsubscribe(id)
     }
 
     /// Ends every local subscription whose destination satisfies `pred`;
@@ -1976,6 +2002,25 @@ mod tests {
         assert!(r.unsubscribe(a));
         assert_eq!(r.find_endpoint("my_component", &["a", "b"]), None);
         assert_eq!(r.state(s), Some(SubState::Active));
+    }
+
+    #[test]
+    fn an_endpoint_unreachable_three_times_in_a_row_loses_its_subscription() {
+        let mut r = Router::new();
+        let sink = Dest::endpoint("sink").unwrap();
+        let id = sub(&mut r, sink.clone(), &["a"], QoS::AtMostOnce);
+        let other = sub(&mut r, sink, &["b"], QoS::AtMostOnce);
+        // A delivery that arrives starts the count again.
+        for delivered in [false, false, true, false, false] {
+            assert!(!r.endpoint_delivery(id, delivered));
+        }
+        assert!(r.state(id).is_some());
+        assert!(r.endpoint_delivery(id, false));
+        assert_eq!(r.state(id), None);
+        // Stale ids change nothing; the other subscription keeps its own count.
+        assert!(!r.endpoint_delivery(id, false));
+        assert!(!r.endpoint_delivery(other, false));
+        assert!(r.state(other).is_some());
     }
 
     #[test]

@@ -9,6 +9,10 @@
 //! own slot and nothing else. Outbound connections (deliveries to a
 //! `response_endpoint` [iotcored-bus-subscribe-3]) use slots of the same
 //! table.
+//!
+//! Each slot also holds the caller's per-connection state `S` (what the
+//! connection is doing, in the service's terms), reset with the slot, so a
+//! connection's state has one owner.
 
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
@@ -25,6 +29,10 @@ use crate::time::Instant;
 /// How long the bytes of an oversized frame are read and discarded before
 /// NOMEM is sent anyway [bus-err-2].
 pub const DISCARD_TIMEOUT: core::time::Duration = core::time::Duration::from_secs(3);
+
+/// How long a closing slot may take to hand its last bytes to a peer that
+/// does not read them before it is closed anyway.
+pub const CLOSE_LINGER: core::time::Duration = core::time::Duration::from_secs(5);
 
 /// Bytes `Server::read` takes from one peer per call.
 const READ_BUDGET: usize = 64 * 1024;
@@ -70,8 +78,10 @@ pub enum Input {
 }
 
 /// One connection.
-pub struct Slot {
+pub struct Slot<S> {
     stream: Option<UnixStream>,
+    /// The caller's state of this connection; `S::default()` when free.
+    state: S,
     generation: u32,
     peer: Peer,
     rx: &'static mut [u8],
@@ -88,12 +98,16 @@ pub struct Slot {
     tx_len: usize,
     /// Close once the backlog is written.
     close_after_flush: bool,
+    /// When the slot was first seen closing with its backlog unwritten: it
+    /// is closed `CLOSE_LINGER` later whatever is left.
+    closing_since: Option<Instant>,
 }
 
-impl Slot {
+impl<S: Copy + Default> Slot<S> {
     fn new(rx: &'static mut [u8], tx: &'static mut [u8]) -> Self {
         Self {
             stream: None,
+            state: S::default(),
             generation: 0,
             peer: Peer::Client,
             rx,
@@ -106,11 +120,14 @@ impl Slot {
             tx_head: 0,
             tx_len: 0,
             close_after_flush: false,
+            closing_since: None,
         }
     }
 
     fn reset(&mut self) {
         self.stream = None;
+        self.state = S::default();
+        self.closing_since = None;
         self.rx_len = 0;
         self.discard = None;
         self.ignore_input = false;
@@ -130,6 +147,11 @@ impl Slot {
     /// Changes every time the slot gets a new connection.
     pub fn generation(&self) -> u32 {
         self.generation
+    }
+
+    /// The caller's state of this connection.
+    pub fn state(&self) -> S {
+        self.state
     }
 
     /// Who is at the other end.
@@ -162,6 +184,19 @@ impl Slot {
         self.discard.map(|(_, until)| until)
     }
 
+    /// When the slot must be closed whatever its peer does, if closing.
+    /// A closing slot not yet marked by `Server::lingered` is due at once,
+    /// so that the next turn marks it.
+    pub fn linger_deadline(&self) -> Option<Instant> {
+        if !(self.is_open() && self.close_after_flush) {
+            return None;
+        }
+        Some(
+            self.closing_since
+                .map_or(Instant::default(), |t| t + CLOSE_LINGER),
+        )
+    }
+
     fn tx_free(&self) -> usize {
         self.tx.len() - self.tx_len
     }
@@ -181,12 +216,13 @@ impl Slot {
     }
 }
 
-/// The listener and the slot table.
-pub struct Server {
+/// The listener and the slot table; `S` is the caller's per-connection
+/// state.
+pub struct Server<S> {
     listener: UnixListener,
     path: Option<PathBuf>,
     socket_dir: PathBuf,
-    slots: Vec<Slot>,
+    slots: Vec<Slot<S>>,
     refused: u64,
     last_refusal_log: Option<Instant>,
 }
@@ -200,7 +236,7 @@ pub enum SendError {
     Full,
 }
 
-impl Server {
+impl<S: Copy + Default> Server<S> {
     /// Binds `<socket_dir>/<name>` or takes it from systemd [bus-sock-3].
     pub fn bind(socket_dir: &Path, name: &str) -> Result<Self, BindError> {
         let path = socket_dir.join(name);
@@ -247,8 +283,25 @@ impl Server {
     }
 
     /// Slot `i`.
-    pub fn slot(&self, i: usize) -> &Slot {
+    pub fn slot(&self, i: usize) -> &Slot<S> {
         &self.slots[i]
+    }
+
+    /// Sets the caller's state of slot `i`'s connection.
+    pub fn set_state(&mut self, i: usize, state: S) {
+        self.slots[i].state = state;
+    }
+
+    /// Whether slot `i`, closing, has had `CLOSE_LINGER` to hand its last
+    /// bytes to its peer. The first call for a closing slot starts that
+    /// time.
+    pub fn lingered(&mut self, i: usize, now: Instant) -> bool {
+        let slot = &mut self.slots[i];
+        if !(slot.is_open() && slot.close_after_flush) {
+            return false;
+        }
+        let since = *slot.closing_since.get_or_insert(now);
+        now >= since + CLOSE_LINGER
     }
 
     /// Open connections now.
@@ -543,7 +596,7 @@ impl Server {
     }
 }
 
-impl Drop for Server {
+impl<S> Drop for Server<S> {
     fn drop(&mut self) {
         if let Some(path) = &self.path {
             let _ = std::fs::remove_file(path);
@@ -554,7 +607,7 @@ impl Drop for Server {
 /// The slot table with its buffers. Each buffer pool is one allocation,
 /// made once and kept for the daemon's life: large enough to be mapped
 /// on demand, so a slot's pages cost memory only once it is used.
-fn slot_table() -> Vec<Slot> {
+fn slot_table<S: Copy + Default>() -> Vec<Slot<S>> {
     let n = consts::MAX_BUS_CLIENTS;
     let rx_pool: &'static mut [u8] =
         Box::leak(vec![0u8; n * consts::BUS_MAX_FRAME].into_boxed_slice());

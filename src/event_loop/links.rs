@@ -24,6 +24,7 @@ use crate::consts;
 use crate::limits::{Backoff, RateLimiter, BACKOFF_MIN};
 use crate::mqtt::packet::{self, SubackCode};
 use crate::mqtt::session::{self, Event, Session};
+use crate::service::PUBLISHING;
 use crate::time::Instant;
 use crate::tls::{self, StreamError, TlsFailure, TlsStream};
 
@@ -45,11 +46,7 @@ const READS_PER_TURN: usize = 4;
 /// Room the control buffer must have before another received packet is
 /// handled (a PUBACK is 4 bytes; this leaves room for PINGREQ too).
 const RX_RESUME_ROOM: usize = 64;
-/// The publishing link: every PUBLISH goes over connection 0 (the bare
-/// client id), so publishes leave in the order the bus accepted them, and
-/// its state is what `connection_status` reports. Links above it carry
-/// only subscriptions.
-pub(super) const PUBLISHING: usize = 0;
+
 /// Room a SUBSCRIBE of 8 maximal filters needs in the control buffer.
 const SUBSCRIBE_ROOM: usize = 8 * (2 + 256 + 1) + 8;
 
@@ -798,17 +795,9 @@ impl EventLoop {
                         "connection {i}: PUBLISH on {topic} ({} bytes)",
                         payload.len()
                     );
-                    super::clients::deliver(
-                        &mut super::clients::Delivery {
-                            bus: &mut self.bus,
-                            router: &mut self.router,
-                            registry: self.poll.registry(),
-                            scratch: &mut self.scratch,
-                            scratch_notify: &mut self.scratch_notify,
-                            dropped: &mut self.counters.dropped,
-                            clients: &mut self.clients,
-                            lists: &mut self.delivery_lists,
-                        },
+                    self.counters.dropped += self.clients.deliver(
+                        self.poll.registry(),
+                        &mut self.router,
                         topic,
                         payload,
                     );

@@ -29,6 +29,7 @@ use crate::bus::server::{self, Server};
 use crate::config::Config;
 use crate::consts;
 use crate::router::Router;
+use crate::service::Counters;
 use crate::spool::Spool;
 use crate::sys::{self, Notifier, SignalFd};
 use crate::time::Instant;
@@ -38,7 +39,7 @@ pub use links::{
     client_id, CLOSES_WITHOUT_CONNACK_LIMIT, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, RESOLVE_TIMEOUT,
 };
 
-use clients::{Client, DeliveryLists};
+use clients::Clients;
 use links::Link;
 use resolver::{Lookup, Resolved};
 
@@ -63,18 +64,6 @@ pub enum Exit {
     Fatal(String),
 }
 
-/// Counters kept by the loop (the spool keeps its own).
-#[derive(Clone, Copy, Debug, Default)]
-struct Counters {
-    /// Messages lost other than by spool eviction or BUSY: failed notifies,
-    /// slow subscribers, unreachable response endpoints.
-    dropped: u64,
-    /// PUBLISH packets received from the broker.
-    received: u64,
-    /// Connections re-established after a loss.
-    reconnects: u64,
-}
-
 /// The daemon: configuration, sockets, the cores, and the wiring.
 pub struct EventLoop {
     config: Config,
@@ -84,20 +73,14 @@ pub struct EventLoop {
     signals: SignalFd,
     resolve_tx: mpsc::Sender<Lookup>,
     resolved_rx: mpsc::Receiver<Resolved>,
+    /// The MQTT connections (`links.rs`).
     links: Vec<Link>,
-    bus: Server,
-    clients: Vec<Client>,
+    /// The bus slots and their buffers (`clients.rs`).
+    clients: Clients,
     router: Router,
     spool: Spool,
-    /// Frames for subscribers are built here, once per incoming message.
-    scratch: Box<[u8]>,
-    /// The `iotcored_response` request frame for endpoint subscribers.
-    scratch_notify: Box<[u8]>,
+    /// Counters kept by the loop (the spool keeps its own).
     counters: Counters,
-    /// When the spool's evictions and refusals were last logged.
-    spool_log_at: Option<Instant>,
-    /// Lists filled while delivering a message, allocated once.
-    delivery_lists: DeliveryLists,
     /// systemd notifications (READY, STATUS, WATCHDOG, STOPPING).
     notifier: Notifier,
     /// When the next `WATCHDOG=1` is due.
@@ -136,7 +119,6 @@ impl EventLoop {
         let links = (0..consts::MAX_CONNECTIONS)
             .map(|index| Link::new(index, &config, seed))
             .collect();
-        let frame_room = consts::MQTT_MAX_PACKET + 256;
         Ok(Self {
             server_name,
             tls_config,
@@ -145,15 +127,10 @@ impl EventLoop {
             resolve_tx,
             resolved_rx,
             links,
-            clients: (0..bus.capacity()).map(|_| Client::default()).collect(),
-            delivery_lists: DeliveryLists::new(bus.capacity(), consts::MAX_SUBSCRIPTIONS),
-            bus,
+            clients: Clients::new(bus),
             router: Router::new(),
             spool: Spool::new(consts::SPOOL_BYTES, consts::SPOOL_MESSAGES),
-            scratch: vec![0u8; frame_room.max(consts::BUS_MAX_FRAME)].into_boxed_slice(),
-            scratch_notify: vec![0u8; frame_room].into_boxed_slice(),
             counters: Counters::default(),
-            spool_log_at: None,
             notifier,
             watchdog_at: None,
             epoch: std::time::Instant::now(),
@@ -230,8 +207,8 @@ impl EventLoop {
                     }
                     Token(t) if t >= server::CLIENT_TOKEN_BASE => {
                         let i = t - server::CLIENT_TOKEN_BASE;
-                        if i < self.clients.len() {
-                            self.bus.set_readable(i);
+                        if i < self.clients.bus.capacity() {
+                            self.clients.bus.set_readable(i);
                             self.drive_client(i, now);
                         }
                         Ok(())
@@ -267,13 +244,7 @@ impl EventLoop {
         for link in &self.links {
             consider(link.deadline());
         }
-        for i in 0..self.bus.capacity() {
-            consider(self.bus.slot(i).discard_deadline());
-            consider(self.client_deadline(i));
-            if self.client_ready(i) {
-                consider(Some(now));
-            }
-        }
+        consider(self.clients.deadline(now));
         next
     }
 

@@ -1,7 +1,6 @@
 //! The `aws_iot_mqtt` interface's requests, as data: method names, and each
 //! method's parameters read from the request map and validated against the
 //! MQTT rules and AWS IoT Core's limits before anything is queued or sent.
-//! Pure: the event loop acts on what this returns.
 //!
 //! [iotcored-bus-publish-1..3], [iotcored-bus-subscribe-1..3]; core-bus.md
 //! section 6. A bad parameter is INVALID, a value outside AWS IoT Core's
@@ -11,7 +10,7 @@
 use crate::bus::frame::{ErrorCode, RequestType};
 use crate::bus::object::{Map, Object};
 use crate::mqtt::packet::QoS;
-use crate::router::{self, MAX_FILTERS_PER_REQUEST};
+use crate::router::{self, SubscribeError, MAX_FILTERS_PER_REQUEST};
 
 /// AWS IoT Core's largest PUBLISH payload.
 pub const MAX_PAYLOAD: usize = 128 * 1024;
@@ -192,6 +191,11 @@ fn filters<'a>(
 /// The bus error code for a router code number.
 fn code(n: i32) -> ErrorCode {
     ErrorCode::from_i32(n).unwrap_or(ErrorCode::Invalid)
+}
+
+/// The bus error code of a refused subscribe.
+pub fn subscribe_error_code(e: SubscribeError) -> ErrorCode {
+    ErrorCode::from_i32(e.code()).unwrap_or(ErrorCode::Failure)
 }
 
 fn endpoint(raw: &[u8]) -> Result<&str, ErrorCode> {

@@ -1,0 +1,926 @@
+//! The `aws_iot_mqtt` interface as a sans-I/O core: one request frame in,
+//! the answer bytes and the effects on the spool and the router out. The
+//! event loop only moves bytes: it hands `handle` a complete frame, writes
+//! the answer it gets back, and puts the connection in the mode the reply
+//! names. Subscriptions answer later, when the router settles them
+//! (`settled`).
+//!
+//! core-bus.md sections 3 and 6: [bus-req-1..5], [bus-err-1] (a malformed
+//! request gets its code, then the connection closes), [bus-err-3] (a
+//! well-formed request that fails gets its code and the connection stays),
+//! [bus-req-4.1] (a notify is never answered), [bus-req-4.2] (a subscribe
+//! is the last request of its connection).
+
+pub mod answer;
+pub mod params;
+
+pub use params::{Method, Publish, Subscribe, Unsubscribe, MAX_ENDPOINT_LEN, MAX_PAYLOAD};
+
+use crate::bus::frame::{self, ErrorCode, RequestType};
+use crate::bus::object;
+use crate::router::{Dest, Outcome, Router, Settled, SubId};
+use crate::spool::{PushError, Spool};
+
+/// The publishing connection: every PUBLISH goes over connection 0 (the
+/// bare client id), so publishes leave in the order they were accepted,
+/// and its state is what `connection_status` reports. Connections above it
+/// carry only subscriptions.
+pub const PUBLISHING: usize = 0;
+
+/// What a bus connection is doing.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mode {
+    /// Serving requests, answers in request order [bus-req-4].
+    #[default]
+    Requests,
+    /// A `subscribe` call (with `response_endpoint`) waits for its SUBACK;
+    /// later requests wait behind it.
+    AwaitCall(SubId),
+    /// A streamed `subscribe` waits for its SUBACK.
+    AwaitStream(SubId),
+    /// Streaming this subscription's messages.
+    Stream(SubId),
+    /// Streaming `connection_status`.
+    Status,
+    /// Our connection to a `response_endpoint`.
+    Outbound,
+}
+
+impl Mode {
+    /// Whether reading the connection's input is useful now.
+    pub fn wants_input(self) -> bool {
+        !matches!(self, Mode::AwaitCall(_))
+    }
+
+    /// Whether the connection's input is requests, to be handled in order.
+    pub fn serves_requests(self) -> bool {
+        self == Mode::Requests
+    }
+
+    /// Whether closing the connection ends a streamed subscription.
+    pub fn streams(self) -> bool {
+        matches!(self, Mode::Stream(_) | Mode::AwaitStream(_))
+    }
+
+    /// Whether further input is read and thrown away [bus-req-4.2].
+    pub fn ignores_input(self) -> bool {
+        matches!(
+            self,
+            Mode::AwaitStream(_) | Mode::Stream(_) | Mode::Status | Mode::Outbound
+        )
+    }
+}
+
+/// The connection a request came on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Caller {
+    /// Its bus slot.
+    pub slot: usize,
+    /// The slot's generation (a stream subscription names both).
+    pub generation: u32,
+}
+
+/// The loop's own counters, for `stats`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Messages lost other than by spool eviction or BUSY: failed notifies,
+    /// slow subscribers, unreachable response endpoints.
+    pub dropped: u64,
+    /// PUBLISH packets received from the broker.
+    pub received: u64,
+    /// Connections re-established after a loss.
+    pub reconnects: u64,
+}
+
+/// One connection as the loop sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinkState<'a> {
+    /// Its client id.
+    pub id: &'a str,
+    /// Whether its CONNACK was accepted.
+    pub connected: bool,
+}
+
+/// What a request may read and change.
+pub struct Context<'a> {
+    /// The outgoing queue `publish` adds to.
+    pub spool: &'a mut Spool,
+    /// The subscriptions `subscribe` and `unsubscribe` change.
+    pub router: &'a mut Router,
+    /// Every connection, `PUBLISHING` first.
+    pub links: &'a [LinkState<'a>],
+    /// The loop's counters.
+    pub counters: Counters,
+}
+
+/// What handling one request calls for. The answer, if any, is the first
+/// `len` bytes of the caller's buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reply {
+    /// Answer bytes to write (0: none).
+    pub len: usize,
+    /// The connection's mode from now on.
+    pub mode: Mode,
+    /// Close the connection once the answer is written [bus-err-1].
+    pub close: bool,
+    /// A notify failed: nobody hears of it, so it counts as dropped
+    /// [bus-req-4.1].
+    pub dropped: bool,
+    /// Queued QoS 0 messages evicted to make room for this publish.
+    pub evicted: usize,
+    /// The publish was refused because the spool is full of QoS 1.
+    pub busy: bool,
+}
+
+impl Reply {
+    /// `len` answer bytes, then `mode`.
+    pub fn answer(len: usize, mode: Mode) -> Self {
+        Self {
+            len,
+            mode,
+            close: false,
+            dropped: false,
+            evicted: 0,
+            busy: false,
+        }
+    }
+
+    /// A malformed request: its code, then close [bus-err-1].
+    fn fatal(out: &mut [u8], code: ErrorCode) -> Self {
+        Self {
+            close: true,
+            ..Self::answer(answer::error(out, code), Mode::Requests)
+        }
+    }
+}
+
+/// Handles one complete request frame from `caller`, writing the answer
+/// into `out` (which must hold a `stats` answer: the loop's scratch).
+pub fn handle(bytes: &[u8], caller: Caller, ctx: &mut Context<'_>, out: &mut [u8]) -> Reply {
+    let slot = caller.slot;
+    let request = match frame::parse(bytes).and_then(|f| f.request()) {
+        Ok(r) => r,
+        Err(e) => {
+            log::debug!("bus: slot {slot}: malformed request: {e}");
+            return Reply::fatal(out, e.code());
+        }
+    };
+    let params = match object::parse_params(request.payload) {
+        Ok(p) => p,
+        Err(e) => {
+            log::debug!("bus: slot {slot}: malformed parameters: {e}");
+            return Reply::fatal(out, e.code());
+        }
+    };
+    let notify = request.kind == RequestType::Notify;
+    // Success: `answer` for a call, nothing for a notify.
+    let done = |out: &mut [u8], answer: fn(&mut [u8]) -> usize| {
+        Reply::answer(if notify { 0 } else { answer(out) }, Mode::Requests)
+    };
+    // A refusal: the code for a call; a notify's is only logged and counted.
+    let refuse = |out: &mut [u8], code: ErrorCode, what: &str| {
+        log::debug!(
+            "bus: slot {slot}: {} refused: {} ({what})",
+            String::from_utf8_lossy(request.method),
+            code.name()
+        );
+        if notify {
+            Reply {
+                dropped: true,
+                ..Reply::answer(0, Mode::Requests)
+            }
+        } else {
+            Reply::answer(answer::error(out, code), Mode::Requests)
+        }
+    };
+    let Some(method) = Method::from_name(request.method) else {
+        return refuse(out, ErrorCode::NoEntry, "unknown method");
+    };
+    let has_endpoint = params.get(b"response_endpoint").is_some();
+    if !method.accepts(request.kind, has_endpoint) {
+        return refuse(out, ErrorCode::Invalid, "wrong request type");
+    }
+    match method {
+        Method::Publish => {
+            let p = match params::publish(&params) {
+                Ok(p) => p,
+                Err(code) => return refuse(out, code, "bad parameters"),
+            };
+            match ctx.spool.push(p.topic, p.payload, p.qos, p.retain) {
+                Ok(pushed) => Reply {
+                    evicted: pushed.evicted,
+                    ..done(out, answer::null)
+                },
+                Err(PushError::Busy) => Reply {
+                    busy: true,
+                    ..refuse(out, ErrorCode::Busy, "outgoing queue full")
+                },
+                Err(PushError::TooLong) => refuse(out, ErrorCode::Range, "too long"),
+            }
+        }
+        Method::Subscribe => {
+            let s = match params::subscribe(&params) {
+                Ok(s) => s,
+                Err(code) => return refuse(out, code, "bad parameters"),
+            };
+            let dest = match s.endpoint {
+                Some(name) => match Dest::endpoint(name) {
+                    Some(d) => d,
+                    None => return refuse(out, ErrorCode::Invalid, "endpoint name"),
+                },
+                None => Dest::Stream {
+                    client: u16::try_from(slot).unwrap_or(u16::MAX),
+                    generation: caller.generation,
+                },
+            };
+            match ctx
+                .router
+                .subscribe(dest, &s.filters, s.qos, s.virtual_only)
+            {
+                // The answer comes when the router settles it; a notify
+                // subscribe is never answered, so its connection goes on.
+                Ok(id) if s.endpoint.is_none() => Reply::answer(0, Mode::AwaitStream(id)),
+                Ok(_) if notify => Reply::answer(0, Mode::Requests),
+                Ok(id) => Reply::answer(0, Mode::AwaitCall(id)),
+                Err(e) => {
+                    log::warn!("bus: slot {slot}: subscribe refused: {e}");
+                    refuse(out, params::subscribe_error_code(e), "subscribe")
+                }
+            }
+        }
+        Method::Unsubscribe => {
+            let u = match params::unsubscribe(&params) {
+                Ok(u) => u,
+                Err(code) => return refuse(out, code, "bad parameters"),
+            };
+            match ctx.router.find_endpoint(u.endpoint, &u.filters) {
+                Some(id) => {
+                    ctx.router.unsubscribe(id);
+                    done(out, answer::null)
+                }
+                None => refuse(out, ErrorCode::NoEntry, "no such subscription"),
+            }
+        }
+        Method::ConnectionStatus => {
+            // `accepted`, then the current state [core-bus.md section 6].
+            let connected = ctx.links.get(PUBLISHING).is_some_and(|l| l.connected);
+            let first = answer::accepted(out);
+            let second = out
+                .get_mut(first..)
+                .map_or(0, |rest| answer::bool(rest, connected));
+            Reply::answer(first + second, Mode::Status)
+        }
+        Method::Stats if notify => Reply::answer(0, Mode::Requests),
+        Method::Stats => {
+            let len = stats(ctx, out);
+            if len == 0 {
+                Reply::answer(answer::error(out, ErrorCode::NoMem), Mode::Requests)
+            } else {
+                Reply::answer(len, Mode::Requests)
+            }
+        }
+    }
+}
+
+/// The `stats` answer; its length (0 if it does not fit).
+fn stats(ctx: &Context<'_>, out: &mut [u8]) -> usize {
+    let mut links =
+        heapless::Vec::<answer::LinkStats<'_>, { crate::consts::MAX_CONNECTIONS }>::new();
+    for (i, link) in ctx.links.iter().enumerate() {
+        let entry = answer::LinkStats {
+            id: link.id,
+            connected: link.connected,
+            subscriptions: ctx.router.link_stats(i).map_or(0, |l| l.filters),
+            inflight: if i == PUBLISHING {
+                ctx.spool.inflight()
+            } else {
+                0
+            },
+        };
+        if links.push(entry).is_err() {
+            break;
+        }
+    }
+    answer::stats(
+        out,
+        &answer::Stats {
+            spool: ctx.spool.stats(),
+            spooled: ctx.spool.len(),
+            spooled_bytes: ctx.spool.bytes(),
+            dropped: ctx.counters.dropped,
+            received: ctx.counters.received,
+            reconnects: ctx.counters.reconnects,
+            links: &links,
+        },
+    )
+}
+
+/// The answer a settled subscription owes the connection `waiting` on it
+/// (a stream's own slot, or the slot whose `subscribe` call waits), if
+/// any. A notify subscribe has nobody waiting: a refusal is only logged
+/// and counted as dropped.
+pub fn settled(s: &Settled, waiting: Option<(usize, Mode)>, out: &mut [u8]) -> Option<Reply> {
+    let refused = "the broker refused a topic filter";
+    match (&s.dest, waiting) {
+        (Dest::Stream { .. }, Some((slot, mode))) => Some(match s.outcome {
+            Outcome::Accepted => Reply::answer(answer::accepted(out), Mode::Stream(s.id)),
+            Outcome::Refused => {
+                log::warn!("bus: slot {slot}: {refused}");
+                Reply {
+                    close: true,
+                    ..Reply::answer(answer::error(out, ErrorCode::Remote), Mode::Requests)
+                }
+            }
+            Outcome::Dropped => {
+                log::warn!("bus: slot {slot}: {refused} after a reconnect; ending the stream");
+                Reply {
+                    close: true,
+                    ..Reply::answer(0, mode)
+                }
+            }
+        }),
+        (Dest::Stream { .. }, None) => None,
+        (Dest::Endpoint(name), waiting) => match (s.outcome, waiting) {
+            (Outcome::Accepted, Some(_)) => Some(Reply::answer(answer::null(out), Mode::Requests)),
+            (Outcome::Refused, Some((slot, _))) => {
+                log::warn!("bus: slot {slot}: {refused}");
+                Some(Reply::answer(
+                    answer::error(out, ErrorCode::Remote),
+                    Mode::Requests,
+                ))
+            }
+            (Outcome::Refused, None) => {
+                log::warn!("bus: {refused} of the subscription for {name}");
+                Some(Reply {
+                    dropped: true,
+                    ..Reply::answer(0, Mode::Requests)
+                })
+            }
+            (Outcome::Dropped, _) => {
+                log::warn!("bus: {refused} of the subscription for {name}; removed");
+                None
+            }
+            (Outcome::Accepted, None) => None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Request bytes in, answer bytes out. The answers are golden frames
+    //! from core-bus.md section 5 (null, NOENTRY, accepted, `true`) or
+    //! computed outside this crate (Python's zlib CRC-32) for the other
+    //! codes; requests are built with the bus codecs, whose own tests pin
+    //! them to the spec's worked example.
+
+    use super::*;
+    use crate::bus::object::Encoder;
+    use crate::consts;
+    use crate::mqtt::packet::SubackCode;
+    use crate::router::SubState;
+
+    const NULL: &str = "000000110000000038a2615b00a171ab15";
+    const ACCEPTED: &str = "0000001e0000000e5d4adb8d0861636365707465640400000001f254b2ef";
+    const TRUE: &str = "00000012000000007f021b8b0101a3f1cd91";
+    const FALSE: &str = "00000012000000007f021b8b0100d4f6fd07";
+    const BUSY: &str = "0000001b0000000be5c0a072056572726f720400000003fd7a2499";
+    const INVALID: &str = "0000001b0000000be5c0a072056572726f720400000005141981ac";
+    const PARSE: &str = "0000001b0000000be5c0a072056572726f720400000007fa17e080";
+    const RANGE: &str = "0000001b0000000be5c0a072056572726f7204000000086aa8fd11";
+    const NOMEM: &str = "0000001b0000000be5c0a072056572726f7204000000091dafcd87";
+    const NOENTRY: &str = "0000001b0000000be5c0a072056572726f72040000000c6dc53908";
+    const REMOTE: &str = "0000001b0000000be5c0a072056572726f72040000000e83cb5824";
+
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    /// A request frame whose params map is written by `params`.
+    fn request(method: &str, kind: RequestType, params: impl FnOnce(&mut Encoder<'_>)) -> Vec<u8> {
+        let mut payload = [0u8; 2048];
+        let mut e = Encoder::new(&mut payload);
+        params(&mut e);
+        let n = e.written();
+        let mut buf = vec![0u8; frame::request_len(method.as_bytes(), n)];
+        let mut em = frame::begin_request(&mut buf, method.as_bytes(), kind).unwrap();
+        em.payload_mut()[..n].copy_from_slice(&payload[..n]);
+        let len = em.finish(n).unwrap();
+        buf.truncate(len);
+        buf
+    }
+
+    /// The params `{topic, payload, qos}`.
+    fn publish_params<'a>(
+        topic: &'a [u8],
+        payload: &'a [u8],
+        qos: i64,
+    ) -> impl FnOnce(&mut Encoder<'_>) + 'a {
+        move |e| {
+            e.map(3).unwrap();
+            e.key(b"topic").unwrap().buf(topic).unwrap();
+            e.key(b"payload").unwrap().buf(payload).unwrap();
+            e.key(b"qos").unwrap().i64(qos).unwrap();
+        }
+    }
+
+    fn filter_params<'a>(
+        filter: &'a [u8],
+        endpoint: Option<&'a [u8]>,
+    ) -> impl FnOnce(&mut Encoder<'_>) + 'a {
+        move |e| {
+            e.map(1 + usize::from(endpoint.is_some())).unwrap();
+            e.key(b"topic_filter").unwrap().buf(filter).unwrap();
+            if let Some(name) = endpoint {
+                e.key(b"response_endpoint").unwrap().buf(name).unwrap();
+            }
+        }
+    }
+
+    fn empty(e: &mut Encoder<'_>) {
+        e.map(0).unwrap();
+    }
+
+    /// The daemon's state as a request sees it.
+    struct World {
+        spool: Spool,
+        router: Router,
+        connected: bool,
+        counters: Counters,
+    }
+
+    impl World {
+        fn new() -> Self {
+            Self {
+                spool: Spool::new(4096, 8),
+                router: Router::new(),
+                connected: false,
+                counters: Counters::default(),
+            }
+        }
+
+        /// Handles `bytes` from slot 1; the reply and the answer bytes.
+        fn call(&mut self, bytes: &[u8]) -> (Reply, Vec<u8>) {
+            let links = [LinkState {
+                id: "gw",
+                connected: self.connected,
+            }];
+            let mut ctx = Context {
+                spool: &mut self.spool,
+                router: &mut self.router,
+                links: &links,
+                counters: self.counters,
+            };
+            let caller = Caller {
+                slot: 1,
+                generation: 7,
+            };
+            let mut out = vec![0u8; 4096];
+            let reply = handle(bytes, caller, &mut ctx, &mut out);
+            out.truncate(reply.len);
+            (reply, out)
+        }
+
+        /// Settles what the router has, as slot 1 waiting in `mode`.
+        fn settle(&mut self, mode: Mode) -> (Option<Reply>, Vec<u8>) {
+            let s = self.router.take_settled().expect("something settled");
+            let mut out = vec![0u8; 64];
+            let waiting = match s.dest {
+                Dest::Endpoint(_) if mode == Mode::Requests => None,
+                _ => Some((1, mode)),
+            };
+            let reply = settled(&s, waiting, &mut out);
+            out.truncate(reply.map_or(0, |r| r.len));
+            (reply, out)
+        }
+    }
+
+    /// A reply that keeps the connection serving requests.
+    fn served(len: usize) -> Reply {
+        Reply::answer(len, Mode::Requests)
+    }
+
+    #[test]
+    fn a_publish_call_is_answered_null_once_the_message_is_queued() {
+        // [iotcored-bus-publish-1] core-bus.md section 5's worked example.
+        let mut w = World::new();
+        let bytes = request(
+            "publish",
+            RequestType::Call,
+            publish_params(b"a/b", b"hi", 1),
+        );
+        assert_eq!(bytes.len(), 99);
+        let (reply, answer) = w.call(&bytes);
+        assert_eq!(answer, hex(NULL));
+        assert_eq!(reply, served(answer.len()));
+        assert_eq!((w.spool.len(), w.spool.stats().published), (1, 1));
+    }
+
+    #[test]
+    fn a_publish_notify_is_queued_and_never_answered() {
+        // [bus-req-3] [bus-req-4.1]
+        let mut w = World::new();
+        let bytes = request(
+            "publish",
+            RequestType::Notify,
+            publish_params(b"a/b", b"hi", 0),
+        );
+        let (reply, answer) = w.call(&bytes);
+        assert!(answer.is_empty());
+        assert_eq!(reply, served(0));
+        assert_eq!(w.spool.len(), 1);
+    }
+
+    #[test]
+    fn refused_publishes_answer_their_code_queue_nothing_and_keep_the_connection() {
+        // [bus-err-3] [iotcored-bus-publish-3.3]
+        let long = [b'x'; 257];
+        let cases: [(&[u8], i64, &str); 5] = [
+            (b"a/+", 0, INVALID),
+            (b"", 0, INVALID),
+            (&long, 0, RANGE),
+            (b"a/b/c/d/e/f/g/h/i", 0, RANGE),
+            (b"a/b", 2, INVALID),
+        ];
+        for (topic, qos, code) in cases {
+            let mut w = World::new();
+            let bytes = request(
+                "publish",
+                RequestType::Call,
+                publish_params(topic, b"x", qos),
+            );
+            let (reply, answer) = w.call(&bytes);
+            assert_eq!(
+                answer,
+                hex(code),
+                "topic {:?} qos {qos}",
+                String::from_utf8_lossy(topic)
+            );
+            assert_eq!(reply, served(answer.len()));
+            assert!(w.spool.is_empty());
+        }
+        let mut w = World::new();
+        let no_topic = request("publish", RequestType::Call, |e| {
+            e.map(1)
+                .unwrap()
+                .key(b"payload")
+                .unwrap()
+                .buf(b"x")
+                .unwrap();
+        });
+        assert_eq!(w.call(&no_topic).1, hex(INVALID));
+    }
+
+    #[test]
+    fn a_refused_notify_is_not_answered_but_counted_as_dropped() {
+        // [bus-req-4.1]
+        let mut w = World::new();
+        let bytes = request(
+            "publish",
+            RequestType::Notify,
+            publish_params(b"a/#", b"x", 0),
+        );
+        let (reply, answer) = w.call(&bytes);
+        assert!(answer.is_empty());
+        assert_eq!(
+            reply,
+            Reply {
+                dropped: true,
+                ..served(0)
+            }
+        );
+    }
+
+    #[test]
+    fn a_full_spool_evicts_queued_qos0_first_then_answers_busy() {
+        // core-bus.md section 6: BUSY only when nothing can be evicted.
+        let mut w = World::new();
+        let qos0 = request("publish", RequestType::Call, publish_params(b"t", b"0", 0));
+        let qos1 = request("publish", RequestType::Call, publish_params(b"t", b"1", 1));
+        for _ in 0..8 {
+            assert_eq!(w.call(&qos0).1, hex(NULL));
+        }
+        // The spool holds 8 messages: each QoS 1 evicts one QoS 0.
+        for _ in 0..8 {
+            let (reply, answer) = w.call(&qos1);
+            assert_eq!(answer, hex(NULL));
+            assert_eq!(reply.evicted, 1);
+        }
+        let (reply, answer) = w.call(&qos1);
+        assert_eq!(answer, hex(BUSY));
+        assert_eq!(
+            reply,
+            Reply {
+                busy: true,
+                ..served(answer.len())
+            }
+        );
+        assert_eq!((w.spool.stats().evicted, w.spool.stats().busy), (8, 1));
+    }
+
+    #[test]
+    fn unknown_methods_are_noentry_and_wrong_request_types_invalid() {
+        // [bus-req-5]
+        let mut w = World::new();
+        let (reply, answer) = w.call(&request("reboot", RequestType::Call, empty));
+        assert_eq!(answer, hex(NOENTRY));
+        assert_eq!(reply, served(answer.len()));
+        let wrong = [
+            request(
+                "publish",
+                RequestType::Subscribe,
+                publish_params(b"a", b"", 0),
+            ),
+            request("stats", RequestType::Subscribe, empty),
+            request("connection_status", RequestType::Call, empty),
+            request("subscribe", RequestType::Call, filter_params(b"a", None)),
+            request(
+                "unsubscribe",
+                RequestType::Subscribe,
+                filter_params(b"a", Some(b"x")),
+            ),
+        ];
+        for bytes in wrong {
+            let (reply, answer) = w.call(&bytes);
+            assert_eq!(answer, hex(INVALID));
+            assert_eq!(reply, served(answer.len()));
+        }
+    }
+
+    #[test]
+    fn malformed_requests_get_their_code_and_then_the_connection_closes() {
+        // [bus-err-1], with GGL's codes for each case (section 3).
+        let good = request("stats", RequestType::Call, empty);
+        let mut bad_crc = good.clone();
+        *bad_crc.last_mut().unwrap() ^= 1;
+        let no_type = {
+            let mut buf = vec![0u8; 64];
+            let em =
+                frame::Emitter::new(&mut buf, &[("method", frame::HeaderValue::Str(b"stats"))])
+                    .unwrap();
+            let n = em.finish(0).unwrap();
+            buf.truncate(n);
+            buf
+        };
+        let not_a_map = request("stats", RequestType::Call, |e| {
+            e.i64(1).unwrap();
+        });
+        let too_deep = request("stats", RequestType::Call, |e| {
+            for _ in 0..15 {
+                e.map(1).unwrap().key(b"k").unwrap();
+            }
+            e.null().unwrap();
+        });
+        let cases = [
+            (bad_crc, PARSE),
+            (no_type, INVALID),
+            (not_a_map, INVALID),
+            (too_deep, RANGE),
+        ];
+        for (bytes, code) in cases {
+            let (reply, answer) = World::new().call(&bytes);
+            assert_eq!(answer, hex(code));
+            assert_eq!(
+                reply,
+                Reply {
+                    close: true,
+                    ..served(answer.len())
+                }
+            );
+        }
+    }
+
+    #[test]
+    fn a_streamed_subscribe_waits_for_the_router_then_is_accepted() {
+        // [iotcored-bus-subscribe-1] [bus-req-4.2]; offline, the router
+        // accepts at once and subscribes after the next connect.
+        let mut w = World::new();
+        let (reply, answer) = w.call(&request(
+            "subscribe",
+            RequestType::Subscribe,
+            filter_params(b"a/#", None),
+        ));
+        assert!(answer.is_empty());
+        let Mode::AwaitStream(id) = reply.mode else {
+            panic!("not waiting: {reply:?}");
+        };
+        assert!(reply.mode.ignores_input() && reply.mode.streams());
+        assert_eq!(
+            w.router.dest(id),
+            Some(&Dest::Stream {
+                client: 1,
+                generation: 7
+            })
+        );
+        let (settled, answer) = w.settle(reply.mode);
+        assert_eq!(answer, hex(ACCEPTED));
+        assert_eq!(settled, Some(Reply::answer(answer.len(), Mode::Stream(id))));
+    }
+
+    #[test]
+    fn a_subscribe_call_with_an_endpoint_is_answered_null_when_settled() {
+        // [iotcored-bus-subscribe-3]
+        let mut w = World::new();
+        let bytes = request(
+            "subscribe",
+            RequestType::Call,
+            filter_params(b"a/#", Some(b"sink")),
+        );
+        let (reply, answer) = w.call(&bytes);
+        assert!(answer.is_empty());
+        let Mode::AwaitCall(_) = reply.mode else {
+            panic!("not waiting: {reply:?}");
+        };
+        assert!(!reply.mode.wants_input());
+        let (settled, answer) = w.settle(reply.mode);
+        assert_eq!(answer, hex(NULL));
+        assert_eq!(settled, Some(served(answer.len())));
+    }
+
+    /// Subscribes `filter` while connection 0 is up, and refuses it in the
+    /// SUBACK.
+    fn refused(endpoint: Option<&[u8]>, kind: RequestType) -> (World, Reply) {
+        let mut w = World::new();
+        w.router.link_up(0, false);
+        let (reply, _) = w.call(&request(
+            "subscribe",
+            kind,
+            filter_params(b"no/#", endpoint),
+        ));
+        let packet_id = w.router.next_request(0).expect("a SUBSCRIBE").packet_id;
+        assert!(w.router.on_suback(0, packet_id, [SubackCode::Failure]));
+        (w, reply)
+    }
+
+    #[test]
+    fn a_filter_the_broker_refuses_is_remote_and_ends_a_stream() {
+        // core-bus.md section 6: SUBACK 0x80 is REMOTE, not a silent success.
+        let (mut w, reply) = refused(None, RequestType::Subscribe);
+        let (settled, answer) = w.settle(reply.mode);
+        assert_eq!(answer, hex(REMOTE));
+        assert_eq!(
+            settled,
+            Some(Reply {
+                close: true,
+                ..served(answer.len())
+            })
+        );
+        let (mut w, reply) = refused(Some(b"sink"), RequestType::Call);
+        let (settled, answer) = w.settle(reply.mode);
+        assert_eq!(answer, hex(REMOTE));
+        assert_eq!(settled, Some(served(answer.len())));
+        // A notify subscribe has nobody to tell: counted as dropped.
+        let (mut w, reply) = refused(Some(b"sink"), RequestType::Notify);
+        assert_eq!(reply, served(0));
+        let (settled, answer) = w.settle(Mode::Requests);
+        assert!(answer.is_empty());
+        assert_eq!(
+            settled,
+            Some(Reply {
+                dropped: true,
+                ..served(0)
+            })
+        );
+    }
+
+    #[test]
+    fn a_full_subscription_table_is_nomem_and_bad_filters_are_invalid_or_range() {
+        let mut w = World::new();
+        for i in 0..consts::MAX_SUBSCRIPTIONS {
+            let filter = format!("t/{i}");
+            let bytes = request(
+                "subscribe",
+                RequestType::Call,
+                filter_params(filter.as_bytes(), Some(b"sink")),
+            );
+            assert!(matches!(w.call(&bytes).0.mode, Mode::AwaitCall(_)));
+        }
+        let bytes = request(
+            "subscribe",
+            RequestType::Call,
+            filter_params(b"t/x", Some(b"sink")),
+        );
+        assert_eq!(w.call(&bytes).1, hex(NOMEM));
+        let mut w = World::new();
+        let bad = [
+            (filter_params(b"a/#/b", None), INVALID),
+            (filter_params(b"a/b/c/d/e/f/g/h/i", None), RANGE),
+            (filter_params(b"a", Some(b"../x")), INVALID),
+        ];
+        for (params, code) in bad {
+            let (reply, answer) = w.call(&request("subscribe", RequestType::Subscribe, params));
+            assert_eq!(answer, hex(code));
+            assert_eq!(reply, served(answer.len()));
+        }
+    }
+
+    #[test]
+    fn unsubscribe_ends_exactly_one_endpoint_subscription_or_is_noentry() {
+        let mut w = World::new();
+        let (reply, _) = w.call(&request(
+            "subscribe",
+            RequestType::Call,
+            filter_params(b"a/#", Some(b"sink")),
+        ));
+        let Mode::AwaitCall(id) = reply.mode else {
+            panic!("not waiting: {reply:?}");
+        };
+        let other = request(
+            "unsubscribe",
+            RequestType::Call,
+            filter_params(b"a/#", Some(b"other")),
+        );
+        assert_eq!(w.call(&other).1, hex(NOENTRY));
+        assert_eq!(w.router.state(id), Some(SubState::Active));
+        let mine = request(
+            "unsubscribe",
+            RequestType::Call,
+            filter_params(b"a/#", Some(b"sink")),
+        );
+        assert_eq!(w.call(&mine).1, hex(NULL));
+        assert_eq!(w.router.state(id), None);
+        assert_eq!(w.call(&mine).1, hex(NOENTRY));
+    }
+
+    #[test]
+    fn connection_status_is_accepted_then_the_state_of_connection_0() {
+        // core-bus.md section 6, connection_status.
+        let bytes = request("connection_status", RequestType::Subscribe, empty);
+        for (connected, state) in [(false, FALSE), (true, TRUE)] {
+            let mut w = World::new();
+            w.connected = connected;
+            let (reply, answer) = w.call(&bytes);
+            assert_eq!(answer, [hex(ACCEPTED), hex(state)].concat());
+            assert_eq!(reply, Reply::answer(answer.len(), Mode::Status));
+            assert!(reply.mode.ignores_input() && !reply.mode.streams());
+        }
+    }
+
+    #[test]
+    fn stats_answers_every_counter_in_the_spec_order() {
+        // core-bus.md section 6, stats: after the worked example's publish
+        // (an 11-byte PUBLISH), with the loop's counters 2, 3, 4.
+        let mut w = World::new();
+        w.connected = true;
+        w.counters = Counters {
+            dropped: 2,
+            received: 3,
+            reconnects: 4,
+        };
+        w.call(&request(
+            "publish",
+            RequestType::Call,
+            publish_params(b"a/b", b"hi", 1),
+        ));
+        let (reply, answer) = w.call(&request("stats", RequestType::Call, empty));
+        let golden = concat!(
+            "0000015800000000a61d88c6060c000000090000007075626c69736865640201",
+            "000000000000000400000073656e740200000000000000000600000072657365",
+            "6e740200000000000000000500000061636b6564020000000000000000070000",
+            "0073706f6f6c65640201000000000000000d00000073706f6f6c65645f627974",
+            "6573020b00000000000000070000006576696374656402000000000000000004",
+            "000000627573790200000000000000000700000064726f707065640202000000",
+            "000000000800000072656365697665640203000000000000000a000000726563",
+            "6f6e6e656374730204000000000000000b000000636f6e6e656374696f6e7305",
+            "0100000006040000000200000069640402000000677709000000636f6e6e6563",
+            "74656401010d000000737562736372697074696f6e7302000000000000000008",
+            "000000696e666c69676874020000000000000000ae6237fe",
+        );
+        assert_eq!(answer, hex(golden));
+        assert_eq!(reply, served(answer.len()));
+        // A stats notify is pointless but harmless: nothing answered.
+        assert_eq!(
+            w.call(&request("stats", RequestType::Notify, empty)),
+            (served(0), vec![])
+        );
+    }
+
+    #[test]
+    fn a_stats_answer_that_does_not_fit_is_nomem() {
+        let mut w = World::new();
+        let links = [LinkState {
+            id: "gw",
+            connected: false,
+        }];
+        let mut ctx = Context {
+            spool: &mut w.spool,
+            router: &mut w.router,
+            links: &links,
+            counters: Counters::default(),
+        };
+        let caller = Caller {
+            slot: 0,
+            generation: 0,
+        };
+        let mut out = [0u8; 64];
+        let reply = handle(
+            &request("stats", RequestType::Call, empty),
+            caller,
+            &mut ctx,
+            &mut out,
+        );
+        assert_eq!(out[..reply.len], hex(NOMEM)[..]);
+    }
+}
