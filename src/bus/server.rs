@@ -645,3 +645,253 @@ fn prepare_path(path: &Path) -> Result<(), String> {
         Err(e) => Err(format!("cannot inspect: {e}")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The server over real Unix sockets: a listener in a temporary
+    //! directory, a plain blocking client on the other side.
+
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream as StdStream;
+    use std::time::Duration;
+
+    use mio::Poll;
+
+    use super::*;
+    use crate::bus::frame::{emit_error, ErrorCode, ERROR_FRAME_LEN};
+
+    struct Fixture {
+        poll: Poll,
+        server: Server<u8>,
+        dir: PathBuf,
+    }
+
+    impl Drop for Fixture {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn fixture(name: &str) -> Fixture {
+        let dir = std::env::temp_dir().join(format!("iotcored-srv-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let poll = Poll::new().unwrap();
+        let mut server = Server::bind(&dir, "bus").unwrap();
+        server.register(poll.registry(), Token(0)).unwrap();
+        Fixture { poll, server, dir }
+    }
+
+    impl Fixture {
+        /// A client connected to the server, and its slot.
+        fn connect(&mut self) -> (StdStream, usize) {
+            let client = StdStream::connect(self.dir.join("bus")).unwrap();
+            client
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let filled = self.server.accept(self.poll.registry(), t(0));
+            assert_eq!(filled.len(), 1);
+            (client, filled[0])
+        }
+    }
+
+    fn t(ms: u64) -> Instant {
+        Instant::from_millis(ms)
+    }
+
+    fn error_frame(code: ErrorCode) -> [u8; ERROR_FRAME_LEN] {
+        let mut buf = [0u8; ERROR_FRAME_LEN];
+        emit_error(&mut buf, code).unwrap();
+        buf
+    }
+
+    /// Reads from `client` until `n` bytes came (or the timeout).
+    fn read_n(client: &mut StdStream, n: usize) -> Vec<u8> {
+        let mut got = vec![0u8; n];
+        client.read_exact(&mut got).unwrap();
+        got
+    }
+
+    #[test]
+    fn sends_reach_the_peer_whole_and_in_order_through_the_backlog() {
+        let mut f = fixture("order");
+        let (mut client, i) = f.connect();
+        let codes = [ErrorCode::Busy, ErrorCode::Range, ErrorCode::NoMem];
+        // Send until neither the kernel nor the backlog takes more.
+        let mut sent = 0usize;
+        while f.server.send(i, &[&error_frame(codes[sent % 3])]) == Ok(()) {
+            sent += 1;
+            assert!(sent < 1_000_000, "the socket never filled");
+        }
+        assert!(f.server.slot(i).has_backlog());
+        // The refused frame was not partly queued: the peer gets exactly
+        // `sent` whole frames once it reads and the backlog drains.
+        let mut got = Vec::new();
+        while got.len() < sent * ERROR_FRAME_LEN {
+            assert!(!f.server.flush(i));
+            let mut buf = [0u8; 65536];
+            let n = client.read(&mut buf).unwrap();
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(!f.server.flush(i));
+        assert!(!f.server.slot(i).has_backlog());
+        assert_eq!(got.len(), sent * ERROR_FRAME_LEN);
+        for (k, frame) in got.chunks(ERROR_FRAME_LEN).enumerate() {
+            assert_eq!(frame, error_frame(codes[k % 3]), "frame {k}");
+        }
+    }
+
+    #[test]
+    fn a_frame_sent_in_parts_arrives_as_one() {
+        let mut f = fixture("parts");
+        let (mut client, i) = f.connect();
+        let whole = error_frame(ErrorCode::Remote);
+        let (a, b) = whole.split_at(10);
+        f.server.send(i, &[a, b, &[]]).unwrap();
+        assert_eq!(read_n(&mut client, whole.len()), whole);
+    }
+
+    #[test]
+    fn close_after_flush_closes_once_the_backlog_is_written() {
+        let mut f = fixture("close");
+        let (mut client, i) = f.connect();
+        f.server.send(i, &[&error_frame(ErrorCode::Parse)]).unwrap();
+        f.server.close_after_flush(i);
+        assert!(f.server.slot(i).is_closing());
+        assert!(!f.server.slot(i).readable(), "no more input once closing");
+        assert!(f.server.flush(i), "nothing left: close now");
+        f.server.close(f.poll.registry(), i);
+        assert_eq!(
+            read_n(&mut client, ERROR_FRAME_LEN),
+            error_frame(ErrorCode::Parse)
+        );
+        let mut rest = Vec::new();
+        assert_eq!(
+            client.read_to_end(&mut rest).unwrap(),
+            0,
+            "then end of stream"
+        );
+        assert_eq!(f.server.send(i, &[b"x"]), Err(SendError::Closed));
+    }
+
+    #[test]
+    fn a_closing_slot_lingers_at_most_close_linger() {
+        let mut f = fixture("linger");
+        let (_client, i) = f.connect();
+        assert_eq!(f.server.slot(i).linger_deadline(), None);
+        f.server.close_after_flush(i);
+        // Unmarked: due at once, so the next turn marks it.
+        assert_eq!(f.server.slot(i).linger_deadline(), Some(Instant::default()));
+        assert!(!f.server.lingered(i, t(1000)));
+        let limit = t(1000) + CLOSE_LINGER;
+        assert_eq!(f.server.slot(i).linger_deadline(), Some(limit));
+        assert!(!f.server.lingered(i, t(1000 + 4999)));
+        assert!(f.server.lingered(i, limit));
+    }
+
+    #[test]
+    fn a_complete_frame_is_reported_and_consumed_and_a_truncated_one_is_parse() {
+        let mut f = fixture("read");
+        let (mut client, i) = f.connect();
+        let frame = error_frame(ErrorCode::Busy);
+        client.write_all(&frame).unwrap();
+        client.write_all(&frame[..5]).unwrap();
+        assert_eq!(f.server.read(i, t(0)), Input::Frame(frame.len()));
+        assert_eq!(f.server.slot(i).frame(frame.len()), frame);
+        f.server.consume(i, frame.len());
+        assert_eq!(f.server.read(i, t(0)), Input::Idle);
+        drop(client);
+        // [bus-err-1] a frame cut by the end of the stream.
+        assert_eq!(f.server.read(i, t(0)), Input::Malformed(ErrorCode::Parse));
+    }
+
+    /// A prelude announcing `total_len` bytes, with a valid CRC.
+    fn prelude(total_len: u32) -> [u8; 12] {
+        let mut p = [0u8; 12];
+        p[..4].copy_from_slice(&total_len.to_be_bytes());
+        let crc = frame::crc32(&p[..8]);
+        p[8..].copy_from_slice(&crc.to_be_bytes());
+        p
+    }
+
+    #[test]
+    fn an_oversized_frame_is_read_and_discarded_before_nomem() {
+        // [bus-err-2]
+        let mut f = fixture("discard");
+        let (mut client, i) = f.connect();
+        let total = consts::BUS_MAX_FRAME + 5000;
+        client
+            .write_all(&prelude(u32::try_from(total).unwrap()))
+            .unwrap();
+        assert_eq!(f.server.read(i, t(0)), Input::Idle);
+        assert_eq!(
+            f.server.slot(i).discard_deadline(),
+            Some(t(0) + DISCARD_TIMEOUT)
+        );
+        client.write_all(&vec![0u8; total - 12]).unwrap();
+        let mut input = Input::Idle;
+        for _ in 0..100 {
+            input = f.server.read(i, t(10));
+            if input != Input::Idle {
+                break;
+            }
+        }
+        assert_eq!(input, Input::Malformed(ErrorCode::NoMem));
+        assert_eq!(f.server.slot(i).discard_deadline(), None);
+    }
+
+    #[test]
+    fn a_client_that_stops_writing_an_oversized_frame_gets_nomem_at_the_deadline() {
+        let mut f = fixture("discard-timeout");
+        let (mut client, i) = f.connect();
+        client.write_all(&prelude(1_000_000)).unwrap();
+        assert_eq!(f.server.read(i, t(0)), Input::Idle);
+        let deadline = t(0) + DISCARD_TIMEOUT;
+        assert_eq!(f.server.read(i, t(1)), Input::Idle);
+        assert_eq!(
+            f.server.read(i, deadline),
+            Input::Malformed(ErrorCode::NoMem)
+        );
+    }
+
+    #[test]
+    fn ignored_input_is_read_and_thrown_away() {
+        // [bus-req-4.2]
+        let mut f = fixture("ignore");
+        let (mut client, i) = f.connect();
+        f.server.ignore_input(i);
+        client.write_all(&[0xff; 4096]).unwrap();
+        assert_eq!(f.server.read(i, t(0)), Input::Idle);
+        drop(client);
+        assert_eq!(f.server.read(i, t(0)), Input::Closed);
+    }
+
+    #[test]
+    fn a_reused_slot_starts_with_a_new_generation_and_the_default_state() {
+        let mut f = fixture("reuse");
+        let (_c1, i) = f.connect();
+        let first = f.server.slot(i).generation();
+        f.server.set_state(i, 7);
+        f.server.close(f.poll.registry(), i);
+        assert_eq!(f.server.slot(i).state(), 0);
+        let (_c2, j) = f.connect();
+        assert_eq!(j, i);
+        assert_ne!(f.server.slot(j).generation(), first);
+        assert_eq!(f.server.slot(j).state(), 0);
+    }
+
+    #[test]
+    fn a_full_table_refuses_and_counts_new_connections() {
+        let mut f = fixture("full");
+        let clients: Vec<_> = (0..consts::MAX_BUS_CLIENTS).map(|_| f.connect()).collect();
+        assert_eq!(f.server.open_count(), consts::MAX_BUS_CLIENTS);
+        let mut extra = StdStream::connect(f.dir.join("bus")).unwrap();
+        extra
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        assert!(f.server.accept(f.poll.registry(), t(0)).is_empty());
+        assert_eq!(f.server.refused(), 1);
+        let mut buf = [0u8; 1];
+        assert_eq!(extra.read(&mut buf).unwrap(), 0, "closed at once");
+        drop(clients);
+    }
+}
