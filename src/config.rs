@@ -9,6 +9,8 @@ use std::ffi::OsString;
 use std::fmt;
 use std::path::PathBuf;
 
+use crate::bus;
+
 /// AWS IoT Core's keepalive range; a value outside it is moved into it by
 /// AWS, so iotcored warns when asked for one.
 pub const AWS_KEEPALIVE_SECS: core::ops::RangeInclusive<u16> = 30..=1200;
@@ -16,8 +18,7 @@ pub const AWS_KEEPALIVE_SECS: core::ops::RangeInclusive<u16> = 30..=1200;
 /// AWS IoT Core's limit on the client id, in bytes of UTF-8.
 pub const MAX_CLIENT_ID_LEN: usize = 128;
 
-/// [bus-sock-1] The interface name is at most 50 bytes.
-pub const MAX_INTERFACE_NAME_LEN: usize = 50;
+pub use crate::bus::MAX_INTERFACE_NAME_LEN;
 
 /// A Unix socket path must fit `sockaddr_un.sun_path` with its NUL.
 pub const MAX_SOCKET_PATH_LEN: usize = 107;
@@ -232,9 +233,9 @@ fn validate(config: &Config) -> Result<(), UsageError> {
         return fail("--id: the client id contains a NUL character".into());
     }
     let name = &config.interface_name;
-    if name.is_empty() || name.len() > MAX_INTERFACE_NAME_LEN || name.contains(['/', '\0']) {
+    if !bus::is_interface_name(name) {
         return fail(format!(
-            "--interface_name: {name:?} must be 1 to {MAX_INTERFACE_NAME_LEN} bytes without '/'"
+            "--interface_name: {name:?} must be 1 to {MAX_INTERFACE_NAME_LEN} bytes without '/' (nor '.' or '..')"
         ));
     }
     let path = config.socket_path();

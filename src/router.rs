@@ -28,6 +28,7 @@ use core::str;
 
 use heapless::{Deque, String, Vec};
 
+use crate::bus::MAX_INTERFACE_NAME_LEN;
 use crate::consts::{MAX_CONNECTIONS, MAX_SUBSCRIPTIONS, SUBSCRIPTIONS_PER_CONNECTION};
 use crate::mqtt::packet::{Filters, Packet, QoS, SubackCode, Subscribe, Unsubscribe};
 
@@ -40,8 +41,6 @@ pub const MAX_SLASHES: usize = 7;
 pub const MAX_FILTERS_PER_PACKET: usize = 8;
 /// Most distinct filters in one local subscribe request.
 pub const MAX_FILTERS_PER_REQUEST: usize = 16;
-/// Longest `response_endpoint` name.
-pub const MAX_ENDPOINT_LEN: usize = 50;
 /// First packet id of the router's half of the id space.
 pub const FIRST_PACKET_ID: u16 = 32_768;
 /// Consecutive failed deliveries to a response endpoint after which its
@@ -211,11 +210,11 @@ pub enum Dest {
     /// The subscribe stream of a bus client connection (GGL style).
     Stream { client: u16, generation: u32 },
     /// `iotcored_response` notifies to this bus interface.
-    Endpoint(String<MAX_ENDPOINT_LEN>),
+    Endpoint(String<MAX_INTERFACE_NAME_LEN>),
 }
 
 impl Dest {
-    /// An endpoint destination; `None` if the name is over 50 bytes.
+    /// An endpoint destination; `None` if the name is too long.
     pub fn endpoint(name: &str) -> Option<Dest> {
         String::try_from(name).ok().map(Dest::Endpoint)
     }

@@ -61,7 +61,7 @@ pub enum Peer {
     /// A local client connected to us.
     Client,
     /// We connected to `<socket-dir>/<name>` to deliver messages.
-    Endpoint(heapless::String<50>),
+    Endpoint(heapless::String<{ super::MAX_INTERFACE_NAME_LEN }>),
 }
 
 /// What the caller should do with a slot after reading.

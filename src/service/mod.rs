@@ -14,7 +14,7 @@
 pub mod answer;
 pub mod params;
 
-pub use params::{Method, Publish, Subscribe, Unsubscribe, MAX_ENDPOINT_LEN, MAX_PAYLOAD};
+pub use params::{Method, Publish, Subscribe, Unsubscribe, MAX_PAYLOAD};
 
 use crate::bus::frame::{self, ErrorCode, RequestType};
 use crate::bus::object;

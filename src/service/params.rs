@@ -7,6 +7,7 @@
 //! limits is RANGE [bus-err-3]: one client's mistake never costs the shared
 //! connection.
 
+use crate::bus;
 use crate::bus::frame::{ErrorCode, RequestType};
 use crate::bus::object::{Map, Object};
 use crate::mqtt::packet::QoS;
@@ -14,9 +15,6 @@ use crate::router::{self, SubscribeError, MAX_FILTERS_PER_REQUEST};
 
 /// AWS IoT Core's largest PUBLISH payload.
 pub const MAX_PAYLOAD: usize = 128 * 1024;
-
-/// A `response_endpoint` names a bus interface: at most 50 bytes [bus-sock-1].
-pub const MAX_ENDPOINT_LEN: usize = 50;
 
 /// The methods of the interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,17 +196,12 @@ pub fn subscribe_error_code(e: SubscribeError) -> ErrorCode {
     ErrorCode::from_i32(e.code()).unwrap_or(ErrorCode::Failure)
 }
 
+/// A `response_endpoint` names a bus interface [bus-sock-1].
 fn endpoint(raw: &[u8]) -> Result<&str, ErrorCode> {
-    let name = core::str::from_utf8(raw).map_err(|_| ErrorCode::Invalid)?;
-    if name.is_empty()
-        || name.len() > MAX_ENDPOINT_LEN
-        || name.contains(['/', '\0'])
-        || name == ".."
-        || name == "."
-    {
-        return Err(ErrorCode::Invalid);
-    }
-    Ok(name)
+    core::str::from_utf8(raw)
+        .ok()
+        .filter(|name| bus::is_interface_name(name))
+        .ok_or(ErrorCode::Invalid)
 }
 
 #[cfg(test)]
