@@ -412,18 +412,24 @@ mod tests {
         buf
     }
 
-    /// The params `{topic, payload, qos}`.
-    fn publish_params<'a>(
-        topic: &'a [u8],
-        payload: &'a [u8],
-        qos: i64,
-    ) -> impl FnOnce(&mut Encoder<'_>) + 'a {
-        move |e| {
+    /// A `publish` of `{topic, payload, qos}`.
+    fn publish(kind: RequestType, topic: &[u8], payload: &[u8], qos: i64) -> Vec<u8> {
+        request("publish", kind, |e| {
             e.map(3).unwrap();
             e.key(b"topic").unwrap().buf(topic).unwrap();
             e.key(b"payload").unwrap().buf(payload).unwrap();
             e.key(b"qos").unwrap().i64(qos).unwrap();
-        }
+        })
+    }
+
+    /// A `subscribe` of one filter, to `endpoint` if given.
+    fn subscribe(kind: RequestType, filter: &[u8], endpoint: Option<&[u8]>) -> Vec<u8> {
+        request("subscribe", kind, filter_params(filter, endpoint))
+    }
+
+    /// An `unsubscribe` call.
+    fn unsubscribe(kind: RequestType, filter: &[u8], endpoint: Option<&[u8]>) -> Vec<u8> {
+        request("unsubscribe", kind, filter_params(filter, endpoint))
     }
 
     fn filter_params<'a>(
@@ -506,31 +512,12 @@ mod tests {
     fn a_publish_call_is_answered_null_once_the_message_is_queued() {
         // [iotcored-bus-publish-1] core-bus.md section 5's worked example.
         let mut w = World::new();
-        let bytes = request(
-            "publish",
-            RequestType::Call,
-            publish_params(b"a/b", b"hi", 1),
-        );
+        let bytes = publish(RequestType::Call, b"a/b", b"hi", 1);
         assert_eq!(bytes.len(), 99);
         let (reply, answer) = w.call(&bytes);
         assert_eq!(answer, hex(NULL));
         assert_eq!(reply, served(answer.len()));
         assert_eq!((w.spool.len(), w.spool.stats().published), (1, 1));
-    }
-
-    #[test]
-    fn a_publish_notify_is_queued_and_never_answered() {
-        // [bus-req-3] [bus-req-4.1]
-        let mut w = World::new();
-        let bytes = request(
-            "publish",
-            RequestType::Notify,
-            publish_params(b"a/b", b"hi", 0),
-        );
-        let (reply, answer) = w.call(&bytes);
-        assert!(answer.is_empty());
-        assert_eq!(reply, served(0));
-        assert_eq!(w.spool.len(), 1);
     }
 
     #[test]
@@ -546,11 +533,7 @@ mod tests {
         ];
         for (topic, qos, code) in cases {
             let mut w = World::new();
-            let bytes = request(
-                "publish",
-                RequestType::Call,
-                publish_params(topic, b"x", qos),
-            );
+            let bytes = publish(RequestType::Call, topic, b"x", qos);
             let (reply, answer) = w.call(&bytes);
             assert_eq!(
                 answer,
@@ -574,31 +557,29 @@ mod tests {
     }
 
     #[test]
-    fn a_refused_notify_is_not_answered_but_counted_as_dropped() {
-        // [bus-req-4.1]
+    fn a_publish_notify_is_never_answered_and_a_refused_one_counts_as_dropped() {
+        // [bus-req-3] [bus-req-4.1]
         let mut w = World::new();
-        let bytes = request(
-            "publish",
-            RequestType::Notify,
-            publish_params(b"a/#", b"x", 0),
-        );
-        let (reply, answer) = w.call(&bytes);
-        assert!(answer.is_empty());
-        assert_eq!(
-            reply,
-            Reply {
-                dropped: true,
-                ..served(0)
-            }
-        );
+        for (topic, dropped, queued) in [(&b"a/b"[..], false, 1), (b"a/#", true, 1)] {
+            let (reply, answer) = w.call(&publish(RequestType::Notify, topic, b"x", 0));
+            assert!(answer.is_empty());
+            assert_eq!(
+                reply,
+                Reply {
+                    dropped,
+                    ..served(0)
+                }
+            );
+            assert_eq!(w.spool.len(), queued);
+        }
     }
 
     #[test]
     fn a_full_spool_evicts_queued_qos0_first_then_answers_busy() {
         // core-bus.md section 6: BUSY only when nothing can be evicted.
         let mut w = World::new();
-        let qos0 = request("publish", RequestType::Call, publish_params(b"t", b"0", 0));
-        let qos1 = request("publish", RequestType::Call, publish_params(b"t", b"1", 1));
+        let qos0 = publish(RequestType::Call, b"t", b"0", 0);
+        let qos1 = publish(RequestType::Call, b"t", b"1", 1);
         for _ in 0..8 {
             assert_eq!(w.call(&qos0).1, hex(NULL));
         }
@@ -628,19 +609,11 @@ mod tests {
         assert_eq!(answer, hex(NOENTRY));
         assert_eq!(reply, served(answer.len()));
         let wrong = [
-            request(
-                "publish",
-                RequestType::Subscribe,
-                publish_params(b"a", b"", 0),
-            ),
+            publish(RequestType::Subscribe, b"a", b"", 0),
             request("stats", RequestType::Subscribe, empty),
             request("connection_status", RequestType::Call, empty),
-            request("subscribe", RequestType::Call, filter_params(b"a", None)),
-            request(
-                "unsubscribe",
-                RequestType::Subscribe,
-                filter_params(b"a", Some(b"x")),
-            ),
+            subscribe(RequestType::Call, b"a", None),
+            unsubscribe(RequestType::Subscribe, b"a", Some(b"x")),
         ];
         for bytes in wrong {
             let (reply, answer) = w.call(&bytes);
@@ -697,11 +670,7 @@ mod tests {
         // [iotcored-bus-subscribe-1] [bus-req-4.2]; offline, the router
         // accepts at once and subscribes after the next connect.
         let mut w = World::new();
-        let (reply, answer) = w.call(&request(
-            "subscribe",
-            RequestType::Subscribe,
-            filter_params(b"a/#", None),
-        ));
+        let (reply, answer) = w.call(&subscribe(RequestType::Subscribe, b"a/#", None));
         assert!(answer.is_empty());
         let Mode::AwaitStream(id) = reply.mode else {
             panic!("not waiting: {reply:?}");
@@ -723,11 +692,7 @@ mod tests {
     fn a_subscribe_call_with_an_endpoint_is_answered_null_when_settled() {
         // [iotcored-bus-subscribe-3]
         let mut w = World::new();
-        let bytes = request(
-            "subscribe",
-            RequestType::Call,
-            filter_params(b"a/#", Some(b"sink")),
-        );
+        let bytes = subscribe(RequestType::Call, b"a/#", Some(b"sink"));
         let (reply, answer) = w.call(&bytes);
         assert!(answer.is_empty());
         let Mode::AwaitCall(_) = reply.mode else {
@@ -790,27 +755,19 @@ mod tests {
         let mut w = World::new();
         for i in 0..consts::MAX_SUBSCRIPTIONS {
             let filter = format!("t/{i}");
-            let bytes = request(
-                "subscribe",
-                RequestType::Call,
-                filter_params(filter.as_bytes(), Some(b"sink")),
-            );
+            let bytes = subscribe(RequestType::Call, filter.as_bytes(), Some(b"sink"));
             assert!(matches!(w.call(&bytes).0.mode, Mode::AwaitCall(_)));
         }
-        let bytes = request(
-            "subscribe",
-            RequestType::Call,
-            filter_params(b"t/x", Some(b"sink")),
-        );
+        let bytes = subscribe(RequestType::Call, b"t/x", Some(b"sink"));
         assert_eq!(w.call(&bytes).1, hex(NOMEM));
         let mut w = World::new();
         let bad = [
-            (filter_params(b"a/#/b", None), INVALID),
-            (filter_params(b"a/b/c/d/e/f/g/h/i", None), RANGE),
-            (filter_params(b"a", Some(b"../x")), INVALID),
+            (&b"a/#/b"[..], None, INVALID),
+            (b"a/b/c/d/e/f/g/h/i", None, RANGE),
+            (b"a", Some(&b"../x"[..]), INVALID),
         ];
-        for (params, code) in bad {
-            let (reply, answer) = w.call(&request("subscribe", RequestType::Subscribe, params));
+        for (filter, endpoint, code) in bad {
+            let (reply, answer) = w.call(&subscribe(RequestType::Subscribe, filter, endpoint));
             assert_eq!(answer, hex(code));
             assert_eq!(reply, served(answer.len()));
         }
@@ -819,26 +776,14 @@ mod tests {
     #[test]
     fn unsubscribe_ends_exactly_one_endpoint_subscription_or_is_noentry() {
         let mut w = World::new();
-        let (reply, _) = w.call(&request(
-            "subscribe",
-            RequestType::Call,
-            filter_params(b"a/#", Some(b"sink")),
-        ));
+        let (reply, _) = w.call(&subscribe(RequestType::Call, b"a/#", Some(b"sink")));
         let Mode::AwaitCall(id) = reply.mode else {
             panic!("not waiting: {reply:?}");
         };
-        let other = request(
-            "unsubscribe",
-            RequestType::Call,
-            filter_params(b"a/#", Some(b"other")),
-        );
+        let other = unsubscribe(RequestType::Call, b"a/#", Some(b"other"));
         assert_eq!(w.call(&other).1, hex(NOENTRY));
         assert_eq!(w.router.state(id), Some(SubState::Active));
-        let mine = request(
-            "unsubscribe",
-            RequestType::Call,
-            filter_params(b"a/#", Some(b"sink")),
-        );
+        let mine = unsubscribe(RequestType::Call, b"a/#", Some(b"sink"));
         assert_eq!(w.call(&mine).1, hex(NULL));
         assert_eq!(w.router.state(id), None);
         assert_eq!(w.call(&mine).1, hex(NOENTRY));
@@ -869,11 +814,7 @@ mod tests {
             received: 3,
             reconnects: 4,
         };
-        w.call(&request(
-            "publish",
-            RequestType::Call,
-            publish_params(b"a/b", b"hi", 1),
-        ));
+        w.call(&publish(RequestType::Call, b"a/b", b"hi", 1));
         let (reply, answer) = w.call(&request("stats", RequestType::Call, empty));
         let golden = concat!(
             "0000015800000000a61d88c6060c000000090000007075626c69736865640201",
