@@ -1095,6 +1095,7 @@ fn render(out: &mut String, path: &str, obj: &Object<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use iotcored::bus::example;
 
     /// Parses a command line given as one string, split at spaces.
     fn parse_line(line: &str) -> Result<Command, UsageError> {
@@ -1253,24 +1254,6 @@ mod tests {
     /// core-bus.md section 5, byte for byte. The tool emits the keys in the
     /// order topic, payload, qos and leaves `retain` out when it is false,
     /// which is exactly the worked example's payload.
-    const WORKED_EXAMPLE: [u8; 99] = [
-        0x00, 0x00, 0x00, 0x63, // total_len = 99
-        0x00, 0x00, 0x00, 0x1b, // headers_len = 27
-        0x31, 0xd5, 0x1b, 0x18, // prelude CRC
-        0x06, b'm', b'e', b't', b'h', b'o', b'd', // name "method"
-        0x07, 0x00, 0x07, b'p', b'u', b'b', b'l', b'i', b's', b'h', // string "publish"
-        0x04, b't', b'y', b'p', b'e', // name "type"
-        0x04, 0x00, 0x00, 0x00, 0x01, // int32 1 = call
-        0x06, 0x03, 0x00, 0x00, 0x00, // map, 3 entries
-        0x05, 0x00, 0x00, 0x00, b't', b'o', b'p', b'i', b'c', // key "topic"
-        0x04, 0x03, 0x00, 0x00, 0x00, b'a', b'/', b'b', // buffer "a/b"
-        0x07, 0x00, 0x00, 0x00, b'p', b'a', b'y', b'l', b'o', b'a', b'd', // key "payload"
-        0x04, 0x02, 0x00, 0x00, 0x00, b'h', b'i', // buffer "hi"
-        0x03, 0x00, 0x00, 0x00, b'q', b'o', b's', // key "qos"
-        0x02, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // i64 1
-        0x66, 0xdd, 0xcd, 0x27, // message CRC
-    ];
-
     #[test]
     fn pub_t_a_b_m_hi_q_1_is_the_worked_example() {
         let Action::Pub {
@@ -1283,7 +1266,7 @@ mod tests {
             panic!("not a pub");
         };
         let frame = publish_request(&topic, &payload, qos, retain).unwrap();
-        assert_eq!(frame, WORKED_EXAMPLE);
+        assert_eq!(frame, example::PUBLISH_CALL);
     }
 
     #[test]

@@ -738,27 +738,7 @@ pub fn request_len(method: &[u8], payload_len: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Section 5: call `publish` with `{topic: "a/b", payload: "hi", qos: 1}`.
-    const PUBLISH_CALL: [u8; 99] = [
-        0x00, 0x00, 0x00, 0x63, // total_len = 99
-        0x00, 0x00, 0x00, 0x1b, // headers_len = 27
-        0x31, 0xd5, 0x1b, 0x18, // prelude CRC
-        0x06, b'm', b'e', b't', b'h', b'o', b'd', // name "method"
-        0x07, 0x00, 0x07, // string, len 7
-        b'p', b'u', b'b', b'l', b'i', b's', b'h', // "publish"
-        0x04, b't', b'y', b'p', b'e', // name "type"
-        0x04, 0x00, 0x00, 0x00, 0x01, // int32 1 = call
-        0x06, 0x03, 0x00, 0x00, 0x00, // map, 3 entries
-        0x05, 0x00, 0x00, 0x00, b't', b'o', b'p', b'i', b'c', // key "topic"
-        0x04, 0x03, 0x00, 0x00, 0x00, b'a', b'/', b'b', // buffer "a/b"
-        0x07, 0x00, 0x00, 0x00, b'p', b'a', b'y', b'l', b'o', b'a', b'd', // key "payload"
-        0x04, 0x02, 0x00, 0x00, 0x00, b'h', b'i', // buffer "hi"
-        0x03, 0x00, 0x00, 0x00, b'q', b'o', b's', // key "qos"
-        0x02, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // i64 1
-        0x66, 0xdd, 0xcd, 0x27, // message CRC
-    ];
-    const PUBLISH_PARAMS: core::ops::Range<usize> = 39..95;
+    use crate::bus::example::{PUBLISH_CALL, PUBLISH_PARAMS};
 
     /// Call result null.
     const NULL_RESULT: [u8; 17] = [
@@ -851,7 +831,7 @@ mod tests {
         let request = frame.request().unwrap();
         assert_eq!(request.method, b"publish");
         assert_eq!(request.kind, RequestType::Call);
-        assert_eq!(request.payload, &PUBLISH_CALL[PUBLISH_PARAMS]);
+        assert_eq!(request.payload, PUBLISH_PARAMS);
         assert_eq!(frame.header_str("method"), Some(&b"publish"[..]));
         assert_eq!(frame.header_i32("type"), Some(1));
         assert_eq!(frame.header_i32("method"), None);
@@ -866,7 +846,7 @@ mod tests {
 
     #[test]
     fn the_worked_example_is_emitted_byte_for_byte() {
-        let params = &PUBLISH_CALL[PUBLISH_PARAMS];
+        let params = PUBLISH_PARAMS;
         assert_eq!(request_len(b"publish", params.len()), 99);
         let mut buf = [0xAA; 128];
         let mut e = begin_request(&mut buf, b"publish", RequestType::Call).unwrap();

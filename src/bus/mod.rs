@@ -1,5 +1,7 @@
 //! The core bus: the Greengrass Lite wire protocol local clients speak to iotcored.
 
+#[doc(hidden)]
+pub mod example;
 pub mod frame;
 pub mod object;
 pub mod server;

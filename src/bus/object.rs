@@ -564,34 +564,8 @@ impl<'b> Encoder<'b> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bus::example::{PUBLISH_CALL, PUBLISH_PARAMS};
     use crate::bus::frame::{self, RequestType};
-
-    /// The params of the worked example (section 5).
-    const PUBLISH_PARAMS: [u8; 56] = [
-        0x06, 0x03, 0x00, 0x00, 0x00, // map, 3 entries
-        0x05, 0x00, 0x00, 0x00, b't', b'o', b'p', b'i', b'c', // key "topic"
-        0x04, 0x03, 0x00, 0x00, 0x00, b'a', b'/', b'b', // buffer "a/b"
-        0x07, 0x00, 0x00, 0x00, b'p', b'a', b'y', b'l', b'o', b'a', b'd', // key "payload"
-        0x04, 0x02, 0x00, 0x00, 0x00, b'h', b'i', // buffer "hi"
-        0x03, 0x00, 0x00, 0x00, b'q', b'o', b's', // key "qos"
-        0x02, 0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // i64 1
-    ];
-
-    /// The whole worked example frame: prelude, headers, params, CRC.
-    fn publish_call() -> Vec<u8> {
-        let mut f = vec![
-            0x00, 0x00, 0x00, 0x63, // total_len = 99
-            0x00, 0x00, 0x00, 0x1b, // headers_len = 27
-            0x31, 0xd5, 0x1b, 0x18, // prelude CRC
-            0x06, b'm', b'e', b't', b'h', b'o', b'd', // "method"
-            0x07, 0x00, 0x07, b'p', b'u', b'b', b'l', b'i', b's', b'h', // "publish"
-            0x04, b't', b'y', b'p', b'e', // "type"
-            0x04, 0x00, 0x00, 0x00, 0x01, // int32 1 = call
-        ];
-        f.extend_from_slice(&PUBLISH_PARAMS);
-        f.extend_from_slice(&[0x66, 0xdd, 0xcd, 0x27]); // message CRC
-        f
-    }
 
     /// `levels` nested lists around a null: `[[...[null]...]]`.
     fn nested_lists(levels: usize, innermost: &[u8]) -> Vec<u8> {
@@ -622,7 +596,7 @@ mod tests {
 
     #[test]
     fn the_worked_example_params_parse_in_order() {
-        let params = parse_params(&PUBLISH_PARAMS).unwrap();
+        let params = parse_params(PUBLISH_PARAMS).unwrap();
         assert_eq!(params.len(), 3);
         assert_eq!(params.get(b"topic"), Some(Object::Buf(b"a/b")));
         assert_eq!(
@@ -660,7 +634,7 @@ mod tests {
             .unwrap();
         let n = enc.written();
         assert_eq!(e.finish(n), Ok(99));
-        assert_eq!(buf[..], publish_call()[..]);
+        assert_eq!(buf[..], PUBLISH_CALL[..]);
         // And back: frame, request, params.
         let request = frame::parse(&buf).unwrap().request().unwrap();
         let params = parse_params(request.payload).unwrap();
@@ -988,7 +962,7 @@ mod tests {
         }
         enc.null().unwrap();
         let n = enc.written();
-        let seeds: [&[u8]; 3] = [&seed[..n], &PUBLISH_PARAMS, &[TAG_MAP, 0, 0, 0, 0]];
+        let seeds: [&[u8]; 3] = [&seed[..n], PUBLISH_PARAMS, &[TAG_MAP, 0, 0, 0, 0]];
 
         let mut rng = 0x2545_F491_4F6C_DD1Du64;
         let (mut ok, mut failed) = (0, 0);
