@@ -9,6 +9,8 @@ use std::time::Duration;
 use iotcored::bus::frame::{self, FrameLen, HeaderValue, RequestType, Response};
 use iotcored::bus::object::{Encoder, Object};
 
+use super::Logged;
+
 /// An owned response frame.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Reply {

@@ -150,6 +150,42 @@ fn read_log(path: &Path) -> String {
     }
 }
 
+/// A guard whose process writes a log file (stdout and stderr): the
+/// broker's (every run of it) or the daemon's. Reading, counting and
+/// waiting for a needle are the same for both.
+pub trait Logged {
+    /// The log file.
+    fn log_path(&self) -> &Path;
+
+    /// Everything written to the log so far.
+    fn log(&self) -> String {
+        read_log(self.log_path())
+    }
+
+    /// How many times `needle` occurs in the log.
+    fn count_log(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+
+    /// Waits until the log contains `needle`.
+    fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
+        self.wait_log_count(needle, 1, timeout)
+    }
+
+    /// Waits until the log contains `needle` at least `n` times.
+    fn wait_log_count(&self, needle: &str, n: usize, timeout: Duration) -> bool {
+        wait_until(timeout, || self.count_log(needle) >= n)
+    }
+
+    /// When the test is already panicking, prints the last lines of the log
+    /// to stderr under the title `what`; each guard does as it drops.
+    fn dump_tail_if_panicking(&self, what: &str) {
+        if thread::panicking() {
+            dump_tail(what, self.log_path());
+        }
+    }
+}
+
 /// Prints the last lines of a log to stderr; used by guards dropped in a
 /// panicking test (libtest shows a failed test's stderr).
 fn dump_tail(what: &str, path: &Path) {
@@ -528,7 +564,7 @@ const PORT_MARK: &str = "@PORT@";
 /// A running mosquitto broker (see [`MosquittoBuilder`]).
 ///
 /// Its log file is kept across [`Mosquitto::restart`]: mosquitto appends, so
-/// [`Mosquitto::log`] shows every run. Compare [`Mosquitto::count_log`]
+/// [`Logged::log`] shows every run. Compare [`Mosquitto::count_log`]
 /// before and after to look only at what happened since.
 pub struct Mosquitto {
     port: u16,
@@ -538,6 +574,12 @@ pub struct Mosquitto {
     openssl_conf: Option<PathBuf>,
     child: Option<Child>,
     dir: TestDir,
+}
+
+impl Logged for Mosquitto {
+    fn log_path(&self) -> &Path {
+        &self.log_path
+    }
 }
 
 impl Mosquitto {
@@ -567,31 +609,6 @@ impl Mosquitto {
             Some(c) => matches!(c.try_wait(), Ok(None)),
             None => false,
         }
-    }
-
-    /// The log file.
-    pub fn log_path(&self) -> &Path {
-        &self.log_path
-    }
-
-    /// The whole log (all runs).
-    pub fn log(&self) -> String {
-        read_log(&self.log_path)
-    }
-
-    /// How many times `needle` occurs in the log.
-    pub fn count_log(&self, needle: &str) -> usize {
-        self.log().matches(needle).count()
-    }
-
-    /// Waits until the log contains `needle`.
-    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
-        self.wait_log_count(needle, 1, timeout)
-    }
-
-    /// Waits until the log contains `needle` at least `n` times.
-    pub fn wait_log_count(&self, needle: &str, n: usize, timeout: Duration) -> bool {
-        wait_until(timeout, || self.count_log(needle) >= n)
     }
 
     /// The per-broker temporary directory.
@@ -674,9 +691,7 @@ impl Mosquitto {
 
 impl Drop for Mosquitto {
     fn drop(&mut self) {
-        if thread::panicking() {
-            dump_tail("mosquitto log", &self.log_path);
-        }
+        self.dump_tail_if_panicking("mosquitto log");
         self.stop();
     }
 }
@@ -1389,6 +1404,12 @@ pub struct Daemon {
     dir: TestDir,
 }
 
+impl Logged for Daemon {
+    fn log_path(&self) -> &Path {
+        &self.log_path
+    }
+}
+
 impl Daemon {
     /// Spawns `bin` with `args` and RUST_LOG=debug.
     pub fn start<S: AsRef<std::ffi::OsStr>>(bin: impl AsRef<Path>, args: &[S]) -> Daemon {
@@ -1416,31 +1437,6 @@ impl Daemon {
         self.dir.path()
     }
 
-    /// The log file (stdout and stderr).
-    pub fn log_path(&self) -> &Path {
-        &self.log_path
-    }
-
-    /// Everything the daemon printed so far.
-    pub fn log(&self) -> String {
-        read_log(&self.log_path)
-    }
-
-    /// How many times `needle` occurs in the log.
-    pub fn count_log(&self, needle: &str) -> usize {
-        self.log().matches(needle).count()
-    }
-
-    /// Waits until the log contains `needle`.
-    pub fn wait_log(&self, needle: &str, timeout: Duration) -> bool {
-        self.wait_log_count(needle, 1, timeout)
-    }
-
-    /// Waits until the log contains `needle` at least `n` times.
-    pub fn wait_log_count(&self, needle: &str, n: usize, timeout: Duration) -> bool {
-        wait_until(timeout, || self.count_log(needle) >= n)
-    }
-
     /// Sends a signal (e.g. `libc::SIGTERM`); does nothing once reaped.
     pub fn signal(&self, sig: libc::c_int) {
         if self.status.is_none() {
@@ -1464,9 +1460,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if thread::panicking() {
-            dump_tail("daemon log", &self.log_path);
-        }
+        self.dump_tail_if_panicking("daemon log");
         if self.status.is_none() {
             terminate(&mut self.child);
         }
