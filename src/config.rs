@@ -7,9 +7,9 @@
 
 use std::ffi::OsString;
 use std::fmt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use crate::bus;
+use crate::bus::{self, MAX_INTERFACE_NAME_LEN};
 
 /// AWS IoT Core's keepalive range; a value outside it is moved into it by
 /// AWS, so iotcored warns when asked for one.
@@ -17,8 +17,6 @@ pub const AWS_KEEPALIVE_SECS: core::ops::RangeInclusive<u16> = 30..=1200;
 
 /// AWS IoT Core's limit on the client id, in bytes of UTF-8.
 pub const MAX_CLIENT_ID_LEN: usize = 128;
-
-pub use crate::bus::MAX_INTERFACE_NAME_LEN;
 
 /// A Unix socket path must fit `sockaddr_un.sun_path` with its NUL.
 pub const MAX_SOCKET_PATH_LEN: usize = 107;
@@ -232,20 +230,27 @@ fn validate(config: &Config) -> Result<(), UsageError> {
     if id.contains('\0') {
         return fail("--id: the client id contains a NUL character".into());
     }
-    let name = &config.interface_name;
-    if !bus::is_interface_name(name) {
-        return fail(format!(
-            "--interface_name: {name:?} must be 1 to {MAX_INTERFACE_NAME_LEN} bytes without '/' (nor '.' or '..')"
+    bus_socket_path(&config.socket_dir, &config.interface_name).map_err(UsageError)?;
+    Ok(())
+}
+
+/// The socket `<socket_dir>/<interface_name>` [bus-sock-1], checked: the
+/// name is an interface name and the path fits a Unix socket address. The
+/// error names the option or the path (the daemon's and iotcorectl's).
+pub fn bus_socket_path(socket_dir: &Path, interface_name: &str) -> Result<PathBuf, String> {
+    if !bus::is_interface_name(interface_name) {
+        return Err(format!(
+            "--interface_name: {interface_name:?} must be 1 to {MAX_INTERFACE_NAME_LEN} bytes without '/' (nor '.' or '..')"
         ));
     }
-    let path = config.socket_path();
+    let path = socket_dir.join(interface_name);
     if path.as_os_str().len() > MAX_SOCKET_PATH_LEN {
-        return fail(format!(
+        return Err(format!(
             "the bus socket path {} is longer than {MAX_SOCKET_PATH_LEN} bytes",
             path.display()
         ));
     }
-    Ok(())
+    Ok(path)
 }
 
 fn is_ip(host: &str) -> bool {

@@ -374,6 +374,7 @@ mod tests {
     //! them to the spec's worked example.
 
     use super::*;
+    use crate::bus::example;
     use crate::bus::object::Encoder;
     use crate::consts;
     use crate::mqtt::packet::SubackCode;
@@ -512,9 +513,7 @@ mod tests {
     fn a_publish_call_is_answered_null_once_the_message_is_queued() {
         // [iotcored-bus-publish-1] core-bus.md section 5's worked example.
         let mut w = World::new();
-        let bytes = publish(RequestType::Call, b"a/b", b"hi", 1);
-        assert_eq!(bytes.len(), 99);
-        let (reply, answer) = w.call(&bytes);
+        let (reply, answer) = w.call(&example::PUBLISH_CALL);
         assert_eq!(answer, hex(NULL));
         assert_eq!(reply, served(answer.len()));
         assert_eq!((w.spool.len(), w.spool.stats().published), (1, 1));
@@ -814,7 +813,7 @@ mod tests {
             received: 3,
             reconnects: 4,
         };
-        w.call(&publish(RequestType::Call, b"a/b", b"hi", 1));
+        w.call(&example::PUBLISH_CALL);
         let (reply, answer) = w.call(&request("stats", RequestType::Call, empty));
         let golden = concat!(
             "0000015800000000a61d88c6060c000000090000007075626c69736865640201",

@@ -9,7 +9,7 @@ use std::os::unix::ffi::OsStringExt as _;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use iotcored::config::{MAX_INTERFACE_NAME_LEN, MAX_SOCKET_PATH_LEN};
+use iotcored::config::bus_socket_path;
 // A usage error: the message names the option and what is wrong. The
 // daemon's own, for the same message shape and `From<lexopt::Error>`.
 use iotcored::config::UsageError;
@@ -236,21 +236,13 @@ fn validate(raw: Raw) -> Result<Invocation, UsageError> {
     let name = raw
         .interface_name
         .unwrap_or_else(|| String::from("aws_iot_mqtt"));
-    if name.is_empty() || name.len() > MAX_INTERFACE_NAME_LEN || name.contains(['/', '\0']) {
-        return usage(format!(
-            "--interface_name: {name:?} must be 1 to {MAX_INTERFACE_NAME_LEN} bytes without '/'"
-        ));
-    }
-    let socket = raw
+    let dir = raw
         .socket_dir
-        .unwrap_or_else(|| PathBuf::from("/run/greengrass"))
-        .join(name);
-    if socket.as_os_str().len() > MAX_SOCKET_PATH_LEN {
-        return usage(format!(
-            "the bus socket path {} is longer than {MAX_SOCKET_PATH_LEN} bytes",
-            socket.display()
-        ));
-    }
+        .unwrap_or_else(|| PathBuf::from("/run/greengrass"));
+    let socket = match bus_socket_path(&dir, &name) {
+        Ok(path) => path,
+        Err(e) => return usage(e),
+    };
     let Some(command) = raw.command else {
         return usage("missing COMMAND: pub, sub, status or stats");
     };
