@@ -1,7 +1,7 @@
-//! The subscription router, sans-I/O: topic validation and matching, the
-//! table of distinct broker filters and the links (MQTT connections) holding
-//! them, and the local subscriptions they serve [iotcored-4], [iotcored-5],
-//! [iotcored-bus-subscribe-*].
+//! The subscription router, sans-I/O: the table of distinct broker filters
+//! (checked and matched by `mqtt::topic`), the links (MQTT connections)
+//! holding them, and the local subscriptions they serve [iotcored-4],
+//! [iotcored-5], [iotcored-bus-subscribe-*].
 //!
 //! Invariants:
 //! - Each distinct filter string has one entry. An entry is *placed* on one
@@ -31,12 +31,8 @@ use heapless::{Deque, String, Vec};
 use crate::bus::MAX_INTERFACE_NAME_LEN;
 use crate::consts::{MAX_CONNECTIONS, MAX_SUBSCRIPTIONS, SUBSCRIPTIONS_PER_CONNECTION};
 use crate::mqtt::packet::{Filters, Packet, QoS, SubackCode, Subscribe, Unsubscribe};
+use crate::mqtt::topic::{matches, validate_filter, TopicError, MAX_TOPIC_LEN};
 
-/// Longest topic name or filter AWS IoT Core accepts, in bytes.
-pub const MAX_TOPIC_LEN: usize = 256;
-/// Most forward slashes in a topic or filter, not counting the
-/// `$aws/rules/<rule-name>/` prefix of Basic Ingest.
-pub const MAX_SLASHES: usize = 7;
 /// Most filters in one SUBSCRIBE or UNSUBSCRIBE packet (AWS, hard).
 pub const MAX_FILTERS_PER_PACKET: usize = 8;
 /// Most distinct filters in one local subscribe request.
@@ -71,133 +67,14 @@ pub mod code {
     pub const REMOTE: i32 = 14;
 }
 
-// ---- validation and matching ----------------------------------------------
-
-/// Why a topic name or filter is refused.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TopicError {
-    /// Not UTF-8 [MQTT-1.5.3-1].
-    NotUtf8,
-    /// Contains U+0000 [MQTT-1.5.3-2].
-    Nul,
-    /// Empty [MQTT-4.7.3-1].
-    Empty,
-    /// A topic name containing `+` or `#` [MQTT-3.3.2-2].
-    Wildcard,
-    /// A filter with `+` or `#` not filling a level, or `#` not last
-    /// [MQTT-4.7.1-2], [MQTT-4.7.1-3].
-    BadWildcard,
-    /// Starts with `$` but not with `$aws/` (reserved by AWS IoT Core).
-    Reserved,
-    /// Over `MAX_TOPIC_LEN` bytes.
-    TooLong,
-    /// Over `MAX_SLASHES` slashes.
-    TooManyLevels,
-}
-
+// A topic's bus error code lives here, beside the other bus codes, so that
+// the codec-level `mqtt::topic` does not depend on the bus.
 impl TopicError {
     /// The core bus error code: RANGE for AWS limits, INVALID otherwise.
     pub fn code(&self) -> i32 {
         match self {
             TopicError::TooLong | TopicError::TooManyLevels => code::RANGE,
             _ => code::INVALID,
-        }
-    }
-}
-
-impl fmt::Display for TopicError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            TopicError::NotUtf8 => "topic is not valid utf-8",
-            TopicError::Nul => "topic contains u+0000",
-            TopicError::Empty => "topic is empty",
-            TopicError::Wildcard => "topic name contains a wildcard",
-            TopicError::BadWildcard => "topic filter misplaces a wildcard",
-            TopicError::Reserved => "topics starting with $ must start with $aws/",
-            TopicError::TooLong => "topic is longer than 256 bytes",
-            TopicError::TooManyLevels => "topic has more than 7 slashes",
-        })
-    }
-}
-
-impl std::error::Error for TopicError {}
-
-/// Checks a PUBLISH topic name against MQTT and AWS IoT Core's limits.
-pub fn validate_topic(bytes: &[u8]) -> Result<&str, TopicError> {
-    let topic = check_common(bytes)?;
-    if topic.contains(['+', '#']) {
-        return Err(TopicError::Wildcard);
-    }
-    check_limits(topic)?;
-    Ok(topic)
-}
-
-/// Checks a topic filter against MQTT and AWS IoT Core's limits.
-pub fn validate_filter(bytes: &[u8]) -> Result<&str, TopicError> {
-    let filter = check_common(bytes)?;
-    let mut levels = filter.split('/').peekable();
-    while let Some(level) = levels.next() {
-        let ok = match level {
-            "+" => true,
-            "#" => levels.peek().is_none(),
-            _ => !level.contains(['+', '#']),
-        };
-        if !ok {
-            return Err(TopicError::BadWildcard);
-        }
-    }
-    check_limits(filter)?;
-    Ok(filter)
-}
-
-/// The rules topic names and filters share, except wildcards and limits.
-fn check_common(bytes: &[u8]) -> Result<&str, TopicError> {
-    let s = str::from_utf8(bytes).map_err(|_| TopicError::NotUtf8)?;
-    if s.is_empty() {
-        return Err(TopicError::Empty);
-    }
-    if s.contains('\0') {
-        return Err(TopicError::Nul);
-    }
-    if s.starts_with('$') && !s.starts_with("$aws/") {
-        return Err(TopicError::Reserved);
-    }
-    Ok(s)
-}
-
-fn check_limits(s: &str) -> Result<(), TopicError> {
-    if s.len() > MAX_TOPIC_LEN {
-        return Err(TopicError::TooLong);
-    }
-    let counted = basic_ingest_suffix(s).unwrap_or(s);
-    if counted.bytes().filter(|&b| b == b'/').count() > MAX_SLASHES {
-        return Err(TopicError::TooManyLevels);
-    }
-    Ok(())
-}
-
-/// What follows a `$aws/rules/<rule-name>/` prefix, if `s` has one.
-fn basic_ingest_suffix(s: &str) -> Option<&str> {
-    let (rule, rest) = s.strip_prefix("$aws/rules/")?.split_once('/')?;
-    (!rule.is_empty()).then_some(rest)
-}
-
-/// Whether `topic` matches `filter` (MQTT 3.1.1 section 4.7): `+` is one
-/// level, `#` any number including none (`a/#` matches `a`), and a filter
-/// starting with a wildcard does not match a `$` topic [MQTT-4.7.2-1].
-pub fn matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && filter.starts_with(['+', '#']) {
-        return false;
-    }
-    let mut f = filter.split('/');
-    let mut t = topic.split('/');
-    loop {
-        match (f.next(), t.next()) {
-            (Some("#"), _) => return true,
-            (Some("+"), Some(_)) => {}
-            (Some(fl), Some(tl)) if fl == tl => {}
-            (None, None) => return true,
-            _ => return false,
         }
     }
 }
@@ -1220,25 +1097,28 @@ mod tests {
         })
     }
 
+    /// Answers `req` on `link` as the broker would: SUBACK codes granting
+    /// every filter but those `refuse` picks, or an UNSUBACK. Whether the
+    /// router knew the request.
+    fn answer(r: &mut Router, link: usize, req: &Req, refuse: impl Fn(&str) -> bool) -> bool {
+        match req.kind {
+            RequestKind::Subscribe => {
+                let codes = req
+                    .filters
+                    .iter()
+                    .map(|(f, _)| if refuse(f) { REFUSED } else { GRANTED });
+                r.on_suback(link, req.id, codes)
+            }
+            RequestKind::Unsubscribe => r.on_unsuback(link, req.id),
+        }
+    }
+
     /// Sends every owed request on `link` and answers it at once, refusing
     /// the filters in `refuse`; returns the requests.
     fn exchange(r: &mut Router, link: usize, refuse: &[&str]) -> StdVec<Req> {
         let mut sent = StdVec::new();
         while let Some(req) = next(r, link) {
-            let known = match req.kind {
-                RequestKind::Subscribe => {
-                    let codes = req.filters.iter().map(|(f, _)| {
-                        if refuse.contains(&f.as_str()) {
-                            REFUSED
-                        } else {
-                            GRANTED
-                        }
-                    });
-                    r.on_suback(link, req.id, codes)
-                }
-                RequestKind::Unsubscribe => r.on_unsuback(link, req.id),
-            };
-            assert!(known, "{req:?}");
+            assert!(answer(r, link, &req, |f| refuse.contains(&f)), "{req:?}");
             sent.push(req);
         }
         sent
@@ -1268,86 +1148,7 @@ mod tests {
         r.subscribe(dest, filters, qos, false).unwrap()
     }
 
-    // ---- validation ---------------------------------------------------------
-
-    #[test]
-    fn topic_names_are_validated_rule_by_rule() {
-        let long = "a".repeat(256);
-        let too_long = "a".repeat(257);
-        for ok in [
-            "a",
-            "a/b",
-            "/",
-            "a//b",
-            "é/ü",
-            "$aws/things/t/shadow/update",
-            "a/b/c/d/e/f/g/h",
-            "$aws/things/a/b/c/d/e/f",
-            "$aws/rules/r/a/b/c/d/e/f/g/h",
-            long.as_str(),
-        ] {
-            assert_eq!(validate_topic(ok.as_bytes()), Ok(ok), "{ok:?}");
-        }
-        let cases: &[(&[u8], TopicError)] = &[
-            (b"", TopicError::Empty),
-            (b"\xff", TopicError::NotUtf8),
-            (b"a/\xc3", TopicError::NotUtf8),
-            (b"a\0b", TopicError::Nul),
-            (b"a/+", TopicError::Wildcard),
-            (b"a/#", TopicError::Wildcard),
-            (b"a+b", TopicError::Wildcard),
-            (b"$SYS/broker", TopicError::Reserved),
-            (b"$aws", TopicError::Reserved),
-            (b"$", TopicError::Reserved),
-            (b"a/b/c/d/e/f/g/h/i", TopicError::TooManyLevels),
-            (b"$aws/things/a/b/c/d/e/f/g", TopicError::TooManyLevels),
-            (b"$aws/rules/r/a/b/c/d/e/f/g/h/i", TopicError::TooManyLevels),
-            (b"$aws/rules//a/b/c/d/e/f", TopicError::TooManyLevels),
-            (too_long.as_bytes(), TopicError::TooLong),
-        ];
-        for (bytes, err) in cases {
-            assert_eq!(validate_topic(bytes), Err(*err), "{bytes:?}");
-        }
-    }
-
-    #[test]
-    fn topic_filters_are_validated_rule_by_rule() {
-        let long = "a".repeat(256);
-        let too_long = "a".repeat(257);
-        for ok in [
-            "#",
-            "+",
-            "+/+",
-            "/+",
-            "+/",
-            "a/+/b",
-            "a/#",
-            "/#",
-            "$aws/things/+/shadow/#",
-            "a/b/c/d/e/f/g/#",
-            "$aws/rules/r/a/b/c/d/e/f/g/+",
-            "a",
-            long.as_str(),
-        ] {
-            assert_eq!(validate_filter(ok.as_bytes()), Ok(ok), "{ok:?}");
-        }
-        let cases: &[(&[u8], TopicError)] = &[
-            (b"", TopicError::Empty),
-            (b"\xc3", TopicError::NotUtf8),
-            (b"\0", TopicError::Nul),
-            (b"a#", TopicError::BadWildcard),
-            (b"a/#/b", TopicError::BadWildcard),
-            (b"#/a", TopicError::BadWildcard),
-            (b"a+/b", TopicError::BadWildcard),
-            (b"++", TopicError::BadWildcard),
-            (b"$SYS/#", TopicError::Reserved),
-            (b"a/b/c/d/e/f/g/h/#", TopicError::TooManyLevels),
-            (too_long.as_bytes(), TopicError::TooLong),
-        ];
-        for (bytes, err) in cases {
-            assert_eq!(validate_filter(bytes), Err(*err), "{bytes:?}");
-        }
-    }
+    // ---- bus codes ----------------------------------------------------------
 
     #[test]
     fn errors_map_to_bus_codes() {
@@ -1373,68 +1174,6 @@ mod tests {
             SubscribeError::NoRoom.to_string(),
             "every connection's subscription table is full"
         );
-    }
-
-    // ---- matching -----------------------------------------------------------
-
-    #[test]
-    fn the_matcher_follows_the_examples_of_mqtt_section_4_7() {
-        let cases = [
-            // 4.7.1.2 multi-level wildcard
-            ("sport/tennis/player1/#", "sport/tennis/player1", true),
-            (
-                "sport/tennis/player1/#",
-                "sport/tennis/player1/ranking",
-                true,
-            ),
-            (
-                "sport/tennis/player1/#",
-                "sport/tennis/player1/score/wimbledon",
-                true,
-            ),
-            ("sport/tennis/player1/#", "sport/tennis/player2", false),
-            ("sport/#", "sport", true),
-            ("#", "sport/tennis", true),
-            ("#", "/", true),
-            // 4.7.1.3 single-level wildcard
-            ("sport/tennis/+", "sport/tennis/player1", true),
-            ("sport/tennis/+", "sport/tennis/player2", true),
-            ("sport/tennis/+", "sport/tennis/player1/ranking", false),
-            ("sport/+", "sport", false),
-            ("sport/+", "sport/", true),
-            ("+/+", "/finance", true),
-            ("/+", "/finance", true),
-            ("+", "/finance", false),
-            ("+/tennis/#", "sport/tennis/player1", true),
-            // empty levels
-            ("+/+", "/", true),
-            ("a/+/c", "a//c", true),
-            ("+", "a", true),
-            // 4.7.3 literal levels are case-sensitive and exact
-            ("ACCOUNTS", "Accounts", false),
-            ("a/b", "a/b/", false),
-            ("a/b/", "a/b", false),
-            ("a/b", "a/b", true),
-        ];
-        for (filter, topic, expected) in cases {
-            assert_eq!(matches(filter, topic), expected, "{filter} vs {topic}");
-        }
-    }
-
-    #[test]
-    fn dollar_topics_are_not_matched_by_leading_wildcards() {
-        assert!(!matches("#", "$SYS/monitor/Clients"));
-        assert!(!matches("+/monitor/Clients", "$SYS/monitor/Clients"));
-        assert!(matches("$SYS/#", "$SYS/monitor/Clients"));
-        assert!(matches("$SYS/monitor/+", "$SYS/monitor/Clients"));
-        assert!(!matches(
-            "+/things/t/shadow/update",
-            "$aws/things/t/shadow/update"
-        ));
-        assert!(matches(
-            "$aws/things/+/shadow/#",
-            "$aws/things/t/shadow/update"
-        ));
     }
 
     // ---- sharing and routing ------------------------------------------------
@@ -2258,19 +1997,7 @@ mod tests {
         let Some(req) = b.acks[link].pop_front() else {
             return false;
         };
-        let known = match req.kind {
-            RequestKind::Subscribe => {
-                let codes = req.filters.iter().map(|(f, _)| {
-                    if f.starts_with("deny") {
-                        REFUSED
-                    } else {
-                        GRANTED
-                    }
-                });
-                r.on_suback(link, req.id, codes)
-            }
-            RequestKind::Unsubscribe => r.on_unsuback(link, req.id),
-        };
+        let known = answer(r, link, &req, |f| f.starts_with("deny"));
         assert!(known, "{req:?}");
         true
     }

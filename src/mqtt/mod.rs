@@ -1,4 +1,6 @@
-//! The MQTT 3.1.1 client: the packet codec and one connection's session.
+//! The MQTT 3.1.1 client: the packet codec, the topic rules and one
+//! connection's session.
 
 pub mod packet;
 pub mod session;
+pub mod topic;

@@ -8,12 +8,15 @@
 //! bits clear), so nothing it accepts could re-encode differently. Nothing
 //! here allocates or panics on input. QoS 2 (PUBREC, PUBREL, PUBCOMP) is not
 //! supported by AWS IoT Core and is refused with `Error::Unsupported`, as is
-//! a CONNECT carrying a will message.
+//! a CONNECT carrying a will message. Topic names and filters are checked
+//! by the MQTT rules of `mqtt::topic` on parse and on emit.
 //!
 //! References are to the MQTT 3.1.1 OASIS standard, e.g. [MQTT-2.2.2-1].
 
 use core::fmt;
 use core::str;
+
+use super::topic;
 
 /// Largest remaining length a fixed header can encode (four bytes) [2.2.3].
 pub const MAX_REMAINING_LEN: usize = 268_435_455;
@@ -207,6 +210,16 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
+
+/// A topic name or filter breaking the MQTT rules of `mqtt::topic`.
+impl From<topic::TopicError> for Error {
+    fn from(e: topic::TopicError) -> Error {
+        match e {
+            topic::TopicError::NotUtf8 | topic::TopicError::Nul => Error::InvalidUtf8,
+            _ => Error::InvalidTopic,
+        }
+    }
+}
 
 /// CONNECT [3.1], without a will message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -555,7 +568,7 @@ impl<'a> Packet<'a> {
                 }
                 for (filter, _) in filters.iter() {
                     check_string(filter)?;
-                    check_filter(filter)?;
+                    topic::check_filter(filter)?;
                 }
                 Ok(())
             }
@@ -730,7 +743,7 @@ impl<'a> Publish<'a> {
             return Err(Error::Protocol("dup flag set on a qos 0 publish")); // [MQTT-3.3.1-2]
         }
         let topic = r.string()?;
-        check_topic(topic)?;
+        topic::check_name(topic)?;
         let packet_id = match qos {
             QoS::AtMostOnce => None,
             QoS::AtLeastOnce => Some(r.packet_id()?),
@@ -747,7 +760,7 @@ impl<'a> Publish<'a> {
 
     fn check(&self) -> Result<(), Error> {
         check_string(self.topic)?;
-        check_topic(self.topic)?;
+        topic::check_name(self.topic)?;
         match (self.qos, self.packet_id) {
             (QoS::AtMostOnce, None) => {}
             (QoS::AtMostOnce, Some(_)) => {
@@ -865,39 +878,10 @@ fn check_string(s: &str) -> Result<(), Error> {
     Ok(())
 }
 
-/// A topic name: non-empty and free of wildcards [MQTT-4.7.3-1], [MQTT-3.3.2-2].
-fn check_topic(topic: &str) -> Result<(), Error> {
-    if topic.is_empty() || topic.contains(['+', '#']) {
-        return Err(Error::InvalidTopic);
-    }
-    Ok(())
-}
-
-/// A topic filter: non-empty; '+' fills a whole level, '#' only the last
-/// [MQTT-4.7.1-2], [MQTT-4.7.1-3], [MQTT-4.7.3-1].
-fn check_filter(filter: &str) -> Result<(), Error> {
-    if filter.is_empty() {
-        return Err(Error::InvalidTopic);
-    }
-    let mut levels = filter.split('/').peekable();
-    while let Some(level) = levels.next() {
-        let last = levels.peek().is_none();
-        let ok = match level {
-            "+" => true,
-            "#" => last,
-            _ => !level.contains(['+', '#']),
-        };
-        if !ok {
-            return Err(Error::InvalidTopic);
-        }
-    }
-    Ok(())
-}
-
 /// Reads one filter (and its QoS byte for SUBSCRIBE) [3.8.3], [3.10.3].
 fn read_filter<'a>(r: &mut Reader<'a>, with_qos: bool) -> Result<(&'a str, QoS), Error> {
     let filter = r.string()?;
-    check_filter(filter)?;
+    topic::check_filter(filter)?;
     let qos = if with_qos {
         // Bits 7-2 are reserved [MQTT-3.8.3-4]; QoS 2 is not supported.
         QoS::from_u8(r.u8()?).ok_or(Error::InvalidQoS)?

@@ -11,7 +11,8 @@ use crate::bus;
 use crate::bus::frame::{ErrorCode, RequestType};
 use crate::bus::object::{Map, Object};
 use crate::mqtt::packet::QoS;
-use crate::router::{self, SubscribeError, MAX_FILTERS_PER_REQUEST};
+use crate::mqtt::topic;
+use crate::router::{SubscribeError, MAX_FILTERS_PER_REQUEST};
 
 /// AWS IoT Core's largest PUBLISH payload.
 pub const MAX_PAYLOAD: usize = 128 * 1024;
@@ -95,7 +96,7 @@ pub struct Unsubscribe<'a> {
 /// Reads `publish` parameters.
 pub fn publish<'a>(params: &Map<'a>) -> Result<Publish<'a>, ErrorCode> {
     let topic = match params.get(b"topic") {
-        Some(Object::Buf(t)) => router::validate_topic(t).map_err(|e| code(e.code()))?,
+        Some(Object::Buf(t)) => topic::validate_topic(t).map_err(|e| code(e.code()))?,
         _ => return Err(ErrorCode::Invalid),
     };
     let payload = match params.get(b"payload") {
@@ -162,7 +163,7 @@ fn filters<'a>(
 ) -> Result<heapless::Vec<&'a str, MAX_FILTERS_PER_REQUEST>, ErrorCode> {
     let mut out = heapless::Vec::new();
     let mut add = |raw: &'a [u8]| -> Result<(), ErrorCode> {
-        let f = router::validate_filter(raw).map_err(|e| code(e.code()))?;
+        let f = topic::validate_filter(raw).map_err(|e| code(e.code()))?;
         if out.contains(&f) {
             return Ok(());
         }
