@@ -15,8 +15,9 @@
 //! - Virtual subscriptions (GGL's local-only matching) use entries for
 //!   matching but never place them; the table has `MAX_SUBSCRIPTIONS` spare
 //!   entries beyond the links' capacity for them.
-//! - Packet ids are 32768..=65535 (the publish side uses the lower half),
-//!   unique among one link's outstanding SUBSCRIBE and UNSUBSCRIBE.
+//! - Packet ids come from `packet_id::SUBSCRIBE` (32768..=65535; the spool's
+//!   publishes use the other half), unique among one link's outstanding
+//!   SUBSCRIBE and UNSUBSCRIBE.
 //! - Answers flow only through `take_settled`, in order; a subscription is
 //!   routed to only after its `Accepted` was taken, so no message frame can
 //!   overtake the `accepted` frame.
@@ -31,14 +32,13 @@ use heapless::{Deque, String, Vec};
 use crate::bus::MAX_INTERFACE_NAME_LEN;
 use crate::consts::{MAX_CONNECTIONS, MAX_SUBSCRIPTIONS, SUBSCRIPTIONS_PER_CONNECTION};
 use crate::mqtt::packet::{Filters, Packet, QoS, SubackCode, Subscribe, Unsubscribe};
+use crate::mqtt::packet_id::SUBSCRIBE as IDS;
 use crate::mqtt::topic::{matches, validate_filter, TopicError, MAX_TOPIC_LEN};
 
 /// Most filters in one SUBSCRIBE or UNSUBSCRIBE packet (AWS, hard).
 pub const MAX_FILTERS_PER_PACKET: usize = 8;
 /// Most distinct filters in one local subscribe request.
 pub const MAX_FILTERS_PER_REQUEST: usize = 16;
-/// First packet id of the router's half of the id space.
-pub const FIRST_PACKET_ID: u16 = 32_768;
 /// Consecutive failed deliveries to a response endpoint after which its
 /// subscription is removed.
 pub const ENDPOINT_FAILURE_LIMIT: u8 = 3;
@@ -49,8 +49,6 @@ pub const BROKER_FILTERS: usize = MAX_CONNECTIONS * SUBSCRIPTIONS_PER_CONNECTION
 const FILTER_SLOTS: usize = BROKER_FILTERS + MAX_SUBSCRIPTIONS;
 /// Words of the per-topic match bitset over the entries.
 const MATCH_WORDS: usize = FILTER_SLOTS.div_ceil(64);
-/// Packet ids in the router's half.
-const PACKET_ID_SPAN: usize = 32_768;
 
 // Entry and slot indices are stored as u32 (slots are fewer than entries).
 const _: () = assert!(FILTER_SLOTS <= u32::MAX as usize);
@@ -361,7 +359,7 @@ impl Link {
     const DOWN: Link = Link {
         up: false,
         filters: 0,
-        next_id: FIRST_PACKET_ID,
+        next_id: IDS.first,
         dirty: false,
     };
 }
@@ -1023,12 +1021,12 @@ impl Router {
         picked
     }
 
-    /// A packet id of the upper half not outstanding on `link`.
+    /// A packet id of the router's half not outstanding on `link`.
     fn alloc_packet_id(&mut self, link: usize) -> Option<u16> {
         let mut id = self.links.get(link)?.next_id;
-        for _ in 0..PACKET_ID_SPAN {
+        for _ in 0..IDS.size() {
             let candidate = id;
-            id = candidate.checked_add(1).unwrap_or(FIRST_PACKET_ID);
+            id = IDS.after(candidate);
             let in_use = self
                 .entries
                 .iter()
@@ -1370,13 +1368,13 @@ mod tests {
         for f in ["a", "b", "c", "d"] {
             sub(&mut r, stream(1), &[f], Q0);
             let req = next(&mut r, 0).unwrap();
-            assert!(req.id >= FIRST_PACKET_ID);
+            assert!(req.id >= IDS.first);
             assert!(ids.insert(req.id), "{ids:?}");
         }
         // Wrapping skips ids still outstanding.
         r.links[0].next_id = u16::MAX;
         let outstanding = *ids.iter().next().unwrap();
-        assert_eq!(outstanding, FIRST_PACKET_ID);
+        assert_eq!(outstanding, IDS.first);
         sub(&mut r, stream(1), &["a", "b", "c", "d"], Q1);
         // The QoS upgrade of a waits for its first SUBACK; none is owed yet.
         assert_eq!(next(&mut r, 0), None);
@@ -1389,7 +1387,7 @@ mod tests {
         // Ids on another link are independent.
         sub(&mut r, stream(2), &["e", "f", "g", "h"], Q0);
         let other = next(&mut r, 1).unwrap();
-        assert_eq!(other.id, FIRST_PACKET_ID);
+        assert_eq!(other.id, IDS.first);
         assert_eq!(other.names(), ["e", "f", "g", "h"]);
         // Next on link 0 wraps to the first id, now free again.
         r.links[0].next_id = u16::MAX;
@@ -1404,10 +1402,10 @@ mod tests {
         r.link_up(0, false);
         sub(&mut r, stream(1), &["a"], Q0);
         let first = next(&mut r, 0).unwrap();
-        assert_eq!(first.id, FIRST_PACKET_ID);
-        r.links[0].next_id = FIRST_PACKET_ID;
+        assert_eq!(first.id, IDS.first);
+        r.links[0].next_id = IDS.first;
         sub(&mut r, stream(1), &["b"], Q0);
-        assert_eq!(next(&mut r, 0).unwrap().id, FIRST_PACKET_ID + 1);
+        assert_eq!(next(&mut r, 0).unwrap().id, IDS.first + 1);
     }
 
     #[test]
@@ -1921,7 +1919,7 @@ mod tests {
             let mut by_id: BTreeMap<u16, (bool, usize)> = BTreeMap::new();
             for e in r.entries.iter().filter(|e| e.on(l)) {
                 if let Some(id) = e.in_flight() {
-                    assert!(id >= FIRST_PACKET_ID);
+                    assert!(id >= IDS.first);
                     let sub = matches!(e.broker, Broker::Subscribing { .. });
                     let slot = by_id.entry(id).or_insert((sub, 0));
                     assert_eq!(slot.0, sub);

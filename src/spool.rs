@@ -21,9 +21,10 @@
 //!
 //! Sending: a started message is written to its end before anything else (the
 //! write offset lives here, so a short TLS write resumes where it stopped). A
-//! QoS 1 message gets its packet id when first started, from 1..=32767
-//! (`MAX_PUBLISH_ID`; the SUBSCRIBE side uses the ids above), never one held
-//! by an unacknowledged message [MQTT-2.3.1-2]. After its last byte a QoS 0 is
+//! QoS 1 message gets its packet id when first started, from the publish
+//! half of the id space (`packet_id::PUBLISH`, 1..=32767; the router's
+//! SUBSCRIBEs use the other half), never one held by an unacknowledged
+//! message [MQTT-2.3.1-2]. After its last byte a QoS 0 is
 //! done and a QoS 1 is in flight until its PUBACK.
 //!
 //! Reconnect: `reset_inflight` puts every unacknowledged QoS 1 back in front
@@ -46,13 +47,10 @@ use core::fmt;
 
 use crate::consts;
 use crate::mqtt::packet::{self, QoS, MAX_REMAINING_LEN};
+use crate::mqtt::packet_id::PUBLISH as IDS;
 
-/// Highest packet id of the publish id space (1..=32767); SUBSCRIBE and
-/// UNSUBSCRIBE use 32768..=65535.
-pub const MAX_PUBLISH_ID: u16 = 32_767;
-
-/// Words of the packet-id bitmap: one bit per id 0..=MAX_PUBLISH_ID.
-const ID_WORDS: usize = (MAX_PUBLISH_ID as usize + 1) / 64;
+/// Words of the packet-id bitmap: one bit per id 0..=IDS.last.
+const ID_WORDS: usize = (IDS.last as usize + 1) / 64;
 
 /// Fields of a PUBLISH's first byte [3.3.1]: packet type 3 in the high
 /// nibble, then DUP, QoS and RETAIN.
@@ -422,7 +420,7 @@ impl Spool {
     /// nothing changes, when no message in flight has it (also for a message
     /// put back in the queue by `reset_inflight`).
     pub fn ack(&mut self, packet_id: u16) -> bool {
-        if packet_id == 0 || packet_id > MAX_PUBLISH_ID || !self.id_held(packet_id) {
+        if !IDS.contains(packet_id) || !self.id_held(packet_id) {
             return false;
         }
         for i in 0..self.cursor {
@@ -469,7 +467,7 @@ impl Spool {
             return None;
         }
         let e = self.entry(self.cursor);
-        let limit = inflight_limit.min(usize::from(MAX_PUBLISH_ID));
+        let limit = inflight_limit.min(IDS.size());
         if e.qos == QoS::AtLeastOnce && self.inflight >= limit {
             return None;
         }
@@ -590,9 +588,9 @@ impl Spool {
     /// A free packet id from the publish space, taken; the search goes on
     /// from the last one handed out.
     fn take_id(&mut self) -> Option<u16> {
-        for _ in 0..MAX_PUBLISH_ID {
+        for _ in 0..IDS.size() {
             let id = self.next_id;
-            self.next_id = if id >= MAX_PUBLISH_ID { 1 } else { id + 1 };
+            self.next_id = IDS.after(id);
             if !self.id_held(id) {
                 self.set_id(id, true);
                 return Some(id);
@@ -1222,7 +1220,7 @@ mod tests {
         let mut s = Spool::new(1024, 16);
         push(&mut s, "t", b"held", Q1).unwrap();
         send(&mut s, 4).unwrap(); // id 1 stays in flight
-        for expected in (2..=MAX_PUBLISH_ID).chain([2, 3]) {
+        for expected in (2..=IDS.last).chain([2, 3]) {
             push(&mut s, "t", b"x", Q1).unwrap();
             let id = publish_of(&send(&mut s, 4).unwrap()).packet_id.unwrap();
             assert_eq!(id, expected);
@@ -1235,10 +1233,10 @@ mod tests {
             send(&mut s, 4).map(|p| publish_of(&p).packet_id.unwrap()),
             Some(4)
         );
-        s.next_id = MAX_PUBLISH_ID;
+        s.next_id = IDS.last;
         assert_eq!(
             send(&mut s, 4).map(|p| publish_of(&p).packet_id.unwrap()),
-            Some(MAX_PUBLISH_ID)
+            Some(IDS.last)
         );
         push(&mut s, "t", b"z", Q1).unwrap();
         assert_eq!(
@@ -1432,9 +1430,9 @@ mod tests {
                 if self.q[i].qos == Q1 && self.q[i].id == 0 {
                     let mut id = self.next_id;
                     while self.q.iter().any(|m| m.id == id) {
-                        id = if id == MAX_PUBLISH_ID { 1 } else { id + 1 };
+                        id = if id == IDS.last { 1 } else { id + 1 };
                     }
-                    self.next_id = if id == MAX_PUBLISH_ID { 1 } else { id + 1 };
+                    self.next_id = if id == IDS.last { 1 } else { id + 1 };
                     self.q[i].id = id;
                 }
                 self.current = true;

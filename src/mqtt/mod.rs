@@ -2,5 +2,6 @@
 //! connection's session.
 
 pub mod packet;
+pub mod packet_id;
 pub mod session;
 pub mod topic;
