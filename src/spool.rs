@@ -2,7 +2,8 @@
 //! one MQTT connection that carries publishes, sans-I/O.
 //!
 //! A local client's publish is encoded once, straight into the spool's byte
-//! region, and the bus answers the client as soon as it is queued
+//! region (its header by the codec's `PublishHeader`, then the payload), and
+//! the bus answers the client as soon as it is queued
 //! [iotcored-bus-publish-4.1]. The event loop then takes the packets out in
 //! order, as its rate limiter and the in-flight window allow, and writes them
 //! to TLS; that is the only copy between the bus and TLS.
@@ -46,19 +47,11 @@
 use core::fmt;
 
 use crate::consts;
-use crate::mqtt::packet::{self, QoS, MAX_REMAINING_LEN};
+use crate::mqtt::packet::{self, PublishHeader, QoS, MAX_PUBLISH_HEADER_LEN};
 use crate::mqtt::packet_id::PUBLISH as IDS;
 
 /// Words of the packet-id bitmap: one bit per id 0..=IDS.last.
 const ID_WORDS: usize = (IDS.last as usize + 1) / 64;
-
-/// Fields of a PUBLISH's first byte [3.3.1]: packet type 3 in the high
-/// nibble, then DUP, QoS and RETAIN.
-mod first_byte {
-    pub const PUBLISH: u8 = 0x30;
-    pub const QOS_SHIFT: u8 = 1;
-    pub const RETAIN: u8 = 0x01;
-}
 
 /// Why a push was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,17 +273,18 @@ impl Spool {
         qos: QoS,
         retain: bool,
     ) -> Result<Pushed, PushError> {
-        let topic_len = u16::try_from(topic.len()).map_err(|_| PushError::TooLong)?;
-        let id_len = match qos {
-            QoS::AtMostOnce => 0,
-            QoS::AtLeastOnce => 2,
+        // The packet id is written when the message is first started.
+        let header = PublishHeader {
+            dup: false,
+            qos,
+            retain,
+            topic,
+            packet_id: 0,
+            payload_len: payload.len(),
         };
-        let rl =
-            publish_remaining_len(topic.len(), payload.len(), id_len).ok_or(PushError::TooLong)?;
-        let mut rl_bytes = [0u8; 4];
-        let rl_used = encode_remaining_len(rl, &mut rl_bytes);
-        // The same as `packet::publish_len`, and exactly what is written below.
-        let len = 1 + rl_used + rl;
+        let header_len = header.buffer_len().map_err(|_| PushError::TooLong)?;
+        // Cannot overflow: the packet is at most MAX_REMAINING_LEN + 5 bytes.
+        let len = header_len + payload.len();
 
         let evict = match self.plan_eviction(len) {
             Some(n) => n,
@@ -308,17 +302,9 @@ impl Spool {
         // live + 1 <= slots, and compaction makes span == live_bytes and
         // count == live.
         let off = self.wrap(self.start + self.span);
-        let mut first = first_byte::PUBLISH | (qos as u8) << first_byte::QOS_SHIFT;
-        if retain {
-            first |= first_byte::RETAIN;
-        }
-        let mut pos = self.put(off, &[first]);
-        pos = self.put(pos, rl_bytes.get(..rl_used).unwrap_or_default());
-        pos = self.put(pos, &topic_len.to_be_bytes());
-        pos = self.put(pos, topic.as_bytes());
-        let id_at = 1 + rl_used + 2 + topic.len();
-        pos = self.put(pos, &[0; 2][..id_len]); // packet id, set when started
-        self.put(pos, payload);
+        self.put_header(off, &header, header_len);
+        self.put(self.wrap(off + header_len), payload);
+        let id_at = header.packet_id_at().unwrap_or(0);
 
         let slot = self.slot(self.count);
         self.meta[slot] = Entry {
@@ -585,6 +571,31 @@ impl Spool {
         self.wrap(pos + bytes.len())
     }
 
+    /// Writes `header` (`len` bytes, as the codec encodes it) into the ring
+    /// at `pos`: in place if it does not straddle the region's end.
+    fn put_header(&mut self, pos: usize, header: &PublishHeader<'_>, len: usize) {
+        match self.buf.get_mut(pos..).filter(|tail| tail.len() >= len) {
+            // Cannot fail: `buffer_len` accepted the header, and it fits.
+            Some(tail) => {
+                let _ = header.emit(tail);
+            }
+            None => self.put_header_wrapped(pos, header),
+        }
+    }
+
+    /// `put_header` for a header straddling the end: encoded on the stack,
+    /// then copied around. Rare (once per turn of the ring at most), so the
+    /// large buffer costs only then.
+    #[cold]
+    #[inline(never)]
+    fn put_header_wrapped(&mut self, pos: usize, header: &PublishHeader<'_>) {
+        let mut scratch = [0u8; MAX_PUBLISH_HEADER_LEN];
+        // Cannot fail: `buffer_len` accepted the header, and it fits.
+        if let Ok(n) = header.emit(&mut scratch) {
+            self.put(pos, scratch.get(..n).unwrap_or_default());
+        }
+    }
+
     /// A free packet id from the publish space, taken; the search goes on
     /// from the last one handed out.
     fn take_id(&mut self) -> Option<u16> {
@@ -631,34 +642,10 @@ impl Spool {
     }
 }
 
-/// Remaining length of a PUBLISH [3.3.2], if the packet is legal.
-fn publish_remaining_len(topic_len: usize, payload_len: usize, id_len: usize) -> Option<usize> {
-    topic_len
-        .checked_add(2 + id_len)?
-        .checked_add(payload_len)
-        .filter(|&rl| rl <= MAX_REMAINING_LEN)
-}
-
-/// Encodes a remaining length of at most `MAX_REMAINING_LEN` [2.2.3];
-/// returns the bytes used.
-fn encode_remaining_len(mut rl: usize, out: &mut [u8; 4]) -> usize {
-    let mut used = 0;
-    for byte in out.iter_mut() {
-        *byte = (rl & 0x7F).to_le_bytes()[0];
-        rl >>= 7;
-        used += 1;
-        if rl == 0 {
-            break;
-        }
-        *byte |= 0x80;
-    }
-    used
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mqtt::packet::{Packet, Publish};
+    use crate::mqtt::packet::{Packet, Publish, MAX_REMAINING_LEN};
     use std::collections::VecDeque;
 
     const Q0: QoS = QoS::AtMostOnce;
@@ -1284,27 +1271,40 @@ mod tests {
     }
 
     #[test]
-    fn remaining_lengths_encode_like_the_codec_at_every_boundary() {
-        for rl in [
-            0,
-            1,
-            127,
-            128,
-            16_383,
-            16_384,
-            2_097_151,
-            2_097_152,
-            MAX_REMAINING_LEN,
-        ] {
-            let mut out = [0; 4];
-            let n = encode_remaining_len(rl, &mut out);
-            if rl >= 2 {
-                assert_eq!(packet::publish_len(rl - 2, 0, Q0), 1 + n + rl);
+    fn messages_at_every_remaining_length_boundary_are_stored_as_the_codec_encodes_them() {
+        let payload = vec![0x5A; 2_097_152];
+        // Remaining lengths one below and at each step of the header's size;
+        // the packet at MAX_REMAINING_LEN is refused unread above.
+        for rl in [127, 128, 16_383, 16_384, 2_097_151, 2_097_152] {
+            for (qos, fixed) in [(Q0, 3), (Q1, 5)] {
+                let body = &payload[..rl - fixed]; // topic "t", its length, the id
+                let mut s = Spool::new(2_097_160, 2);
+                push(&mut s, "t", body, qos).unwrap();
+                let sent = send(&mut s, 1).unwrap();
+                assert_eq!(sent.len(), packet::publish_len(1, body.len(), qos));
+                assert_eq!(packet::packet_len(&sent), Ok(Some(sent.len())), "{rl}");
+                assert_eq!(sent, encoded("t", body, qos, false, 1, false), "{rl}");
             }
-            assert_eq!(
-                packet::packet_len(&[&[0x30][..], &out[..n]].concat()),
-                Ok(Some(1 + n + rl))
-            );
+        }
+    }
+
+    #[test]
+    fn a_header_straddling_the_end_of_the_region_is_encoded_whole() {
+        // A 15-byte QoS 1 packet (9 bytes of header) starting at each offset
+        // from where it just fits before the end to where only its first
+        // byte does, the packet id included.
+        for off in 49..64 {
+            let mut s = Spool::new(64, 4);
+            push(&mut s, "f", &vec![0; off - 5], Q0).unwrap();
+            send(&mut s, 1).unwrap(); // the next packet starts at `off`
+            push(&mut s, "t/x", b"abcdef", Q1).unwrap();
+            let out = s.next(1, true).unwrap();
+            assert_eq!(out.second.is_empty(), off == 49, "{off}");
+            let bytes = rest(&out);
+            assert_eq!(bytes, encoded("t/x", b"abcdef", Q1, false, 1, false));
+            s.advance(bytes.len());
+            assert!(s.ack(1));
+            check(&s);
         }
     }
 

@@ -11,6 +11,10 @@
 //! a CONNECT carrying a will message. Topic names and filters are checked
 //! by the MQTT rules of `mqtt::topic` on parse and on emit.
 //!
+//! A PUBLISH's header (everything before the payload) is encoded in one
+//! place, `PublishHeader::emit`; the spool writes it too, so what it queues
+//! is exactly what `Packet::emit` would produce.
+//!
 //! References are to the MQTT 3.1.1 OASIS standard, e.g. [MQTT-2.2.2-1].
 
 use core::fmt;
@@ -20,6 +24,10 @@ use super::topic;
 
 /// Largest remaining length a fixed header can encode (four bytes) [2.2.3].
 pub const MAX_REMAINING_LEN: usize = 268_435_455;
+
+/// Longest PUBLISH header: first byte, four remaining-length bytes, the
+/// longest topic with its length, and a packet id [3.3.1], [3.3.2].
+pub const MAX_PUBLISH_HEADER_LEN: usize = 1 + 4 + 2 + u16::MAX as usize + 2;
 
 /// Control packet types, the high nibble of the first byte [2.2.1].
 mod kind {
@@ -247,6 +255,26 @@ pub struct Publish<'a> {
     pub topic: &'a str,
     pub packet_id: Option<u16>,
     pub payload: &'a [u8],
+}
+
+/// Everything of a PUBLISH before its payload: the fixed header, the topic
+/// name and, at QoS 1, the packet id [3.3.1], [3.3.2]. The one PUBLISH
+/// header encoder: `Packet::emit` writes a PUBLISH through it, and the spool
+/// writes it straight into its ring, then the payload.
+///
+/// It encodes the layout only; the MQTT rules on the topic and packet id are
+/// `Packet::emit`'s to check, or the caller's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PublishHeader<'a> {
+    pub dup: bool,
+    pub qos: QoS,
+    pub retain: bool,
+    pub topic: &'a str,
+    /// Written at QoS 1, ignored at QoS 0. May be 0 as a place holder for an
+    /// id written later at `packet_id_at`.
+    pub packet_id: u16,
+    /// The length of the payload that follows the header.
+    pub payload_len: usize,
 }
 
 /// SUBSCRIBE [3.8].
@@ -511,21 +539,20 @@ impl<'a> Packet<'a> {
             return Err(Error::BufferTooSmall);
         }
         let mut w = Writer { buf, pos: 0 };
-        w.u8(self.first_byte())?;
-        w.remaining_len(rl)?;
+        if let Packet::Publish(p) = self {
+            // The one PUBLISH header encoder, shared with the spool.
+            w.pos = p.header().emit(w.buf)?;
+        } else {
+            w.u8(self.first_byte())?;
+            w.remaining_len(rl)?;
+        }
         match self {
             Packet::Connect(c) => c.write(&mut w)?,
             Packet::Connack(c) => {
                 w.u8(u8::from(c.session_present))?;
                 w.u8(c.code as u8)?;
             }
-            Packet::Publish(p) => {
-                w.string(p.topic)?;
-                if let Some(id) = p.packet_id {
-                    w.u16(id)?;
-                }
-                w.bytes(p.payload)?;
-            }
+            Packet::Publish(p) => w.bytes(p.payload)?,
             Packet::Subscribe(s) => {
                 w.u16(s.packet_id)?;
                 for (filter, qos) in s.filters.iter() {
@@ -584,7 +611,7 @@ impl<'a> Packet<'a> {
         let (ptype, flags) = match self {
             Packet::Connect(_) => (kind::CONNECT, 0),
             Packet::Connack(_) => (kind::CONNACK, 0),
-            Packet::Publish(p) => (kind::PUBLISH, p.flags()),
+            Packet::Publish(p) => return p.header().first_byte(),
             Packet::Puback { .. } => (kind::PUBACK, 0),
             Packet::Subscribe(_) => (kind::SUBSCRIBE, 0b0010),
             Packet::Suback(_) => (kind::SUBACK, 0),
@@ -777,7 +804,68 @@ impl<'a> Publish<'a> {
         Ok(())
     }
 
-    fn flags(&self) -> u8 {
+    /// The header this PUBLISH is emitted with.
+    pub fn header(&self) -> PublishHeader<'a> {
+        PublishHeader {
+            dup: self.dup,
+            qos: self.qos,
+            retain: self.retain,
+            topic: self.topic,
+            packet_id: self.packet_id.unwrap_or(0),
+            payload_len: self.payload.len(),
+        }
+    }
+}
+
+impl PublishHeader<'_> {
+    /// The number of bytes `emit` writes; `TooLong` for a topic over 65,535
+    /// bytes or a packet over `MAX_REMAINING_LEN`, which `emit` refuses.
+    pub fn buffer_len(&self) -> Result<usize, Error> {
+        self.lens().map(|(_, len)| len)
+    }
+
+    /// Where the packet id sits in the packet (QoS 1 only), for a caller
+    /// that writes it after the rest.
+    pub fn packet_id_at(&self) -> Option<usize> {
+        let (rl, _) = self.lens().ok()?;
+        // After the first byte, the remaining length and the topic [3.3.2];
+        // cannot overflow, as in `lens`.
+        (self.qos == QoS::AtLeastOnce).then(|| 1 + remaining_len_bytes(rl) + 2 + self.topic.len())
+    }
+
+    /// Writes the header at the start of `buf` and returns its length; on an
+    /// error nothing is written.
+    pub fn emit(&self, buf: &mut [u8]) -> Result<usize, Error> {
+        let (rl, len) = self.lens()?;
+        let mut w = Writer {
+            buf: buf.get_mut(..len).ok_or(Error::BufferTooSmall)?,
+            pos: 0,
+        };
+        w.u8(self.first_byte())?;
+        w.remaining_len(rl)?;
+        w.string(self.topic)?;
+        if self.qos == QoS::AtLeastOnce {
+            w.u16(self.packet_id)?;
+        }
+        Ok(w.pos)
+    }
+
+    /// The whole packet's remaining length and the header's length, if the
+    /// packet can be encoded.
+    fn lens(&self) -> Result<(usize, usize), Error> {
+        if self.topic.len() > usize::from(u16::MAX) {
+            return Err(Error::TooLong);
+        }
+        let variable = publish_variable_len(self.topic.len(), self.qos);
+        let rl = variable.saturating_add(self.payload_len);
+        if rl > MAX_REMAINING_LEN {
+            return Err(Error::TooLong);
+        }
+        // Cannot overflow: the variable header is at most 65,539 bytes.
+        Ok((rl, 1 + remaining_len_bytes(rl) + variable))
+    }
+
+    fn first_byte(&self) -> u8 {
         let mut flags = (self.qos as u8) << publish_flag::QOS_SHIFT;
         if self.dup {
             flags |= publish_flag::DUP;
@@ -785,7 +873,7 @@ impl<'a> Publish<'a> {
         if self.retain {
             flags |= publish_flag::RETAIN;
         }
-        flags
+        kind::PUBLISH << 4 | flags
     }
 }
 
@@ -818,14 +906,19 @@ pub fn set_dup(encoded_publish: &mut [u8]) {
     }
 }
 
+/// Remaining length of a PUBLISH [3.3.2], saturating.
 fn publish_remaining_len(topic_len: usize, payload_len: usize, qos: QoS) -> usize {
+    publish_variable_len(topic_len, qos).saturating_add(payload_len)
+}
+
+/// Length of a PUBLISH's variable header: the topic with its length, and
+/// the packet id at QoS 1 [3.3.2]; saturating.
+fn publish_variable_len(topic_len: usize, qos: QoS) -> usize {
     let id_len = match qos {
         QoS::AtMostOnce => 0,
         QoS::AtLeastOnce => 2,
     };
-    topic_len
-        .saturating_add(2 + id_len)
-        .saturating_add(payload_len)
+    topic_len.saturating_add(2 + id_len)
 }
 
 /// Decodes the remaining-length field [2.2.3] at the start of `bytes`:
@@ -2168,6 +2261,88 @@ mod tests {
         assert_eq!(publish_len(3, 2, QoS::AtMostOnce), PUBLISH_QOS0.len());
         assert_eq!(publish_len(3, 2, QoS::AtLeastOnce), PUBLISH_QOS1.len());
         assert!(publish_len(usize::MAX, usize::MAX, QoS::AtLeastOnce) > MAX_REMAINING_LEN);
+    }
+
+    fn header(qos: QoS, topic: &str, payload_len: usize) -> PublishHeader<'_> {
+        PublishHeader {
+            dup: false,
+            qos,
+            retain: false,
+            topic,
+            packet_id: 0x0102,
+            payload_len,
+        }
+    }
+
+    #[test]
+    fn a_publish_header_is_the_emitted_packet_up_to_its_payload() {
+        for (qos, packet_id) in [(QoS::AtMostOnce, None), (QoS::AtLeastOnce, Some(0x0102))] {
+            for retain in [false, true] {
+                let p = Publish {
+                    dup: packet_id.is_some(),
+                    qos,
+                    retain,
+                    topic: "a/b",
+                    packet_id,
+                    payload: b"hi",
+                };
+                let whole = emit_vec(&Packet::Publish(p));
+                let mut out = [0xAAu8; 16];
+                let n = p.header().emit(&mut out).unwrap();
+                assert_eq!(p.header().buffer_len(), Ok(n));
+                assert_eq!(&out[..n], &whole[..whole.len() - 2], "{p:?}");
+                assert!(out[n..].iter().all(|&b| b == 0xAA), "wrote past the end");
+                let id_at = p.header().packet_id_at();
+                assert_eq!(
+                    id_at.map(|at| &whole[at..at + 2]),
+                    packet_id.map(|_| &[1, 2][..])
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_publish_header_encodes_its_remaining_length_at_every_boundary() {
+        for (rl, encoded) in REMAINING_LENGTHS.into_iter().skip(1) {
+            for (qos, id) in [(QoS::AtMostOnce, &[][..]), (QoS::AtLeastOnce, &[1, 2])] {
+                let h = header(qos, "t", rl - 3 - id.len());
+                let mut out = [0u8; 16];
+                let n = h.emit(&mut out).unwrap();
+                let expected =
+                    [&[0x30 | (qos as u8) << 1][..], encoded, &[0, 1, b't'], id].concat();
+                assert_eq!(&out[..n], expected, "rl {rl}");
+                let total = n + h.payload_len;
+                assert_eq!(packet_len(&out[..n]), Ok(Some(total)), "rl {rl}");
+                assert_eq!(publish_len(1, h.payload_len, qos), total, "rl {rl}");
+                assert_eq!(h.packet_id_at(), (!id.is_empty()).then_some(n - 2));
+            }
+        }
+    }
+
+    #[test]
+    fn a_publish_header_refuses_what_cannot_be_encoded_and_writes_nothing() {
+        let long = "a".repeat(65_536);
+        let over = header(QoS::AtMostOnce, "t", MAX_REMAINING_LEN - 2);
+        let fits = header(QoS::AtMostOnce, "t", MAX_REMAINING_LEN - 3);
+        let mut out = [0xAAu8; 16];
+        for h in [header(QoS::AtMostOnce, &long, 0), over] {
+            assert_eq!(h.buffer_len(), Err(Error::TooLong));
+            assert_eq!(h.emit(&mut out), Err(Error::TooLong));
+            assert_eq!(h.packet_id_at(), None);
+        }
+        assert_eq!(fits.buffer_len(), Ok(8));
+        assert_eq!(fits.emit(&mut out[..7]), Err(Error::BufferTooSmall));
+        assert!(out.iter().all(|&b| b == 0xAA), "wrote on an error");
+        assert_eq!(fits.emit(&mut out), Ok(8));
+        let longest = "a".repeat(65_535);
+        let h = header(QoS::AtLeastOnce, &longest, usize::MAX);
+        assert_eq!(h.buffer_len(), Err(Error::TooLong));
+        // The longest topic, an id and a four-byte remaining length.
+        let h = header(QoS::AtLeastOnce, &longest, 2_097_152 - 65_539);
+        assert_eq!(h.buffer_len(), Ok(MAX_PUBLISH_HEADER_LEN));
+        let mut big = vec![0u8; MAX_PUBLISH_HEADER_LEN];
+        assert_eq!(h.emit(&mut big), Ok(MAX_PUBLISH_HEADER_LEN));
+        assert_eq!(packet_len(&big), Ok(Some(1 + 4 + 2_097_152)));
     }
 
     #[test]
