@@ -960,10 +960,10 @@ mod tests {
         assert_eq!(payloads(&send_all(&mut s, 1)), vec![vec![3; 10]]);
     }
 
-    #[test]
-    fn eviction_behind_an_inflight_qos1_compacts_and_keeps_the_rest_intact() {
-        // Every message is 17 bytes; the region holds four after a 13-byte
-        // filler moved the start, so the ring wraps.
+    /// A full 68-byte spool of four 17-byte messages, A (QoS 1) then B, C
+    /// and D (QoS 0), queued after a 13-byte filler moved the start, so the
+    /// ring wraps.
+    fn four_queued_after_a_filler() -> Spool {
         let mut s = Spool::new(68, 16);
         push(&mut s, "t", &[0; 8], Q0).unwrap();
         send(&mut s, 4).unwrap();
@@ -972,6 +972,12 @@ mod tests {
         push(&mut s, "t", b"CCCCCCCCCCCC", Q0).unwrap();
         push(&mut s, "t", b"DDDDDDDDDDDD", Q0).unwrap();
         assert_eq!(s.bytes(), 68);
+        s
+    }
+
+    #[test]
+    fn eviction_behind_an_inflight_qos1_compacts_and_keeps_the_rest_intact() {
+        let mut s = four_queued_after_a_filler();
         let a = send(&mut s, 4).unwrap(); // A in flight at the head
         assert_eq!(s.compactions, 0);
         // E needs 17 bytes: B, behind A, goes and leaves a hole.
@@ -1001,13 +1007,7 @@ mod tests {
 
     #[test]
     fn compaction_moves_a_message_in_the_middle_of_being_written_safely() {
-        let mut s = Spool::new(68, 16);
-        push(&mut s, "t", &[0; 8], Q0).unwrap();
-        send(&mut s, 4).unwrap();
-        push(&mut s, "t", b"AAAAAAAAAA", Q1).unwrap();
-        push(&mut s, "t", b"BBBBBBBBBBBB", Q0).unwrap();
-        push(&mut s, "t", b"CCCCCCCCCCCC", Q0).unwrap();
-        push(&mut s, "t", b"DDDDDDDDDDDD", Q0).unwrap();
+        let mut s = four_queued_after_a_filler();
         send(&mut s, 4).unwrap();
         let out = s.next(4, true).unwrap();
         let b = rest(&out);
