@@ -47,7 +47,7 @@
 use core::fmt;
 
 use crate::consts;
-use crate::mqtt::packet::{self, PublishHeader, QoS, MAX_PUBLISH_HEADER_LEN};
+use crate::mqtt::packet::{self, PublishHeader, QoS};
 use crate::mqtt::packet_id::PUBLISH as IDS;
 
 /// Words of the packet-id bitmap: one bit per id 0..=IDS.last.
@@ -302,7 +302,7 @@ impl Spool {
         // live + 1 <= slots, and compaction makes span == live_bytes and
         // count == live.
         let off = self.wrap(self.start + self.span);
-        self.put_header(off, &header, header_len);
+        self.put_header(off, &header);
         self.put(self.wrap(off + header_len), payload);
         let id_at = header.packet_id_at().unwrap_or(0);
 
@@ -571,29 +571,12 @@ impl Spool {
         self.wrap(pos + bytes.len())
     }
 
-    /// Writes `header` (`len` bytes, as the codec encodes it) into the ring
-    /// at `pos`: in place if it does not straddle the region's end.
-    fn put_header(&mut self, pos: usize, header: &PublishHeader<'_>, len: usize) {
-        match self.buf.get_mut(pos..).filter(|tail| tail.len() >= len) {
-            // Cannot fail: `buffer_len` accepted the header, and it fits.
-            Some(tail) => {
-                let _ = header.emit(tail);
-            }
-            None => self.put_header_wrapped(pos, header),
-        }
-    }
-
-    /// `put_header` for a header straddling the end: encoded on the stack,
-    /// then copied around. Rare (once per turn of the ring at most), so the
-    /// large buffer costs only then.
-    #[cold]
-    #[inline(never)]
-    fn put_header_wrapped(&mut self, pos: usize, header: &PublishHeader<'_>) {
-        let mut scratch = [0u8; MAX_PUBLISH_HEADER_LEN];
-        // Cannot fail: `buffer_len` accepted the header, and it fits.
-        if let Ok(n) = header.emit(&mut scratch) {
-            self.put(pos, scratch.get(..n).unwrap_or_default());
-        }
+    /// Writes `header`, as the codec encodes it, into the ring at `pos`,
+    /// wrapping at the region's end like `put`.
+    fn put_header(&mut self, pos: usize, header: &PublishHeader<'_>) {
+        let (start, end) = self.buf.split_at_mut(pos.min(self.buf.len()));
+        // Cannot fail: `buffer_len` accepted the header, and `push` made room.
+        let _ = header.emit_split(end, start);
     }
 
     /// A free packet id from the publish space, taken; the search goes on

@@ -25,10 +25,6 @@ use super::topic;
 /// Largest remaining length a fixed header can encode (four bytes) [2.2.3].
 pub const MAX_REMAINING_LEN: usize = 268_435_455;
 
-/// Longest PUBLISH header: first byte, four remaining-length bytes, the
-/// longest topic with its length, and a packet id [3.3.1], [3.3.2].
-pub const MAX_PUBLISH_HEADER_LEN: usize = 1 + 4 + 2 + u16::MAX as usize + 2;
-
 /// Control packet types, the high nibble of the first byte [2.2.1].
 mod kind {
     pub const CONNECT: u8 = 1;
@@ -538,10 +534,10 @@ impl<'a> Packet<'a> {
         if buf.len() < rl + 1 + remaining_len_bytes(rl) {
             return Err(Error::BufferTooSmall);
         }
-        let mut w = Writer { buf, pos: 0 };
+        let mut w = Writer::new(buf);
         if let Packet::Publish(p) = self {
             // The one PUBLISH header encoder, shared with the spool.
-            w.pos = p.header().emit(w.buf)?;
+            p.header().write(&mut w, rl)?;
         } else {
             w.u8(self.first_byte())?;
             w.remaining_len(rl)?;
@@ -836,18 +832,31 @@ impl PublishHeader<'_> {
     /// Writes the header at the start of `buf` and returns its length; on an
     /// error nothing is written.
     pub fn emit(&self, buf: &mut [u8]) -> Result<usize, Error> {
+        self.emit_split(buf, &mut [])
+    }
+
+    /// Writes the header into `first` and, once that is full, on into
+    /// `second` (the end and the start of a ring buffer); returns its
+    /// length. On an error nothing is written.
+    pub fn emit_split(&self, first: &mut [u8], second: &mut [u8]) -> Result<usize, Error> {
         let (rl, len) = self.lens()?;
-        let mut w = Writer {
-            buf: buf.get_mut(..len).ok_or(Error::BufferTooSmall)?,
-            pos: 0,
-        };
+        if first.len().saturating_add(second.len()) < len {
+            return Err(Error::BufferTooSmall);
+        }
+        let mut w = Writer::split(first, second);
+        self.write(&mut w, rl)?;
+        Ok(w.pos)
+    }
+
+    /// Writes the header of a packet of remaining length `rl`.
+    fn write(&self, w: &mut Writer<'_>, rl: usize) -> Result<(), Error> {
         w.u8(self.first_byte())?;
         w.remaining_len(rl)?;
         w.string(self.topic)?;
         if self.qos == QoS::AtLeastOnce {
             w.u16(self.packet_id)?;
         }
-        Ok(w.pos)
+        Ok(())
     }
 
     /// The whole packet's remaining length and the header's length, if the
@@ -1070,19 +1079,42 @@ impl<'a> Reader<'a> {
 }
 
 /// A cursor over an output buffer; every write checks the length first.
+/// Writes into `first`, then on into `second` (empty unless the caller
+/// writes across a ring's end); `pos` counts over both.
 struct Writer<'b> {
-    buf: &'b mut [u8],
+    first: &'b mut [u8],
+    second: &'b mut [u8],
     pos: usize,
 }
 
-impl Writer<'_> {
+impl<'b> Writer<'b> {
+    fn new(buf: &'b mut [u8]) -> Self {
+        Self::split(buf, &mut [])
+    }
+
+    fn split(first: &'b mut [u8], second: &'b mut [u8]) -> Self {
+        Self {
+            first,
+            second,
+            pos: 0,
+        }
+    }
+
     fn bytes(&mut self, b: &[u8]) -> Result<(), Error> {
         let end = self.pos.checked_add(b.len()).ok_or(Error::BufferTooSmall)?;
-        let dst = self
-            .buf
-            .get_mut(self.pos..end)
-            .ok_or(Error::BufferTooSmall)?;
-        dst.copy_from_slice(b);
+        if end > self.first.len().saturating_add(self.second.len()) {
+            return Err(Error::BufferTooSmall);
+        }
+        // Cannot panic: `end` fits the two slices together.
+        let in_first = self.first.len().saturating_sub(self.pos).min(b.len());
+        let (a, rest) = b.split_at(in_first);
+        if let Some(dst) = self.first.get_mut(self.pos..self.pos + in_first) {
+            dst.copy_from_slice(a);
+        }
+        let at = (self.pos + in_first).saturating_sub(self.first.len());
+        if let Some(dst) = self.second.get_mut(at..at + rest.len()) {
+            dst.copy_from_slice(rest);
+        }
         self.pos = end;
         Ok(())
     }
@@ -1578,10 +1610,7 @@ mod tests {
     fn remaining_length_encodes_on_one_to_four_bytes() {
         for (rl, encoded) in REMAINING_LENGTHS {
             let mut buf = [0u8; 4];
-            let mut w = Writer {
-                buf: &mut buf,
-                pos: 0,
-            };
+            let mut w = Writer::new(&mut buf);
             w.remaining_len(rl).unwrap();
             assert_eq!(w.pos, encoded.len());
             assert_eq!(&buf[..encoded.len()], encoded, "rl {rl}");
@@ -2320,6 +2349,33 @@ mod tests {
     }
 
     #[test]
+    fn a_publish_header_split_at_any_byte_is_the_same_bytes_across_both_parts() {
+        let h = header(QoS::AtLeastOnce, "a/b/c", 300);
+        let mut whole = [0u8; 16];
+        let n = h.emit(&mut whole).unwrap();
+        for cut in 0..=n {
+            let (mut first, mut second) = ([0xAAu8; 16], [0xAAu8; 16]);
+            assert_eq!(
+                h.emit_split(&mut first[..cut], &mut second),
+                Ok(n),
+                "cut {cut}"
+            );
+            assert_eq!([&first[..cut], &second[..n - cut]].concat(), &whole[..n]);
+            assert!(second[n - cut..].iter().all(|&b| b == 0xAA), "cut {cut}");
+            // One byte short across both: refused, nothing written.
+            let (mut first, mut second) = ([0xAAu8; 16], [0xAAu8; 16]);
+            if cut < n {
+                let short = n - cut - 1;
+                assert_eq!(
+                    h.emit_split(&mut first[..cut], &mut second[..short]),
+                    Err(Error::BufferTooSmall)
+                );
+                assert!(first.iter().chain(&second).all(|&b| b == 0xAA));
+            }
+        }
+    }
+
+    #[test]
     fn a_publish_header_refuses_what_cannot_be_encoded_and_writes_nothing() {
         let long = "a".repeat(65_536);
         let over = header(QoS::AtMostOnce, "t", MAX_REMAINING_LEN - 2);
@@ -2337,7 +2393,10 @@ mod tests {
         let longest = "a".repeat(65_535);
         let h = header(QoS::AtLeastOnce, &longest, usize::MAX);
         assert_eq!(h.buffer_len(), Err(Error::TooLong));
-        // The longest topic, an id and a four-byte remaining length.
+        // The longest topic, an id and a four-byte remaining length: first
+        // byte, four remaining-length bytes, the topic with its length, and
+        // a packet id [3.3.1], [3.3.2].
+        const MAX_PUBLISH_HEADER_LEN: usize = 1 + 4 + 2 + u16::MAX as usize + 2;
         let h = header(QoS::AtLeastOnce, &longest, 2_097_152 - 65_539);
         assert_eq!(h.buffer_len(), Ok(MAX_PUBLISH_HEADER_LEN));
         let mut big = vec![0u8; MAX_PUBLISH_HEADER_LEN];
