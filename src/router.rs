@@ -53,30 +53,6 @@ const MATCH_WORDS: usize = FILTER_SLOTS.div_ceil(64);
 // Entry and slot indices are stored as u32 (slots are fewer than entries).
 const _: () = assert!(FILTER_SLOTS <= u32::MAX as usize);
 
-/// Core bus error codes this module's errors map to.
-pub mod code {
-    /// A malformed parameter.
-    pub const INVALID: i32 = 5;
-    /// A value outside AWS IoT Core's limits.
-    pub const RANGE: i32 = 8;
-    /// A full table.
-    pub const NOMEM: i32 = 9;
-    /// The broker refused.
-    pub const REMOTE: i32 = 14;
-}
-
-// A topic's bus error code lives here, beside the other bus codes, so that
-// the codec-level `mqtt::topic` does not depend on the bus.
-impl TopicError {
-    /// The core bus error code: RANGE for AWS limits, INVALID otherwise.
-    pub fn code(&self) -> i32 {
-        match self {
-            TopicError::TooLong | TopicError::TooManyLevels => code::RANGE,
-            _ => code::INVALID,
-        }
-    }
-}
-
 // ---- public types -----------------------------------------------------------
 
 /// Where a local subscription's messages go.
@@ -148,18 +124,6 @@ pub enum SubscribeError {
     TableFull,
     /// The new distinct filters do not fit on the links.
     NoRoom,
-}
-
-impl SubscribeError {
-    /// The core bus error code.
-    pub fn code(&self) -> i32 {
-        match self {
-            SubscribeError::Filter(e) => e.code(),
-            SubscribeError::NoFilters => code::INVALID,
-            SubscribeError::TooManyFilters => code::RANGE,
-            SubscribeError::TableFull | SubscribeError::NoRoom => code::NOMEM,
-        }
-    }
 }
 
 impl fmt::Display for SubscribeError {
@@ -1146,35 +1110,13 @@ mod tests {
         r.subscribe(dest, filters, qos, false).unwrap()
     }
 
-    // ---- bus codes ----------------------------------------------------------
-
     #[test]
-    fn errors_map_to_bus_codes() {
-        assert_eq!(TopicError::TooLong.code(), 8);
-        assert_eq!(TopicError::TooManyLevels.code(), 8);
-        for e in [
-            TopicError::NotUtf8,
-            TopicError::Nul,
-            TopicError::Empty,
-            TopicError::Wildcard,
-            TopicError::BadWildcard,
-            TopicError::Reserved,
-        ] {
-            assert_eq!(e.code(), 5, "{e:?}");
-            assert_eq!(SubscribeError::Filter(e).code(), 5);
-        }
-        assert_eq!(SubscribeError::Filter(TopicError::TooLong).code(), 8);
-        assert_eq!(SubscribeError::TooManyFilters.code(), 8);
-        assert_eq!(SubscribeError::NoFilters.code(), 5);
-        assert_eq!(SubscribeError::TableFull.code(), 9);
-        assert_eq!(SubscribeError::NoRoom.code(), 9);
+    fn subscribe_errors_display_as_lower_case_phrases() {
         assert_eq!(
             SubscribeError::NoRoom.to_string(),
             "every connection's subscription table is full"
         );
     }
-
-    // ---- sharing and routing ------------------------------------------------
 
     #[test]
     fn two_local_subscribers_to_one_filter_share_one_broker_subscription() {

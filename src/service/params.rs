@@ -11,7 +11,7 @@ use crate::bus;
 use crate::bus::frame::{ErrorCode, RequestType};
 use crate::bus::object::{Map, Object};
 use crate::mqtt::packet::QoS;
-use crate::mqtt::topic;
+use crate::mqtt::topic::{self, TopicError};
 use crate::router::{SubscribeError, MAX_FILTERS_PER_REQUEST};
 
 /// AWS IoT Core's largest PUBLISH payload.
@@ -96,7 +96,7 @@ pub struct Unsubscribe<'a> {
 /// Reads `publish` parameters.
 pub fn publish<'a>(params: &Map<'a>) -> Result<Publish<'a>, ErrorCode> {
     let topic = match params.get(b"topic") {
-        Some(Object::Buf(t)) => topic::validate_topic(t).map_err(|e| code(e.code()))?,
+        Some(Object::Buf(t)) => topic::validate_topic(t).map_err(topic_error_code)?,
         _ => return Err(ErrorCode::Invalid),
     };
     let payload = match params.get(b"payload") {
@@ -163,7 +163,7 @@ fn filters<'a>(
 ) -> Result<heapless::Vec<&'a str, MAX_FILTERS_PER_REQUEST>, ErrorCode> {
     let mut out = heapless::Vec::new();
     let mut add = |raw: &'a [u8]| -> Result<(), ErrorCode> {
-        let f = topic::validate_filter(raw).map_err(|e| code(e.code()))?;
+        let f = topic::validate_filter(raw).map_err(topic_error_code)?;
         if out.contains(&f) {
             return Ok(());
         }
@@ -187,14 +187,31 @@ fn filters<'a>(
     Ok(out)
 }
 
-/// The bus error code for a router code number.
-fn code(n: i32) -> ErrorCode {
-    ErrorCode::from_i32(n).unwrap_or(ErrorCode::Invalid)
+// The one mapping of the cores' refusals to bus error codes [bus-err-3]:
+// a malformed value is INVALID, one outside AWS IoT Core's limits RANGE, a
+// full table NOMEM.
+
+/// The bus error code of a refused topic name or filter.
+pub fn topic_error_code(e: TopicError) -> ErrorCode {
+    match e {
+        TopicError::TooLong | TopicError::TooManyLevels => ErrorCode::Range,
+        TopicError::NotUtf8
+        | TopicError::Nul
+        | TopicError::Empty
+        | TopicError::Wildcard
+        | TopicError::BadWildcard
+        | TopicError::Reserved => ErrorCode::Invalid,
+    }
 }
 
 /// The bus error code of a refused subscribe.
 pub fn subscribe_error_code(e: SubscribeError) -> ErrorCode {
-    ErrorCode::from_i32(e.code()).unwrap_or(ErrorCode::Failure)
+    match e {
+        SubscribeError::Filter(e) => topic_error_code(e),
+        SubscribeError::NoFilters => ErrorCode::Invalid,
+        SubscribeError::TooManyFilters => ErrorCode::Range,
+        SubscribeError::TableFull | SubscribeError::NoRoom => ErrorCode::NoMem,
+    }
 }
 
 /// A `response_endpoint` names a bus interface [bus-sock-1].
@@ -375,6 +392,43 @@ mod tests {
         with_params(&[("topic_filter", Val::List(&refs))], |m| {
             assert_eq!(subscribe(m).err(), Some(ErrorCode::Range));
         });
+    }
+
+    #[test]
+    fn refusals_map_to_bus_codes() {
+        // [bus-err-3]
+        assert_eq!(topic_error_code(TopicError::TooLong), ErrorCode::Range);
+        assert_eq!(
+            topic_error_code(TopicError::TooManyLevels),
+            ErrorCode::Range
+        );
+        for e in [
+            TopicError::NotUtf8,
+            TopicError::Nul,
+            TopicError::Empty,
+            TopicError::Wildcard,
+            TopicError::BadWildcard,
+            TopicError::Reserved,
+        ] {
+            assert_eq!(topic_error_code(e), ErrorCode::Invalid, "{e:?}");
+            assert_eq!(
+                subscribe_error_code(SubscribeError::Filter(e)),
+                ErrorCode::Invalid
+            );
+        }
+        let subscribe = [
+            (
+                SubscribeError::Filter(TopicError::TooLong),
+                ErrorCode::Range,
+            ),
+            (SubscribeError::TooManyFilters, ErrorCode::Range),
+            (SubscribeError::NoFilters, ErrorCode::Invalid),
+            (SubscribeError::TableFull, ErrorCode::NoMem),
+            (SubscribeError::NoRoom, ErrorCode::NoMem),
+        ];
+        for (e, code) in subscribe {
+            assert_eq!(subscribe_error_code(e), code, "{e:?}");
+        }
     }
 
     #[test]
