@@ -34,13 +34,17 @@ impl Instant {
     }
 }
 
+/// A duration in whole milliseconds, saturating at `u64::MAX`.
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
 impl Add<Duration> for Instant {
     type Output = Instant;
 
     fn add(self, d: Duration) -> Instant {
-        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         Instant {
-            millis: self.millis.saturating_add(ms),
+            millis: self.millis.saturating_add(millis(d)),
         }
     }
 }
@@ -49,9 +53,8 @@ impl Sub<Duration> for Instant {
     type Output = Instant;
 
     fn sub(self, d: Duration) -> Instant {
-        let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         Instant {
-            millis: self.millis.saturating_sub(ms),
+            millis: self.millis.saturating_sub(millis(d)),
         }
     }
 }

@@ -80,52 +80,52 @@ pub fn crc32(data: &[u8]) -> u32 {
     !crc
 }
 
-/// Core bus error codes, as int32 on the wire (section 3).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[repr(i32)]
-pub enum ErrorCode {
-    Failure = 1,
-    Retry = 2,
-    Busy = 3,
-    Fatal = 4,
-    Invalid = 5,
-    Unsupported = 6,
-    Parse = 7,
-    Range = 8,
-    NoMem = 9,
-    NoConn = 10,
-    NoData = 11,
-    NoEntry = 12,
-    Config = 13,
-    Remote = 14,
-    Expected = 15,
-    Timeout = 16,
-    Unauthorized = 17,
-    Conflict = 18,
+/// Declares `ErrorCode` from one table: variant, wire value, GGL's name
+/// (as smoltcp's `enum_with_unknown!` does for its protocol numbers).
+macro_rules! error_codes {
+    ($($variant:ident = $value:literal, $name:literal;)*) => {
+        /// Core bus error codes, as int32 on the wire (section 3).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        #[repr(i32)]
+        pub enum ErrorCode {
+            $($variant = $value,)*
+        }
+
+        impl ErrorCode {
+            const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            /// The code's name as GGL spells it, e.g. `NOENTRY`.
+            pub const fn name(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $name,)*
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    Failure = 1, "FAILURE";
+    Retry = 2, "RETRY";
+    Busy = 3, "BUSY";
+    Fatal = 4, "FATAL";
+    Invalid = 5, "INVALID";
+    Unsupported = 6, "UNSUPPORTED";
+    Parse = 7, "PARSE";
+    Range = 8, "RANGE";
+    NoMem = 9, "NOMEM";
+    NoConn = 10, "NOCONN";
+    NoData = 11, "NODATA";
+    NoEntry = 12, "NOENTRY";
+    Config = 13, "CONFIG";
+    Remote = 14, "REMOTE";
+    Expected = 15, "EXPECTED";
+    Timeout = 16, "TIMEOUT";
+    Unauthorized = 17, "UNAUTHORIZED";
+    Conflict = 18, "CONFLICT";
 }
 
 impl ErrorCode {
-    const ALL: [ErrorCode; 18] = [
-        ErrorCode::Failure,
-        ErrorCode::Retry,
-        ErrorCode::Busy,
-        ErrorCode::Fatal,
-        ErrorCode::Invalid,
-        ErrorCode::Unsupported,
-        ErrorCode::Parse,
-        ErrorCode::Range,
-        ErrorCode::NoMem,
-        ErrorCode::NoConn,
-        ErrorCode::NoData,
-        ErrorCode::NoEntry,
-        ErrorCode::Config,
-        ErrorCode::Remote,
-        ErrorCode::Expected,
-        ErrorCode::Timeout,
-        ErrorCode::Unauthorized,
-        ErrorCode::Conflict,
-    ];
-
     /// The code's value on the wire.
     pub const fn as_i32(self) -> i32 {
         self as i32
@@ -134,30 +134,6 @@ impl ErrorCode {
     /// The code with this wire value, if it is one of the 18.
     pub fn from_i32(value: i32) -> Option<ErrorCode> {
         ErrorCode::ALL.iter().copied().find(|c| c.as_i32() == value)
-    }
-
-    /// The code's name as GGL spells it, e.g. `NOENTRY`.
-    pub const fn name(self) -> &'static str {
-        match self {
-            ErrorCode::Failure => "FAILURE",
-            ErrorCode::Retry => "RETRY",
-            ErrorCode::Busy => "BUSY",
-            ErrorCode::Fatal => "FATAL",
-            ErrorCode::Invalid => "INVALID",
-            ErrorCode::Unsupported => "UNSUPPORTED",
-            ErrorCode::Parse => "PARSE",
-            ErrorCode::Range => "RANGE",
-            ErrorCode::NoMem => "NOMEM",
-            ErrorCode::NoConn => "NOCONN",
-            ErrorCode::NoData => "NODATA",
-            ErrorCode::NoEntry => "NOENTRY",
-            ErrorCode::Config => "CONFIG",
-            ErrorCode::Remote => "REMOTE",
-            ErrorCode::Expected => "EXPECTED",
-            ErrorCode::Timeout => "TIMEOUT",
-            ErrorCode::Unauthorized => "UNAUTHORIZED",
-            ErrorCode::Conflict => "CONFLICT",
-        }
     }
 }
 

@@ -330,9 +330,10 @@ impl<'a> List<'a> {
 
     /// The items, in order.
     pub fn iter(&self) -> ListIter<'a> {
-        ListIter {
+        Items {
             rest: self.body,
             left: self.count,
+            read: |r| r.object(0),
         }
     }
 }
@@ -359,9 +360,10 @@ impl<'a> Map<'a> {
 
     /// The entries, in wire order.
     pub fn iter(&self) -> MapIter<'a> {
-        MapIter {
+        Items {
             rest: self.body,
             left: self.count,
+            read: Reader::map_entry,
         }
     }
 
@@ -380,64 +382,36 @@ impl<'a> IntoIterator for Map<'a> {
     }
 }
 
-/// Iterator over a validated list's items.
+/// Iterator over a validated container's items, each read by `read`: a
+/// list's objects or a map's (key, value) entries.
 #[derive(Clone, Debug)]
-pub struct ListIter<'a> {
+pub struct Items<'a, T> {
     rest: &'a [u8],
     left: u32,
+    read: fn(&mut Reader<'a>) -> Result<T, Error>,
 }
 
-impl<'a> Iterator for ListIter<'a> {
-    type Item = Object<'a>;
-
-    fn next(&mut self) -> Option<Object<'a>> {
-        if self.left == 0 {
-            return None;
-        }
-        let mut r = Reader { rest: self.rest };
-        // The bytes were validated when the list was made, so this cannot
-        // fail; if it somehow did, iteration just ends.
-        match r.object(0) {
-            Ok(obj) => {
-                self.rest = r.rest;
-                self.left -= 1;
-                Some(obj)
-            }
-            Err(_) => {
-                self.left = 0;
-                None
-            }
-        }
-    }
-
-    fn size_hint(&self) -> (usize, Option<usize>) {
-        (to_usize(self.left), Some(to_usize(self.left)))
-    }
-}
-
-impl ExactSizeIterator for ListIter<'_> {}
+/// Iterator over a validated list's items.
+pub type ListIter<'a> = Items<'a, Object<'a>>;
 
 /// Iterator over a validated map's entries: (key, value).
-#[derive(Clone, Debug)]
-pub struct MapIter<'a> {
-    rest: &'a [u8],
-    left: u32,
-}
+pub type MapIter<'a> = Items<'a, (&'a [u8], Object<'a>)>;
 
-impl<'a> Iterator for MapIter<'a> {
-    type Item = (&'a [u8], Object<'a>);
+impl<T> Iterator for Items<'_, T> {
+    type Item = T;
 
-    fn next(&mut self) -> Option<(&'a [u8], Object<'a>)> {
+    fn next(&mut self) -> Option<T> {
         if self.left == 0 {
             return None;
         }
         let mut r = Reader { rest: self.rest };
-        // Validated when the map was made, as for `ListIter`.
-        match r.map_entry() {
-            Ok(entry) => {
+        // The bytes were validated when the container was made, so this
+        // cannot fail; if it somehow did, iteration just ends.
+        match (self.read)(&mut r) {
+            Ok(item) => {
                 self.rest = r.rest;
                 self.left -= 1;
-                Some(entry)
+                Some(item)
             }
             Err(_) => {
                 self.left = 0;
@@ -451,7 +425,7 @@ impl<'a> Iterator for MapIter<'a> {
     }
 }
 
-impl ExactSizeIterator for MapIter<'_> {}
+impl<T> ExactSizeIterator for Items<'_, T> {}
 
 /// Writes objects into a caller's slice. Each call writes one object, or a
 /// list or map header (its `count` items or key/value pairs must follow),

@@ -509,6 +509,14 @@ mod tests {
         Reply::answer(len, Mode::Requests)
     }
 
+    /// A reply that closes the connection once its answer is written.
+    fn closed(len: usize) -> Reply {
+        Reply {
+            close: true,
+            ..served(len)
+        }
+    }
+
     #[test]
     fn a_publish_call_is_answered_null_once_the_message_is_queued() {
         // [iotcored-bus-publish-1] core-bus.md section 5's worked example.
@@ -654,13 +662,7 @@ mod tests {
         for (bytes, code) in cases {
             let (reply, answer) = World::new().call(&bytes);
             assert_eq!(answer, hex(code));
-            assert_eq!(
-                reply,
-                Reply {
-                    close: true,
-                    ..served(answer.len())
-                }
-            );
+            assert_eq!(reply, closed(answer.len()));
         }
     }
 
@@ -724,13 +726,7 @@ mod tests {
         let (mut w, reply) = refused(None, RequestType::Subscribe);
         let (settled, answer) = w.settle(reply.mode);
         assert_eq!(answer, hex(REMOTE));
-        assert_eq!(
-            settled,
-            Some(Reply {
-                close: true,
-                ..served(answer.len())
-            })
-        );
+        assert_eq!(settled, Some(closed(answer.len())));
         let (mut w, reply) = refused(Some(b"sink"), RequestType::Call);
         let (settled, answer) = w.settle(reply.mode);
         assert_eq!(answer, hex(REMOTE));
