@@ -10,8 +10,6 @@
 //! | 3 | authentication failure [iotcored-3] |
 //! | 4 | the broker's certificate failed verification |
 
-#![deny(unsafe_code)]
-
 use std::io::Write as _;
 use std::process::ExitCode;
 

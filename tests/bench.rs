@@ -1572,6 +1572,8 @@ fn cpu_secs(pid: u32) -> Option<f64> {
     let utime: u64 = fields.get(11)?.parse().ok()?;
     let stime: u64 = fields.get(12)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.
+    // A read-only libc query; Cargo.toml denies `unsafe` by default.
+    #[allow(unsafe_code)]
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     if ticks <= 0 {
         return None;

@@ -64,11 +64,15 @@ impl Clients {
     /// has left the backlog.
     fn ready(&self, i: usize) -> bool {
         let slot = self.bus.slot(i);
+        slot.is_open() && slot.readable() && self.may_read(i)
+    }
+
+    /// Whether slot `i`'s mode lets it read now: not while a subscribe call
+    /// waits, and for requests not before the previous answer has left.
+    fn may_read(&self, i: usize) -> bool {
+        let slot = self.bus.slot(i);
         let mode = slot.state();
-        slot.is_open()
-            && slot.readable()
-            && mode.wants_input()
-            && !(mode.serves_requests() && (slot.has_backlog() || slot.is_closing()))
+        mode.wants_input() && !(mode.serves_requests() && (slot.has_backlog() || slot.is_closing()))
     }
 
     /// When a slot next needs attention: an oversized frame's discard
@@ -336,26 +340,22 @@ impl EventLoop {
 
     /// Reads, handles and answers what slot `i` has, as far as it can.
     pub(super) fn drive_client(&mut self, i: usize, now: Instant) {
-        let registry = self.poll.registry();
-        let clients = &mut self.clients;
-        if !clients.bus.slot(i).is_open() {
+        if !self.clients.bus.slot(i).is_open() {
             return;
         }
-        if clients.bus.flush(i) {
-            clients.close(registry, &mut self.router, i);
+        if self.clients.bus.flush(i) {
+            self.clients
+                .close(self.poll.registry(), &mut self.router, i);
             return;
         }
         // A bounded turn: a client that pipelines without pause must not
         // keep the loop from its timers (paced sends, keepalive) or from
         // other clients; what is left is served on the next turn.
         for _ in 0..FRAMES_PER_TURN {
-            let slot = self.clients.bus.slot(i);
-            let mode = slot.state();
-            if !mode.wants_input()
-                || (mode.serves_requests() && (slot.has_backlog() || slot.is_closing()))
-            {
+            if !self.clients.may_read(i) {
                 break;
             }
+            let mode = self.clients.bus.slot(i).state();
             match self.clients.bus.read(i, now) {
                 Input::Frame(n) if mode.serves_requests() => self.handle_frame(i, n, now),
                 Input::Frame(n) => self.clients.bus.consume(i, n),
@@ -384,9 +384,12 @@ impl EventLoop {
     /// Hands one request frame to the service and applies its reply.
     fn handle_frame(&mut self, i: usize, n: usize, now: Instant) {
         let reply = {
+            // `take`: the table has MAX_CONNECTIONS links, so collecting
+            // cannot overflow (heapless would panic).
             let links: heapless::Vec<LinkState<'_>, { consts::MAX_CONNECTIONS }> = self
                 .links
                 .iter()
+                .take(consts::MAX_CONNECTIONS)
                 .map(|l| LinkState {
                     id: l.client_id(),
                     connected: l.is_connected(),
@@ -411,7 +414,8 @@ impl EventLoop {
         }
         self.counters.dropped += u64::from(reply.dropped);
         self.clients.apply(i, &reply);
-        // A subscribe made offline (or virtual) is settled at once.
+        // A subscribe may be settled at once (offline, virtual, or filters
+        // already granted): answer it now. The queue is empty otherwise.
         self.settle_subscriptions();
     }
 

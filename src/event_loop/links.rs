@@ -184,11 +184,6 @@ impl Link {
         Token(LINK_BASE + self.index)
     }
 
-    /// Whether this is the publishing link, `PUBLISHING`.
-    fn is_publishing(&self) -> bool {
-        self.index == PUBLISHING
-    }
-
     /// Moves the link to `phase`, logging the change at debug.
     fn set_phase(&mut self, phase: Phase) {
         let name = phase.name();
@@ -329,7 +324,7 @@ impl EventLoop {
                 // A PUBLISH already started must end before DISCONNECT, or
                 // the broker would read DISCONNECT inside it.
                 let mut clean = true;
-                if link.is_publishing() && was_up {
+                if i == PUBLISHING && was_up {
                     if let Some(out) = self.spool.next(consts::MAX_INFLIGHT, false) {
                         let n = send_parts(&mut tls, out.first, out.second);
                         clean = self.spool.advance(n);
@@ -661,7 +656,7 @@ impl EventLoop {
     pub(super) fn write_link(&mut self, i: usize, now: Instant) -> Result<(), Exit> {
         let link = &mut self.links[i];
         link.rate_until = None;
-        let carries_publishes = link.is_publishing() && link.session.is_connected();
+        let carries_publishes = i == PUBLISHING && link.session.is_connected();
         let Phase::Mqtt { tls } = &mut link.phase else {
             return Ok(());
         };

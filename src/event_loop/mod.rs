@@ -29,7 +29,7 @@ use crate::bus::server::{self, Server};
 use crate::config::Config;
 use crate::consts;
 use crate::router::Router;
-use crate::service::Counters;
+use crate::service::{Counters, PUBLISHING};
 use crate::spool::Spool;
 use crate::sys::{self, Notifier, SignalFd};
 use crate::time::Instant;
@@ -155,7 +155,7 @@ impl EventLoop {
             self.config.endpoint, self.config.port
         ));
         self.watchdog_at = self.notifier.watchdog_interval().map(|d| now + d);
-        self.begin_attempt(0, now);
+        self.begin_attempt(PUBLISHING, now);
         loop {
             let now = self.now();
             if let (Some(at), Some(every)) = (self.watchdog_at, self.notifier.watchdog_interval()) {

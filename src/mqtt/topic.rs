@@ -17,8 +17,9 @@
 //!   and never a broken connection.
 //!
 //! `TopicError` names the first rule a string breaks; the core bus error
-//! code each maps to is `TopicError::code` in `router`, beside the other
-//! bus codes, so that this codec-level module knows nothing of the bus.
+//! code each maps to is the service's (`service::params::topic_error_code`,
+//! beside the other bus codes), so that this codec-level module knows
+//! nothing of the bus.
 
 use core::fmt;
 use core::str;

@@ -13,9 +13,6 @@ use crate::bus::frame::{self, ErrorCode, RequestType};
 use crate::bus::object::{self, Encoder};
 use crate::spool;
 
-/// Room for every small answer: error, accepted, null, bool.
-pub const SMALL: usize = 32;
-
 /// A call result or stream message whose payload is `null`.
 pub fn null(buf: &mut [u8]) -> usize {
     value(buf, |e| e.null().map(|_| ()))

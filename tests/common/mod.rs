@@ -19,6 +19,10 @@
 //!   `CARGO_TARGET_TMPDIR`, removed on drop. When the test is already
 //!   panicking, a guard prints the tail of its log to stderr first, so a
 //!   failing test shows what the broker and the daemon saw.
+
+// The harness makes raw syscalls (kill, setsockopt) the daemon never may:
+// Cargo.toml denies `unsafe` for every target, the tests allow it here.
+#![allow(unsafe_code)]
 #![allow(dead_code)]
 
 pub mod bus;
