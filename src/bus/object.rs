@@ -330,11 +330,10 @@ impl<'a> List<'a> {
 
     /// The items, in order.
     pub fn iter(&self) -> ListIter<'a> {
-        Items {
+        ListIter(Items {
             rest: self.body,
             left: self.count,
-            read: |r| r.object(0),
-        }
+        })
     }
 }
 
@@ -360,11 +359,10 @@ impl<'a> Map<'a> {
 
     /// The entries, in wire order.
     pub fn iter(&self) -> MapIter<'a> {
-        Items {
+        MapIter(Items {
             rest: self.body,
             left: self.count,
-            read: Reader::map_entry,
-        }
+        })
     }
 
     /// The value of the first entry with this key [bus-obj-1].
@@ -382,32 +380,26 @@ impl<'a> IntoIterator for Map<'a> {
     }
 }
 
-/// Iterator over a validated container's items, each read by `read`: a
-/// list's objects or a map's (key, value) entries.
+/// What is left of a validated container: its bytes and item count.
 #[derive(Clone, Debug)]
-pub struct Items<'a, T> {
+struct Items<'a> {
     rest: &'a [u8],
     left: u32,
-    read: fn(&mut Reader<'a>) -> Result<T, Error>,
 }
 
-/// Iterator over a validated list's items.
-pub type ListIter<'a> = Items<'a, Object<'a>>;
-
-/// Iterator over a validated map's entries: (key, value).
-pub type MapIter<'a> = Items<'a, (&'a [u8], Object<'a>)>;
-
-impl<T> Iterator for Items<'_, T> {
-    type Item = T;
-
-    fn next(&mut self) -> Option<T> {
+impl<'a> Items<'a> {
+    /// The next item, read by `read`. The bytes were validated when the
+    /// container was made, so this cannot fail; if it somehow did,
+    /// iteration just ends.
+    fn next_with<T>(
+        &mut self,
+        read: impl FnOnce(&mut Reader<'a>) -> Result<T, Error>,
+    ) -> Option<T> {
         if self.left == 0 {
             return None;
         }
         let mut r = Reader { rest: self.rest };
-        // The bytes were validated when the container was made, so this
-        // cannot fail; if it somehow did, iteration just ends.
-        match (self.read)(&mut r) {
+        match read(&mut r) {
             Ok(item) => {
                 self.rest = r.rest;
                 self.left -= 1;
@@ -425,7 +417,41 @@ impl<T> Iterator for Items<'_, T> {
     }
 }
 
-impl<T> ExactSizeIterator for Items<'_, T> {}
+/// Iterator over a validated list's items.
+#[derive(Clone, Debug)]
+pub struct ListIter<'a>(Items<'a>);
+
+impl<'a> Iterator for ListIter<'a> {
+    type Item = Object<'a>;
+
+    fn next(&mut self) -> Option<Object<'a>> {
+        self.0.next_with(|r| r.object(0))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+impl ExactSizeIterator for ListIter<'_> {}
+
+/// Iterator over a validated map's entries: (key, value).
+#[derive(Clone, Debug)]
+pub struct MapIter<'a>(Items<'a>);
+
+impl<'a> Iterator for MapIter<'a> {
+    type Item = (&'a [u8], Object<'a>);
+
+    fn next(&mut self) -> Option<(&'a [u8], Object<'a>)> {
+        self.0.next_with(Reader::map_entry)
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.0.size_hint()
+    }
+}
+
+impl ExactSizeIterator for MapIter<'_> {}
 
 /// Writes objects into a caller's slice. Each call writes one object, or a
 /// list or map header (its `count` items or key/value pairs must follow),

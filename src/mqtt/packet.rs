@@ -1102,6 +1102,18 @@ impl<'b> Writer<'b> {
 
     fn bytes(&mut self, b: &[u8]) -> Result<(), Error> {
         let end = self.pos.checked_add(b.len()).ok_or(Error::BufferTooSmall)?;
+        // Almost always: `first` has room.
+        if let Some(dst) = self.first.get_mut(self.pos..end) {
+            dst.copy_from_slice(b);
+            self.pos = end;
+            return Ok(());
+        }
+        self.bytes_across(b, end)
+    }
+
+    /// `bytes` for what goes past `first`'s end: on into `second`.
+    #[cold]
+    fn bytes_across(&mut self, b: &[u8], end: usize) -> Result<(), Error> {
         if end > self.first.len().saturating_add(self.second.len()) {
             return Err(Error::BufferTooSmall);
         }
