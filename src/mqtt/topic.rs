@@ -9,7 +9,9 @@
 //!   on parse and on emit, beside its own string rules.
 //! - AWS IoT Core's rules on top, `validate_topic` and `validate_filter`:
 //!   the MQTT rules on raw bytes (UTF-8 without U+0000 [MQTT-1.5.3-1],
-//!   [MQTT-1.5.3-2]), `$` reserved except `$aws/`, at most 256 bytes and 7
+//!   [MQTT-1.5.3-2]), no control characters or Unicode non-characters
+//!   [bus-topic-1] (MQTT 1.5.3 says a sender should not send them, and
+//!   brokers close the connection on them), `$` reserved except `$aws/`, at most 256 bytes and 7
 //!   slashes not counting Basic Ingest's `$aws/rules/<rule-name>/` prefix
 //!   (spec/aws-iot-core.md, "Per message"). The bus service checks these
 //!   before anything is queued [iotcored-bus-publish-1.1],
@@ -37,6 +39,10 @@ pub enum TopicError {
     NotUtf8,
     /// Contains U+0000 [MQTT-1.5.3-2].
     Nul,
+    /// Contains this control character (U+0001-U+001F, U+007F-U+009F) or
+    /// Unicode non-character (U+FDD0-U+FDEF, U+xFFFE, U+xFFFF)
+    /// [bus-topic-1].
+    Forbidden(char),
     /// Empty [MQTT-4.7.3-1].
     Empty,
     /// A topic name containing `+` or `#` [MQTT-3.3.2-2].
@@ -54,6 +60,14 @@ pub enum TopicError {
 
 impl fmt::Display for TopicError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let TopicError::Forbidden(c) = self {
+            let what = if c.is_control() {
+                "a control character"
+            } else {
+                "a unicode non-character"
+            };
+            return write!(f, "topic contains U+{:04X}, {what}", u32::from(*c));
+        }
         f.write_str(match self {
             TopicError::NotUtf8 => "topic is not valid utf-8",
             TopicError::Nul => "topic contains u+0000",
@@ -63,6 +77,7 @@ impl fmt::Display for TopicError {
             TopicError::Reserved => "topics starting with $ must start with $aws/",
             TopicError::TooLong => "topic is longer than 256 bytes",
             TopicError::TooManyLevels => "topic has more than 7 slashes",
+            TopicError::Forbidden(_) => "topic contains a forbidden character",
         })
     }
 }
@@ -144,12 +159,25 @@ fn validate(bytes: &[u8], mqtt: fn(&str) -> Result<(), TopicError>) -> Result<&s
     if s.contains('\0') {
         return Err(TopicError::Nul);
     }
+    // Printable ASCII, the usual case, needs no look at the characters.
+    if s.bytes().any(|b| !(0x20..0x7F).contains(&b)) {
+        if let Some(c) = s.chars().find(|&c| is_forbidden(c)) {
+            return Err(TopicError::Forbidden(c));
+        }
+    }
     if s.starts_with('$') && !s.starts_with("$aws/") {
         return Err(TopicError::Reserved);
     }
     mqtt(s)?;
     check_limits(s)?;
     Ok(s)
+}
+
+/// A control character or a Unicode non-character [bus-topic-1] (U+0000
+/// is `Nul`, checked before).
+fn is_forbidden(c: char) -> bool {
+    let n = u32::from(c);
+    matches!(n, 0x01..=0x1F | 0x7F..=0x9F | 0xFDD0..=0xFDEF) || n & 0xFFFE == 0xFFFE
 }
 
 fn check_limits(s: &str) -> Result<(), TopicError> {
@@ -212,6 +240,59 @@ mod tests {
             (b"a/\xc3", Err(NotUtf8), Err(NotUtf8)),
             (b"\0", Err(Nul), Err(Nul)),
             (b"a\0b", Err(Nul), Err(Nul)),
+            // [bus-topic-1] at each end of each forbidden range, and the
+            // characters just outside them.
+            (b"a\x01b", Err(Forbidden('\u{1}')), Err(Forbidden('\u{1}'))),
+            (b"\x1f", Err(Forbidden('\u{1f}')), Err(Forbidden('\u{1f}'))),
+            (
+                b"a/\x7f",
+                Err(Forbidden('\u{7f}')),
+                Err(Forbidden('\u{7f}')),
+            ),
+            (
+                "\u{80}".as_bytes(),
+                Err(Forbidden('\u{80}')),
+                Err(Forbidden('\u{80}')),
+            ),
+            (
+                "a\u{9f}".as_bytes(),
+                Err(Forbidden('\u{9f}')),
+                Err(Forbidden('\u{9f}')),
+            ),
+            ("\u{a0}/~ ".as_bytes(), Ok(()), Ok(())),
+            ("\u{fdcf}\u{fdf0}".as_bytes(), Ok(()), Ok(())),
+            (
+                "\u{fdd0}".as_bytes(),
+                Err(Forbidden('\u{fdd0}')),
+                Err(Forbidden('\u{fdd0}')),
+            ),
+            (
+                "\u{fdef}".as_bytes(),
+                Err(Forbidden('\u{fdef}')),
+                Err(Forbidden('\u{fdef}')),
+            ),
+            ("\u{fffd}".as_bytes(), Ok(()), Ok(())),
+            (
+                "t/\u{fffe}".as_bytes(),
+                Err(Forbidden('\u{fffe}')),
+                Err(Forbidden('\u{fffe}')),
+            ),
+            (
+                "\u{ffff}".as_bytes(),
+                Err(Forbidden('\u{ffff}')),
+                Err(Forbidden('\u{ffff}')),
+            ),
+            (
+                "\u{1fffe}".as_bytes(),
+                Err(Forbidden('\u{1fffe}')),
+                Err(Forbidden('\u{1fffe}')),
+            ),
+            (
+                "\u{10ffff}".as_bytes(),
+                Err(Forbidden('\u{10ffff}')),
+                Err(Forbidden('\u{10ffff}')),
+            ),
+            ("\u{1fffd}".as_bytes(), Ok(()), Ok(())),
             (b"a+b", Err(Wildcard), Err(BadWildcard)),
             (b"a#", Err(Wildcard), Err(BadWildcard)),
             (b"a/#/b", Err(Wildcard), Err(BadWildcard)),
@@ -295,6 +376,14 @@ mod tests {
         assert_eq!(
             TopicError::TooManyLevels.to_string(),
             "topic has more than 7 slashes"
+        );
+        assert_eq!(
+            TopicError::Forbidden('\u{1}').to_string(),
+            "topic contains U+0001, a control character"
+        );
+        assert_eq!(
+            TopicError::Forbidden('\u{ffff}').to_string(),
+            "topic contains U+FFFF, a unicode non-character"
         );
     }
 

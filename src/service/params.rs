@@ -197,6 +197,7 @@ pub fn topic_error_code(e: TopicError) -> ErrorCode {
         TopicError::TooLong | TopicError::TooManyLevels => ErrorCode::Range,
         TopicError::NotUtf8
         | TopicError::Nul
+        | TopicError::Forbidden(_)
         | TopicError::Empty
         | TopicError::Wildcard
         | TopicError::BadWildcard
@@ -405,6 +406,7 @@ mod tests {
         for e in [
             TopicError::NotUtf8,
             TopicError::Nul,
+            TopicError::Forbidden('\u{1}'),
             TopicError::Empty,
             TopicError::Wildcard,
             TopicError::BadWildcard,

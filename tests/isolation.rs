@@ -1,0 +1,67 @@
+//! End to end: no local client can hurt another (core-bus.md section 7,
+//! [bus-iso-1..6], [bus-topic-1]), through the real daemon and a real
+//! mosquitto with mutual TLS. Hostile clients are separate processes where
+//! a rule is per process.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::bus::*;
+use common::*;
+use iotcored::bus::frame::RequestType;
+
+const BIN: &str = env!("CARGO_BIN_EXE_iotcored");
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// The daemon connected to `port`, its bus socket in its own directory.
+fn connected(port: u16, id: &str, extra: &[&str]) -> (Daemon, PathBuf) {
+    let (d, sock) = start_with_bus(BIN.as_ref(), port, id, extra);
+    assert!(
+        d.wait_log("connected (session present", SECS(10)),
+        "{}",
+        d.log()
+    );
+    (d, sock)
+}
+
+#[test]
+fn topics_and_filters_a_broker_would_close_the_link_on_are_refused_locally() {
+    // [bus-topic-1] [bus-iso-1]: mosquitto closes the connection on a
+    // control character or a non-character in a topic; iotcored refuses
+    // them with INVALID and every other client's messages go on.
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(&broker, "ok/#", 1);
+    let (d, sock) = connected(broker.port(), "gw-topic1", &[]);
+    let mut c = BusClient::connect(&sock);
+    for topic in [
+        "a\u{1}b",
+        "t/\u{7f}",
+        "t/\u{85}",
+        "t/\u{fdd0}",
+        "t/\u{ffff}",
+    ] {
+        for qos in [0, 1] {
+            let reply = c.call("publish", &publish_params(topic, b"poison", qos));
+            assert_eq!(reply, Some(Reply::Error(code::INVALID)), "{topic:?}");
+        }
+    }
+    let mut s = BusClient::connect(&sock);
+    s.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["ok/\u{1}/#"], 1),
+    );
+    assert_eq!(s.read(), Some(Reply::Error(code::INVALID)));
+    // The same connection, and the link, still serve everyone.
+    for i in 0..5 {
+        let topic = format!("ok/{i}");
+        assert!(is_null(
+            &c.call("publish", &publish_params(&topic, b"m", 1))
+        ));
+    }
+    assert!(sub.wait_lines(5, SECS(10)), "{:?}", sub.lines());
+    assert_eq!(stats(&sock)["reconnects"], 0);
+    assert!(!d.log().contains("disconnected"), "{}", d.log());
+}
