@@ -763,6 +763,19 @@ impl Router {
         true
     }
 
+    /// How many filters SUBSCRIBE `packet_id` on `link` carried (what its
+    /// SUBACK must answer, one code each); `None` if the id is unknown.
+    pub fn subscribe_len(&self, link: usize, packet_id: u16) -> Option<usize> {
+        let n = self
+            .entries
+            .iter()
+            .filter(|e| {
+                e.on(link) && matches!(e.broker, Broker::Subscribing { id, .. } if id == packet_id)
+            })
+            .count();
+        (n > 0).then_some(n)
+    }
+
     /// The broker answered UNSUBSCRIBE `packet_id` on `link`; false if the
     /// id is unknown.
     pub fn on_unsuback(&mut self, link: usize, packet_id: u16) -> bool {
@@ -1274,7 +1287,13 @@ mod tests {
         let b = sub(&mut r, stream(2), &["y"], Q0);
         let req = next(&mut r, 0).unwrap();
         assert_eq!(req.names(), ["x", "y"]);
+        // What the SUBACK must answer; the loop treats any other count as
+        // the broker's protocol error before it gets here.
+        assert_eq!(r.subscribe_len(0, req.id), Some(2));
+        assert_eq!(r.subscribe_len(0, req.id.wrapping_add(1)), None);
+        assert_eq!(r.subscribe_len(1, req.id), None);
         assert!(r.on_suback(0, req.id, [GRANTED]));
+        assert_eq!(r.subscribe_len(0, req.id), None);
         assert_eq!(
             settled(&mut r),
             [(b, Outcome::Refused), (a, Outcome::Accepted)]

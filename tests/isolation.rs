@@ -65,3 +65,36 @@ fn topics_and_filters_a_broker_would_close_the_link_on_are_refused_locally() {
     assert_eq!(stats(&sock)["reconnects"], 0);
     assert!(!d.log().contains("disconnected"), "{}", d.log());
 }
+
+#[test]
+fn a_suback_with_the_wrong_number_of_codes_is_a_protocol_error() {
+    // One code per filter [MQTT-3.9.3-1]: a broker that answers otherwise
+    // gets the link closed and reopened, never a silently misread refusal.
+    // (A mock broker: mosquitto never sends such a SUBACK.)
+    for (codes, ok) in [
+        (vec![1u8], true),
+        (vec![1u8, 1], false),
+        (vec![0u8; 9], false),
+    ] {
+        let broker = MockBroker::start(Pki::get(), Behaviour::Suback(codes.clone()));
+        let (d, sock) = connected(broker.port(), "gw-suback", &["--max-backoff", "1"]);
+        let mut s = BusClient::connect(&sock);
+        s.timeout(SECS(3));
+        s.send(
+            "subscribe",
+            RequestType::Subscribe,
+            &subscribe_params(&["t/#"], 1),
+        );
+        if ok {
+            assert_eq!(s.read(), Some(Reply::Accepted), "{codes:?}");
+            assert!(!d.log().contains("protocol violation"), "{}", d.log());
+        } else {
+            assert!(
+                d.wait_log("a SUBACK whose return codes do not match", SECS(5)),
+                "{codes:?}: {}",
+                d.log()
+            );
+            assert!(d.wait_log("next attempt in", SECS(5)), "{}", d.log());
+        }
+    }
+}

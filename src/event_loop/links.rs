@@ -803,9 +803,20 @@ impl EventLoop {
                     }
                 }
                 Ok(Some(Event::Suback(suback))) => {
-                    let codes: heapless::Vec<SubackCode, 8> = suback.codes().take(8).collect();
-                    if !self.router.on_suback(i, suback.packet_id, codes) {
-                        log::warn!("connection {i}: SUBACK for unknown packet id");
+                    // One code per filter of the SUBSCRIBE [MQTT-3.9.3-1]:
+                    // any other count leaves which filter was refused unknown.
+                    match self.router.subscribe_len(i, suback.packet_id) {
+                        None => log::warn!("connection {i}: SUBACK for unknown packet id"),
+                        Some(n) if suback.codes().len() != n => {
+                            break Err(Failure::Session(session::Error::Protocol(
+                                "a SUBACK whose return codes do not match its SUBSCRIBE's filters",
+                            )));
+                        }
+                        Some(_) => {
+                            let codes: heapless::Vec<SubackCode, 8> =
+                                suback.codes().take(8).collect();
+                            self.router.on_suback(i, suback.packet_id, codes);
+                        }
                     }
                 }
                 Ok(Some(Event::Unsuback { packet_id })) => {

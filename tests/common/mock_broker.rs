@@ -33,6 +33,10 @@ pub enum Behaviour {
     Reply(Vec<u8>),
     /// Never write anything; read (and record) until the peer closes.
     Silent,
+    /// Accept the CONNECT, then answer every SUBSCRIBE with a SUBACK of its
+    /// packet id and these return codes (however many filters it had), and
+    /// record until the peer closes.
+    Suback(Vec<u8>),
     /// Write `first`, then `repeat` `count` times, and never read again:
     /// a broker that stops reading while it keeps sending.
     Flood {
@@ -391,6 +395,21 @@ fn mock_script(
             drain_recording(conn, record)
         }
         Behaviour::Silent => drain_recording(conn, record),
+        Behaviour::Suback(codes) => {
+            conn.write_all(&CONNACK_ACCEPTED)?;
+            while let Some(packet) = conn.read_packet()? {
+                record(&packet);
+                // SUBSCRIBE: type 8, flags 0b0010; its packet id follows the
+                // one-byte remaining length of these short test packets.
+                if packet.first() == Some(&0x82) && packet.len() >= 4 {
+                    let mut suback = vec![0x90, u8::try_from(2 + codes.len()).unwrap_or(0)];
+                    suback.extend_from_slice(&packet[2..4]);
+                    suback.extend_from_slice(codes);
+                    conn.write_all(&suback)?;
+                }
+            }
+            Ok(())
+        }
         Behaviour::Flood {
             first,
             repeat,
