@@ -163,3 +163,30 @@ pub fn activated_listener(name: &str) -> Option<std::os::unix::net::UnixListener
     // it; LISTEN_* are cleared above, so it is taken once.
     Some(unsafe { std::os::unix::net::UnixListener::from_raw_fd(fd) })
 }
+
+/// The pid of the process at the other end of a connected Unix socket
+/// (`SO_PEERCRED`), if the kernel gives one.
+pub fn peer_pid(fd: RawFd) -> Option<u32> {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).ok()?;
+    // SAFETY: `cred` and `len` are valid for writes and `len` is the size
+    // of `cred`; getsockopt writes at most `len` bytes and the result is
+    // checked.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            std::ptr::addr_of_mut!(cred).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    u32::try_from(cred.pid).ok().filter(|&pid| pid > 0)
+}

@@ -98,3 +98,75 @@ fn a_suback_with_the_wrong_number_of_codes_is_a_protocol_error() {
         }
     }
 }
+
+#[test]
+fn one_process_holds_at_most_half_of_the_client_slots() {
+    // [bus-iso-3] A process opening 100 connections (the default table)
+    // keeps 50; every other process is still served.
+    let broker = Mosquitto::start();
+    let (d, sock) = connected(broker.port(), "gw-perpid", &[]);
+    let hog = Holder::start(&sock, 100, b"");
+    assert!(hog.wait_open_at_most(50, SECS(5)), "{:?}", hog.open());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(hog.open(), Some(50), "its first 50 stay open");
+    let refusal = format!("process {} holds 50 of the 100 client slots", hog.pid());
+    assert!(d.wait_log(&refusal, SECS(2)), "{}", d.log());
+    let mut c = BusClient::connect(&sock);
+    assert!(is_null(&c.call("publish", &publish_params("t", b"x", 0))));
+}
+
+#[test]
+fn a_full_table_of_idle_connections_makes_room_by_closing_the_longest_idle() {
+    // [bus-iso-3] Two processes fill the table with connections that send
+    // nothing; a new client is admitted in place of the idlest one.
+    let broker = Mosquitto::start();
+    let (d, sock) = connected(broker.port(), "gw-idle", &[]);
+    let first = Holder::start(&sock, 50, b"");
+    std::thread::sleep(Duration::from_millis(50));
+    let second = Holder::start(&sock, 50, b"");
+    assert!(wait_until(SECS(5), || first.open() == Some(50)
+        && second.open() == Some(50)));
+    let mut admitted = Vec::new();
+    for n in 1..=3 {
+        let mut c = BusClient::connect(&sock);
+        assert!(is_null(&c.call("publish", &publish_params("t", b"x", 0))));
+        // The room came from the process idle the longest, never from the
+        // newer holder nor from the clients admitted before (busier).
+        assert!(
+            first.wait_open_at_most(50 - n, SECS(5)),
+            "{:?}",
+            first.open()
+        );
+        assert_eq!(first.open(), Some(50 - n));
+        assert_eq!(second.open(), Some(50));
+        admitted.push(c);
+    }
+    for c in &mut admitted {
+        assert!(is_null(&c.call("publish", &publish_params("t", b"y", 0))));
+    }
+    assert!(d.log().contains("closing the connection idle the longest"));
+}
+
+#[test]
+fn a_connection_holding_part_of_a_frame_is_closed_after_ten_seconds() {
+    // [bus-iso-3] 7 bytes of a frame, then silence.
+    let broker = Mosquitto::start();
+    let (d, sock) = connected(broker.port(), "gw-partial", &[]);
+    let frame = request("publish", RequestType::Call, &publish_params("t", b"x", 0));
+    let t0 = std::time::Instant::now();
+    let stuck = Holder::start(&sock, 3, &frame[..7]);
+    // Meanwhile everyone else is served.
+    let mut c = BusClient::connect(&sock);
+    assert!(is_null(&c.call("publish", &publish_params("t", b"x", 0))));
+    assert!(stuck.wait_open_at_most(0, SECS(15)), "{:?}", stuck.open());
+    let held = t0.elapsed();
+    assert!(
+        held >= Duration::from_millis(9_500),
+        "closed after {held:?}"
+    );
+    assert!(
+        d.log().contains("part of a frame held for 10 s; closed"),
+        "{}",
+        d.log()
+    );
+}

@@ -16,6 +16,7 @@
 
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -33,6 +34,11 @@ pub const DISCARD_TIMEOUT: core::time::Duration = core::time::Duration::from_sec
 /// How long a closing slot may take to hand its last bytes to a peer that
 /// does not read them before it is closed anyway.
 pub const CLOSE_LINGER: core::time::Duration = core::time::Duration::from_secs(5);
+
+/// How long a connection may hold part of a frame before it is closed
+/// [bus-iso-3]: a client stuck mid-frame (or trickling one byte at a time)
+/// must not keep its slot for ever.
+pub const PARTIAL_TIMEOUT: core::time::Duration = core::time::Duration::from_secs(10);
 
 /// Bytes `Server::read` takes from one peer per call.
 const READ_BUDGET: usize = 64 * 1024;
@@ -82,6 +88,13 @@ pub struct Slot<S> {
     stream: Option<UnixStream>,
     /// The caller's state of this connection; `S::default()` when free.
     state: S,
+    /// The peer's pid (`SO_PEERCRED`); 0 for our own outbound connections
+    /// or when the kernel gave none.
+    pid: u32,
+    /// When the peer last sent anything (or connected).
+    last_active: Instant,
+    /// When the first byte of the frame being received arrived.
+    frame_since: Option<Instant>,
     generation: u32,
     peer: Peer,
     rx: &'static mut [u8],
@@ -108,6 +121,9 @@ impl<S: Copy + Default> Slot<S> {
         Self {
             stream: None,
             state: S::default(),
+            pid: 0,
+            last_active: Instant::default(),
+            frame_since: None,
             generation: 0,
             peer: Peer::Client,
             rx,
@@ -128,6 +144,8 @@ impl<S: Copy + Default> Slot<S> {
         self.stream = None;
         self.state = S::default();
         self.closing_since = None;
+        self.pid = 0;
+        self.frame_since = None;
         self.rx_len = 0;
         self.discard = None;
         self.ignore_input = false;
@@ -152,6 +170,33 @@ impl<S: Copy + Default> Slot<S> {
     /// The caller's state of this connection.
     pub fn state(&self) -> S {
         self.state
+    }
+
+    /// The peer's pid, 0 if unknown or ours.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// When a frame begun but not complete must be complete, else the
+    /// connection is closed [bus-iso-3].
+    pub fn partial_deadline(&self) -> Option<Instant> {
+        let since = self.frame_since?;
+        let buffered = &self.rx[..self.rx_len];
+        let complete = matches!(frame::frame_len(buffered, self.rx.len()),
+            FrameLen::Len(n) if n <= self.rx_len);
+        (!complete && self.rx_len > 0).then(|| since + PARTIAL_TIMEOUT)
+    }
+
+    /// Whether the connection may be closed to make room: open, not
+    /// closing, nothing buffered either way, and `evictable` says its
+    /// state holds nothing (no request in progress, no subscription).
+    fn is_idle(&self, evictable: &impl Fn(S) -> bool) -> bool {
+        self.is_open()
+            && !self.close_after_flush
+            && self.rx_len == 0
+            && self.tx_len == 0
+            && self.discard.is_none()
+            && evictable(self.state)
     }
 
     /// Who is at the other end.
@@ -314,10 +359,24 @@ impl<S: Copy + Default> Server<S> {
         self.refused
     }
 
-    /// Accepts every pending connection. When the table is full a new
-    /// connection is closed at once (logged at most once a second).
-    /// Returns the slots that were filled.
-    pub fn accept(&mut self, registry: &Registry, now: Instant) -> heapless::Vec<usize, 16> {
+    /// The most connections one process may hold [bus-iso-3]: half the
+    /// table, so that others are always served.
+    pub fn per_process_limit(&self) -> usize {
+        (self.slots.len() / 2).max(1)
+    }
+
+    /// Accepts every pending connection [bus-iso-3]. A process that holds
+    /// `per_process_limit` connections already is refused; when the table
+    /// is full, the connection idle the longest (`evictable` says which
+    /// states hold nothing) is closed to make room, and only if none is
+    /// idle is the new one refused. Refusals are closed at once and logged
+    /// at most once a second. Returns the slots that were filled.
+    pub fn accept(
+        &mut self,
+        registry: &Registry,
+        now: Instant,
+        evictable: impl Fn(S) -> bool,
+    ) -> heapless::Vec<usize, 16> {
         let mut filled = heapless::Vec::new();
         while !filled.is_full() {
             let stream = match self.listener.accept() {
@@ -330,29 +389,71 @@ impl<S: Copy + Default> Server<S> {
                     break;
                 }
             };
-            match self.install(registry, stream, Peer::Client) {
-                Some(i) => {
-                    log::debug!("bus: client connected (slot {i})");
-                    // `filled` has room: checked by the loop condition.
-                    let _ = filled.push(i);
-                }
-                None => {
-                    self.refused += 1;
-                    let quiet = self
-                        .last_refusal_log
-                        .is_some_and(|t| now.saturating_since(t).as_secs() < 1);
-                    if !quiet {
-                        log::warn!(
-                            "bus: all {} client slots busy; connection refused ({} so far)",
+            let pid = crate::sys::peer_pid(stream.as_raw_fd()).unwrap_or(0);
+            let held = if pid == 0 {
+                0
+            } else {
+                self.slots
+                    .iter()
+                    .filter(|s| s.is_open() && s.pid == pid)
+                    .count()
+            };
+            if held >= self.per_process_limit() {
+                self.refuse(now, |n| {
+                    format!("process {pid} holds {held} of the {n} client slots, the most one process may; connection refused")
+                });
+                continue;
+            }
+            if !self.slots.iter().any(|s| !s.is_open()) {
+                let idle = (0..self.slots.len())
+                    .filter(|&i| self.slots[i].is_idle(&evictable))
+                    .min_by_key(|&i| self.slots[i].last_active);
+                match idle {
+                    Some(i) => {
+                        log::info!(
+                            "bus: all {} client slots busy; closing the connection idle the longest (slot {i}, pid {}) to make room",
                             self.slots.len(),
-                            self.refused
+                            self.slots[i].pid
                         );
-                        self.last_refusal_log = Some(now);
+                        self.close(registry, i);
+                    }
+                    None => {
+                        self.refuse(now, |n| {
+                            format!("all {n} client slots busy and none idle; connection refused")
+                        });
+                        continue;
                     }
                 }
             }
+            match self.install(registry, stream, Peer::Client, pid, now) {
+                Some(i) => {
+                    log::debug!("bus: client connected (slot {i}, pid {pid})");
+                    // `filled` has room: checked by the loop condition.
+                    let _ = filled.push(i);
+                }
+                None => self.refuse(now, |n| {
+                    format!("all {n} client slots busy; connection refused")
+                }),
+            }
         }
         filled
+    }
+
+    /// Counts a refused connection (already dropped) and logs `why`, at
+    /// most once a second.
+    fn refuse(&mut self, now: Instant, why: impl FnOnce(usize) -> String) {
+        self.refused += 1;
+        let quiet = self
+            .last_refusal_log
+            .is_some_and(|t| now.saturating_since(t).as_secs() < 1);
+        if !quiet {
+            log::warn!(
+                "bus: {} ({} refused so far)",
+                why(self.slots.len()),
+                self.refused
+            );
+            self.last_refusal_log = Some(now);
+        }
     }
 
     /// Opens a connection to `<socket-dir>/<endpoint>` in a free slot.
@@ -360,8 +461,14 @@ impl<S: Copy + Default> Server<S> {
         let name = heapless::String::try_from(endpoint)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "endpoint name too long"))?;
         let stream = UnixStream::connect(self.socket_dir.join(endpoint))?;
-        self.install(registry, stream, Peer::Endpoint(name))
-            .ok_or_else(|| io::Error::other("no free bus slot"))
+        self.install(
+            registry,
+            stream,
+            Peer::Endpoint(name),
+            0,
+            Instant::default(),
+        )
+        .ok_or_else(|| io::Error::other("no free bus slot"))
     }
 
     fn install(
@@ -369,6 +476,8 @@ impl<S: Copy + Default> Server<S> {
         registry: &Registry,
         mut stream: UnixStream,
         peer: Peer,
+        pid: u32,
+        now: Instant,
     ) -> Option<usize> {
         let i = self.slots.iter().position(|s| !s.is_open())?;
         let token = Token(CLIENT_TOKEN_BASE + i);
@@ -383,6 +492,8 @@ impl<S: Copy + Default> Server<S> {
         slot.generation = slot.generation.wrapping_add(1);
         slot.stream = Some(stream);
         slot.peer = peer;
+        slot.pid = pid;
+        slot.last_active = now;
         slot.readable = true;
         Some(i)
     }
@@ -417,6 +528,7 @@ impl<S: Copy + Default> Server<S> {
                     Ok(n) => {
                         budget = budget.saturating_sub(n);
                         slot.discard = Some((remaining - n, until));
+                        slot.last_active = now;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         slot.readable = false;
@@ -475,7 +587,11 @@ impl<S: Copy + Default> Server<S> {
                 }
                 Ok(n) => {
                     budget = budget.saturating_sub(n);
+                    if slot.rx_len == 0 {
+                        slot.frame_since = Some(now);
+                    }
                     slot.rx_len += n;
+                    slot.last_active = now;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     slot.readable = false;
@@ -488,11 +604,13 @@ impl<S: Copy + Default> Server<S> {
     }
 
     /// Drops the first `len` received bytes (a handled frame).
-    pub fn consume(&mut self, i: usize, len: usize) {
+    pub fn consume(&mut self, i: usize, len: usize, now: Instant) {
         let slot = &mut self.slots[i];
         let len = len.min(slot.rx_len);
         slot.rx.copy_within(len..slot.rx_len, 0);
         slot.rx_len -= len;
+        // What is left is the start of the next frame.
+        slot.frame_since = (slot.rx_len > 0).then_some(now);
     }
 
     /// From now on, slot `i`'s input is read and discarded [bus-req-4.2].
@@ -500,6 +618,7 @@ impl<S: Copy + Default> Server<S> {
         let slot = &mut self.slots[i];
         slot.ignore_input = true;
         slot.rx_len = 0;
+        slot.frame_since = None;
     }
 
     /// Marks that slot `i` may have input again (a readiness event).
@@ -688,7 +807,7 @@ mod tests {
             client
                 .set_read_timeout(Some(Duration::from_secs(5)))
                 .unwrap();
-            let filled = self.server.accept(self.poll.registry(), t(0));
+            let filled = self.server.accept(self.poll.registry(), t(0), |s| s == 0);
             assert_eq!(filled.len(), 1);
             (client, filled[0])
         }
@@ -797,7 +916,7 @@ mod tests {
         client.write_all(&frame[..5]).unwrap();
         assert_eq!(f.server.read(i, t(0)), Input::Frame(frame.len()));
         assert_eq!(f.server.slot(i).frame(frame.len()), frame);
-        f.server.consume(i, frame.len());
+        f.server.consume(i, frame.len(), t(0));
         assert_eq!(f.server.read(i, t(0)), Input::Idle);
         drop(client);
         // [bus-err-1] a frame cut by the end of the stream.
@@ -880,18 +999,64 @@ mod tests {
     }
 
     #[test]
-    fn a_full_table_refuses_and_counts_new_connections() {
-        let mut f = fixture("full");
-        let clients: Vec<_> = (0..consts::MAX_BUS_CLIENTS).map(|_| f.connect()).collect();
-        assert_eq!(f.server.open_count(), consts::MAX_BUS_CLIENTS);
+    fn one_process_gets_at_most_half_the_slots_and_the_rest_are_refused() {
+        // [bus-iso-3] Every connection here comes from this test's pid.
+        let mut f = fixture("per-pid");
+        let limit = f.server.per_process_limit();
+        assert_eq!(limit, consts::MAX_BUS_CLIENTS / 2);
+        let clients: Vec<_> = (0..limit).map(|_| f.connect()).collect();
+        let me = std::process::id();
+        assert!(clients.iter().all(|(_, i)| f.server.slot(*i).pid() == me));
         let mut extra = StdStream::connect(f.dir.join("bus")).unwrap();
         extra
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        assert!(f.server.accept(f.poll.registry(), t(0)).is_empty());
+        assert!(f
+            .server
+            .accept(f.poll.registry(), t(0), |_| true)
+            .is_empty());
         assert_eq!(f.server.refused(), 1);
         let mut buf = [0u8; 1];
         assert_eq!(extra.read(&mut buf).unwrap(), 0, "closed at once");
-        drop(clients);
+        assert_eq!(f.server.open_count(), limit);
+        // Once one of ours closes, the process may connect again.
+        f.server.close(f.poll.registry(), clients[0].1);
+        let (_again, _) = f.connect();
+    }
+
+    #[test]
+    fn a_frame_left_incomplete_for_ten_seconds_has_a_deadline_and_a_complete_one_none() {
+        // [bus-iso-3]
+        let mut f = fixture("partial");
+        let (mut client, i) = f.connect();
+        assert_eq!(f.server.slot(i).partial_deadline(), None);
+        let frame = error_frame(ErrorCode::Busy);
+        client.write_all(&frame[..7]).unwrap();
+        assert_eq!(f.server.read(i, t(1000)), Input::Idle);
+        assert_eq!(
+            f.server.slot(i).partial_deadline(),
+            Some(t(1000) + PARTIAL_TIMEOUT)
+        );
+        // More bytes of the same frame do not move the deadline.
+        client.write_all(&frame[7..20]).unwrap();
+        assert_eq!(f.server.read(i, t(5000)), Input::Idle);
+        assert_eq!(
+            f.server.slot(i).partial_deadline(),
+            Some(t(1000) + PARTIAL_TIMEOUT)
+        );
+        // Complete (even if not handled yet, e.g. behind a waiting call):
+        // no deadline.
+        client.write_all(&frame[20..]).unwrap();
+        client.write_all(&frame[..3]).unwrap();
+        assert_eq!(f.server.read(i, t(6000)), Input::Frame(frame.len()));
+        assert_eq!(f.server.slot(i).partial_deadline(), None);
+        f.server.consume(i, frame.len(), t(7000));
+        assert_eq!(f.server.slot(i).partial_deadline(), None);
+        // The next frame's first bytes start a deadline of their own.
+        assert_eq!(f.server.read(i, t(8000)), Input::Idle);
+        assert_eq!(
+            f.server.slot(i).partial_deadline(),
+            Some(t(8000) + PARTIAL_TIMEOUT)
+        );
     }
 }

@@ -82,7 +82,12 @@ impl Clients {
             .flat_map(|i| {
                 let slot = self.bus.slot(i);
                 let ready = self.ready(i).then_some(now);
-                [slot.discard_deadline(), slot.linger_deadline(), ready]
+                [
+                    slot.discard_deadline(),
+                    slot.linger_deadline(),
+                    slot.partial_deadline(),
+                    ready,
+                ]
             })
             .flatten()
             .min()
@@ -304,7 +309,12 @@ impl EventLoop {
     /// Accepts new bus connections.
     pub(super) fn accept_clients(&mut self, now: Instant) {
         loop {
-            let filled = self.clients.bus.accept(self.poll.registry(), now);
+            // A connection serving requests with none in progress holds
+            // nothing: it may make room for a new one [bus-iso-3].
+            let filled = self
+                .clients
+                .bus
+                .accept(self.poll.registry(), now, Mode::serves_requests);
             let more = filled.is_full();
             for i in filled {
                 self.drive_client(i, now);
@@ -322,6 +332,17 @@ impl EventLoop {
         for i in 0..self.clients.bus.capacity() {
             if self.clients.bus.lingered(i, now) {
                 log::debug!("bus: slot {i}: peer not reading; closed");
+                self.clients
+                    .close(self.poll.registry(), &mut self.router, i);
+                continue;
+            }
+            let slot = self.clients.bus.slot(i);
+            if slot.partial_deadline().is_some_and(|d| now >= d) {
+                log::info!(
+                    "bus: slot {i} (pid {}): part of a frame held for {} s; closed",
+                    slot.pid(),
+                    crate::bus::server::PARTIAL_TIMEOUT.as_secs()
+                );
                 self.clients
                     .close(self.poll.registry(), &mut self.router, i);
                 continue;
@@ -358,7 +379,7 @@ impl EventLoop {
             let mode = self.clients.bus.slot(i).state();
             match self.clients.bus.read(i, now) {
                 Input::Frame(n) if mode.serves_requests() => self.handle_frame(i, n, now),
-                Input::Frame(n) => self.clients.bus.consume(i, n),
+                Input::Frame(n) => self.clients.bus.consume(i, n, now),
                 Input::Idle => break,
                 Input::Malformed(code) => {
                     log::debug!("bus: slot {i}: malformed frame: {}", code.name());
@@ -408,7 +429,7 @@ impl EventLoop {
             };
             service::handle(slot.frame(n), caller, &mut ctx, &mut self.clients.scratch)
         };
-        self.clients.bus.consume(i, n);
+        self.clients.bus.consume(i, n, now);
         if reply.evicted > 0 || reply.busy {
             self.clients.log_spool_pressure(&self.spool, now);
         }

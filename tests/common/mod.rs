@@ -27,6 +27,7 @@
 
 pub mod bus;
 mod daemon;
+mod holder;
 mod mock_broker;
 mod mosquitto;
 mod mosquitto_clients;
@@ -44,6 +45,7 @@ use std::time::{Duration, Instant};
 #[allow(unused_imports)]
 pub use self::{
     daemon::{iotcored_args, wakeups, Daemon, DaemonBuilder},
+    holder::Holder,
     mock_broker::{connect_client_id, Behaviour, MockBroker, CONNACK_ACCEPTED},
     mosquitto::{Mosquitto, MosquittoBuilder},
     mosquitto_clients::{publish, Publish, PublishOutput, Subscriber, SubscriberBuilder},
