@@ -170,3 +170,51 @@ fn a_connection_holding_part_of_a_frame_is_closed_after_ten_seconds() {
         d.log()
     );
 }
+
+#[test]
+fn a_subscriber_that_reads_keeps_its_stream_through_a_burst() {
+    // [bus-iso-6] A subscriber reading as fast as it can is never cut off:
+    // what does not fit its backlog is dropped for it and counted, and the
+    // stream goes on.
+    let broker = Mosquitto::start();
+    let (d, sock) = connected(broker.port(), "gw-burst", &[]);
+    let mut sub = BusClient::connect(&sock);
+    sub.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["burst/#"], 0),
+    );
+    assert_eq!(sub.read(), Some(Reply::Accepted));
+    let before = stats(&sock);
+    let reader = std::thread::spawn(move || {
+        sub.timeout(SECS(10));
+        let mut n = 0usize;
+        while let Some(r) = sub.read() {
+            if r.message().0 == "burst/end" {
+                return (n, true);
+            }
+            n += 1;
+        }
+        (n, false)
+    });
+    let out = Publish::new(broker.port(), "burst/x", vec![b'b'; 2000])
+        .repeat(3000)
+        .run();
+    assert!(out.success(), "{}", out.output);
+    // Until the daemon has all of the burst, then the end marker.
+    assert!(wait_until(SECS(20), || {
+        stats(&sock)["received"] - before["received"] >= 3000
+    }));
+    publish(&broker, "burst/end", b"end", 0, false);
+    let (got, ended) = reader.join().unwrap();
+    assert!(
+        ended,
+        "the stream was cut off after {got} messages: {}",
+        d.log()
+    );
+    let after = stats(&sock);
+    let dropped = after["dropped"] - before["dropped"];
+    eprintln!("burst: got {got}, dropped {dropped}");
+    assert_eq!(got as i64 + dropped, 3000, "got {got}, dropped {dropped}");
+    assert!(!d.log().contains("read nothing"), "{}", d.log());
+}

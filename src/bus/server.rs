@@ -40,6 +40,12 @@ pub const CLOSE_LINGER: core::time::Duration = core::time::Duration::from_secs(5
 /// must not keep its slot for ever.
 pub const PARTIAL_TIMEOUT: core::time::Duration = core::time::Duration::from_secs(10);
 
+/// How long a connection with output waiting may go without reading any of
+/// it before it is closed [bus-iso-6]: a subscriber that reads, however
+/// slowly, is never cut off for a burst (what does not fit its backlog is
+/// dropped for it alone); one that has stopped reading is.
+pub const STALL_TIMEOUT: core::time::Duration = core::time::Duration::from_secs(10);
+
 /// Bytes `Server::read` takes from one peer per call.
 const READ_BUDGET: usize = 64 * 1024;
 
@@ -95,6 +101,14 @@ pub struct Slot<S> {
     last_active: Instant,
     /// When the first byte of the frame being received arrived.
     frame_since: Option<Instant>,
+    /// Since when the backlog has waited without the peer taking any of it
+    /// (set by `Server::stalled`, restarted by progress).
+    stall_since: Option<Instant>,
+    /// The peer took some output since `stall_since` was set.
+    tx_progress: bool,
+    /// A frame was refused (`SendError::Full`) since the peer last took
+    /// anything: it has output waiting even with an empty backlog.
+    behind: bool,
     generation: u32,
     peer: Peer,
     rx: &'static mut [u8],
@@ -124,6 +138,9 @@ impl<S: Copy + Default> Slot<S> {
             pid: 0,
             last_active: Instant::default(),
             frame_since: None,
+            stall_since: None,
+            tx_progress: false,
+            behind: false,
             generation: 0,
             peer: Peer::Client,
             rx,
@@ -146,6 +163,9 @@ impl<S: Copy + Default> Slot<S> {
         self.closing_since = None;
         self.pid = 0;
         self.frame_since = None;
+        self.stall_since = None;
+        self.behind = false;
+        self.tx_progress = false;
         self.rx_len = 0;
         self.discard = None;
         self.ignore_input = false;
@@ -185,6 +205,31 @@ impl<S: Copy + Default> Slot<S> {
         let complete = matches!(frame::frame_len(buffered, self.rx.len()),
             FrameLen::Len(n) if n <= self.rx_len);
         (!complete && self.rx_len > 0).then(|| since + PARTIAL_TIMEOUT)
+    }
+
+    /// When the connection must have taken some of its waiting output, else
+    /// it is closed [bus-iso-6]; due at once when `Server::stalled` has a
+    /// mark to set or to restart.
+    pub fn stall_deadline(&self) -> Option<Instant> {
+        if !self.is_open() || self.close_after_flush || !self.has_waiting_output() {
+            return None;
+        }
+        match self.stall_since {
+            Some(since) if !self.tx_progress => Some(since + STALL_TIMEOUT),
+            _ => Some(Instant::default()),
+        }
+    }
+
+    /// Whether output waits for the peer: in the backlog, or refused for
+    /// want of room since it last took anything.
+    fn has_waiting_output(&self) -> bool {
+        self.tx_len > 0 || self.behind
+    }
+
+    /// The peer took some output (written, or a writable edge: it read).
+    fn progressed(&mut self) {
+        self.tx_progress = true;
+        self.behind = false;
     }
 
     /// Whether the connection may be closed to make room: open, not
@@ -335,6 +380,27 @@ impl<S: Copy + Default> Server<S> {
     /// Sets the caller's state of slot `i`'s connection.
     pub fn set_state(&mut self, i: usize, state: S) {
         self.slots[i].state = state;
+    }
+
+    /// Whether slot `i` has had output waiting for `STALL_TIMEOUT` without
+    /// its peer taking any of it [bus-iso-6]. The first call with output
+    /// waiting, and the first after the peer took some, start that time.
+    /// A closing slot is the linger's to end.
+    pub fn stalled(&mut self, i: usize, now: Instant) -> bool {
+        let slot = &mut self.slots[i];
+        if !slot.is_open() || slot.close_after_flush || !slot.has_waiting_output() {
+            slot.stall_since = None;
+            slot.tx_progress = false;
+            return false;
+        }
+        match slot.stall_since {
+            Some(since) if !slot.tx_progress => now >= since + STALL_TIMEOUT,
+            _ => {
+                slot.stall_since = Some(now);
+                slot.tx_progress = false;
+                false
+            }
+        }
     }
 
     /// Whether slot `i`, closing, has had `CLOSE_LINGER` to hand its last
@@ -626,6 +692,14 @@ impl<S: Copy + Default> Server<S> {
         self.slots[i].readable = true;
     }
 
+    /// Slot `i`'s socket has room again (a writable edge): its peer read.
+    pub fn set_writable(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        if slot.behind {
+            slot.progressed();
+        }
+    }
+
     /// Sends a frame given as parts (written with one `writev` when the
     /// backlog is empty; what the kernel does not take goes to the backlog).
     /// A frame is never partly queued: if it does not fit, nothing is sent.
@@ -643,6 +717,10 @@ impl<S: Copy + Default> Server<S> {
                 match stream.write_vectored(&slices) {
                     Ok(n) => {
                         written = n;
+                        if n > 0 {
+                            slot.tx_progress = true;
+                            slot.behind = false;
+                        }
                         break;
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -660,6 +738,7 @@ impl<S: Copy + Default> Server<S> {
                 // Nothing sensible can follow it: close after what we have.
                 slot.close_after_flush = true;
             }
+            slot.behind = true;
             return Err(SendError::Full);
         }
         let mut skip = written;
@@ -689,6 +768,10 @@ impl<S: Copy + Default> Server<S> {
                 Ok(n) => {
                     slot.tx_head = (slot.tx_head + n) % cap;
                     slot.tx_len -= n;
+                    // The peer took some: as `progressed`, field by field
+                    // (the stream is borrowed from the slot).
+                    slot.tx_progress = true;
+                    slot.behind = false;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -1058,5 +1141,42 @@ mod tests {
             f.server.slot(i).partial_deadline(),
             Some(t(8000) + PARTIAL_TIMEOUT)
         );
+    }
+
+    #[test]
+    fn a_peer_that_takes_nothing_for_ten_seconds_is_stalled_and_one_that_reads_is_not() {
+        // [bus-iso-6]
+        let mut f = fixture("stall");
+        let (mut client, i) = f.connect();
+        assert!(!f.server.stalled(i, t(0)));
+        assert_eq!(f.server.slot(i).stall_deadline(), None, "nothing waiting");
+        while f.server.send(i, &[&error_frame(ErrorCode::Busy)]) == Ok(()) {}
+        assert!(f.server.slot(i).has_backlog());
+        // Unmarked: due at once; marked by the first look.
+        assert_eq!(f.server.slot(i).stall_deadline(), Some(Instant::default()));
+        assert!(!f.server.stalled(i, t(1000)));
+        assert_eq!(
+            f.server.slot(i).stall_deadline(),
+            Some(t(1000) + STALL_TIMEOUT)
+        );
+        assert!(!f.server.stalled(i, t(10_999)));
+        // The peer reads a little: the backlog moves, the time starts again.
+        let mut buf = [0u8; 4096];
+        let _ = client.read(&mut buf).unwrap();
+        assert!(!f.server.flush(i));
+        while f.server.send(i, &[&error_frame(ErrorCode::Busy)]) == Ok(()) {}
+        assert!(f.server.slot(i).has_backlog());
+        assert!(!f.server.stalled(i, t(10_999)));
+        assert!(!f.server.stalled(i, t(20_998)));
+        assert!(f.server.stalled(i, t(20_999)), "10 s without taking any");
+        // Once everything is taken, nothing is waiting: never stalled.
+        let mut rest = Vec::new();
+        while f.server.slot(i).has_backlog() {
+            let n = client.read(&mut buf).unwrap();
+            rest.extend_from_slice(&buf[..n]);
+            f.server.flush(i);
+        }
+        assert!(!f.server.stalled(i, t(100_000)));
+        assert_eq!(f.server.slot(i).stall_deadline(), None);
     }
 }

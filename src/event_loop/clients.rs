@@ -9,12 +9,13 @@
 //! stops being served instead of growing our memory. A subscribe is the
 //! last request of its connection [bus-req-4.2].
 //!
-//! Slow subscribers: a message frame goes straight to the kernel's socket
-//! buffer, and what does not fit waits in the slot's bounded backlog
-//! (`IOTCORED_BUS_CLIENT_TX`). A subscriber whose socket buffer and backlog
-//! are both full when a message arrives has stopped reading: the message is
-//! dropped and counted, and the subscriber is disconnected (logged), so it
-//! sees the end of its stream instead of a silent gap.
+//! Slow subscribers [bus-iso-6]: a message frame goes straight to the
+//! kernel's socket buffer, and what does not fit waits in the slot's
+//! bounded backlog (`IOTCORED_BUS_CLIENT_TX`). A message that finds both
+//! full is dropped for that subscriber alone and counted (`dropped`); a
+//! subscriber that reads, however slowly, keeps its stream. Only one that
+//! has taken nothing for `STALL_TIMEOUT` while output waits is
+//! disconnected (logged), so it sees the end of its stream.
 
 use mio::Registry;
 
@@ -86,6 +87,7 @@ impl Clients {
                     slot.discard_deadline(),
                     slot.linger_deadline(),
                     slot.partial_deadline(),
+                    slot.stall_deadline(),
                     ready,
                 ]
             })
@@ -170,10 +172,14 @@ impl Clients {
                 };
                 match bus.send(i, &[frame]) {
                     Ok(()) => {}
+                    // Its backlog is full: this message is lost for this
+                    // subscriber alone [bus-iso-6]. One that reads goes on;
+                    // one that stopped is closed by `drive_pending_clients`.
                     Err(SendError::Full) => {
                         dropped += 1;
-                        log::warn!("bus: subscriber in slot {i} is not reading; message dropped, disconnecting it");
-                        to_close.push(i);
+                        log::debug!(
+                            "bus: subscriber in slot {i} is behind; message dropped for it"
+                        );
                     }
                     Err(SendError::Closed) => {
                         dropped += 1;
@@ -212,7 +218,9 @@ impl Clients {
                     Ok(()) => endpoint_results.push((id, true)),
                     Err((busy, e)) => {
                         dropped += 1;
-                        log::warn!("bus: cannot deliver to response endpoint {name}: {e}; message dropped");
+                        log::warn!(
+                            "bus: cannot deliver to response endpoint {name}: {e}; message dropped"
+                        );
                         if !busy {
                             endpoint_results.push((id, false));
                         }
@@ -332,6 +340,16 @@ impl EventLoop {
         for i in 0..self.clients.bus.capacity() {
             if self.clients.bus.lingered(i, now) {
                 log::debug!("bus: slot {i}: peer not reading; closed");
+                self.clients
+                    .close(self.poll.registry(), &mut self.router, i);
+                continue;
+            }
+            if self.clients.bus.stalled(i, now) {
+                log::warn!(
+                    "bus: slot {i} (pid {}): read nothing for {} s with messages waiting; disconnected",
+                    self.clients.bus.slot(i).pid(),
+                    crate::bus::server::STALL_TIMEOUT.as_secs()
+                );
                 self.clients
                     .close(self.poll.registry(), &mut self.router, i);
                 continue;

@@ -209,6 +209,9 @@ impl EventLoop {
                         let i = t - server::CLIENT_TOKEN_BASE;
                         if i < self.clients.bus.capacity() {
                             self.clients.bus.set_readable(i);
+                            if event.is_writable() {
+                                self.clients.bus.set_writable(i);
+                            }
                             self.drive_client(i, now);
                         }
                         Ok(())

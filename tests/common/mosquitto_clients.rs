@@ -224,6 +224,7 @@ pub struct Publish {
     identity: Option<(PathBuf, PathBuf)>,
     username: Option<(String, String)>,
     client_id: Option<String>,
+    repeat: Option<usize>,
 }
 
 impl Publish {
@@ -238,7 +239,14 @@ impl Publish {
             identity: None,
             username: None,
             client_id: None,
+            repeat: None,
         }
+    }
+
+    /// Sends the message `n` times in a burst (`--repeat`).
+    pub fn repeat(mut self, n: usize) -> Self {
+        self.repeat = Some(n);
+        self
     }
 
     /// QoS 0, 1 or 2.
@@ -290,6 +298,9 @@ impl Publish {
         ]);
         if self.retain {
             cmd.arg("-r");
+        }
+        if let Some(n) = self.repeat {
+            cmd.args(["--repeat", &n.to_string()]);
         }
         if let Some((user, password)) = &self.username {
             cmd.args(["-u", user, "-P", password]);
