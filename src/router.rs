@@ -122,6 +122,9 @@ pub enum SubscribeError {
     TooManyFilters,
     /// Every local subscription slot is taken.
     TableFull,
+    /// The process holds half of the local subscriptions, or would hold
+    /// more than half of the distinct broker filters [bus-iso-4].
+    ProcessQuota,
     /// The new distinct filters do not fit on the links.
     NoRoom,
 }
@@ -136,6 +139,9 @@ impl fmt::Display for SubscribeError {
                 "more than {MAX_FILTERS_PER_REQUEST} topic filters in one request"
             ),
             SubscribeError::TableFull => f.write_str("local subscription table is full"),
+            SubscribeError::ProcessQuota => f.write_str(
+                "this process holds half of the subscription table or of the broker filters, the most one process may",
+            ),
             SubscribeError::NoRoom => f.write_str("every connection's subscription table is full"),
         }
     }
@@ -285,6 +291,8 @@ struct Sub {
     queued: bool,
     /// Consecutive failed deliveries to its response endpoint.
     endpoint_failures: u8,
+    /// The pid of the process that made it (0: unknown).
+    owner: u32,
 }
 
 impl Sub {
@@ -301,6 +309,7 @@ impl Sub {
         answered: false,
         queued: false,
         endpoint_failures: 0,
+        owner: 0,
     };
 
     fn is_live(&self) -> bool {
@@ -372,9 +381,25 @@ impl Router {
     /// `Pending` until the broker granted every filter, or at once `Active`
     /// when they are granted already, their links are down (made at the
     /// next connect) or it is virtual; either way `take_settled` reports it.
-    /// On error nothing changed.
+    /// On error nothing changed. Made for no process in particular: no
+    /// per-process quota applies (see `subscribe_for`).
     pub fn subscribe(
         &mut self,
+        dest: Dest,
+        filters: &[&str],
+        qos: QoS,
+        is_virtual: bool,
+    ) -> Result<SubId, SubscribeError> {
+        self.subscribe_for(0, dest, filters, qos, is_virtual)
+    }
+
+    /// `subscribe` on behalf of process `owner` (its pid; 0: unknown, no
+    /// quota), which may hold at most half of the local subscriptions and
+    /// half of the distinct filters the links can hold [bus-iso-4]: one
+    /// process's subscriptions never leave none for the others.
+    pub fn subscribe_for(
+        &mut self,
+        owner: u32,
         dest: Dest,
         filters: &[&str],
         qos: QoS,
@@ -391,6 +416,9 @@ impl Router {
         }
         if distinct.is_empty() {
             return Err(SubscribeError::NoFilters);
+        }
+        if owner != 0 {
+            self.check_quota(owner, &distinct, is_virtual)?;
         }
         let slot = self
             .subs
@@ -464,6 +492,7 @@ impl Router {
         sub.is_virtual = is_virtual;
         sub.answered = false;
         sub.endpoint_failures = 0;
+        sub.owner = owner;
         let id = SubId {
             slot: u32::try_from(slot).unwrap_or(u32::MAX),
             generation: sub.generation,
@@ -860,6 +889,48 @@ impl Router {
 
     /// Links for `n` new broker filters: all on the lowest link with room
     /// for all, else spread over the links in order.
+    /// [bus-iso-4] Whether `owner` may make one more subscription to
+    /// `filters`: it holds fewer than half of the subscription slots, and
+    /// the distinct broker filters its subscriptions use, the new ones
+    /// counted, stay within half of what the links can hold.
+    fn check_quota(
+        &self,
+        owner: u32,
+        filters: &[&str],
+        is_virtual: bool,
+    ) -> Result<(), SubscribeError> {
+        let mine = || self.subs.iter().filter(|s| s.owner == owner && s.is_live());
+        if mine().count() >= (MAX_SUBSCRIPTIONS / 2).max(1) {
+            return Err(SubscribeError::ProcessQuota);
+        }
+        if is_virtual {
+            return Ok(());
+        }
+        let mut used = [0u64; MATCH_WORDS];
+        let mut set = |i: usize| {
+            if let Some(w) = used.get_mut(i / 64) {
+                *w |= 1 << (i % 64);
+            }
+        };
+        for s in mine().filter(|s| !s.is_virtual) {
+            for &i in &s.filters {
+                set(usize::try_from(i).unwrap_or(usize::MAX));
+            }
+        }
+        let held = |used: &[u64; MATCH_WORDS], i: usize| {
+            used.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+        };
+        let old: usize = used.iter().map(|w| w.count_ones() as usize).sum();
+        let new = filters
+            .iter()
+            .filter(|f| self.find_entry(f).map_or(true, |i| !held(&used, i)))
+            .count();
+        if old + new > (BROKER_FILTERS / 2).max(1) {
+            return Err(SubscribeError::ProcessQuota);
+        }
+        Ok(())
+    }
+
     fn place(&self, n: usize) -> Option<Vec<usize, MAX_FILTERS_PER_REQUEST>> {
         let room = |l: &Link| self.link_capacity.saturating_sub(l.filters);
         let mut plan = Vec::new();

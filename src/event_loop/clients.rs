@@ -444,6 +444,7 @@ impl EventLoop {
             let caller = Caller {
                 slot: i,
                 generation: slot.generation(),
+                pid: slot.pid(),
             };
             service::handle(slot.frame(n), caller, &mut ctx, &mut self.clients.scratch)
         };

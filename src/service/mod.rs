@@ -78,6 +78,8 @@ pub struct Caller {
     pub slot: usize,
     /// The slot's generation (a stream subscription names both).
     pub generation: u32,
+    /// The peer's pid, for the per-process quotas (0: unknown).
+    pub pid: u32,
 }
 
 /// The loop's own counters, for `stats`.
@@ -235,7 +237,7 @@ pub fn handle(bytes: &[u8], caller: Caller, ctx: &mut Context<'_>, out: &mut [u8
             };
             match ctx
                 .router
-                .subscribe(dest, &s.filters, s.qos, s.virtual_only)
+                .subscribe_for(caller.pid, dest, &s.filters, s.qos, s.virtual_only)
             {
                 // The answer comes when the router settles it; a notify
                 // subscribe is never answered, so its connection goes on.
@@ -456,6 +458,8 @@ mod tests {
         router: Router,
         connected: bool,
         counters: Counters,
+        /// The pid the next requests come from.
+        pid: u32,
     }
 
     impl World {
@@ -465,6 +469,7 @@ mod tests {
                 router: Router::new(),
                 connected: false,
                 counters: Counters::default(),
+                pid: 4242,
             }
         }
 
@@ -483,6 +488,7 @@ mod tests {
             let caller = Caller {
                 slot: 1,
                 generation: 7,
+                pid: self.pid,
             };
             let mut out = vec![0u8; 4096];
             let reply = handle(bytes, caller, &mut ctx, &mut out);
@@ -749,6 +755,8 @@ mod tests {
     fn a_full_subscription_table_is_nomem_and_bad_filters_are_invalid_or_range() {
         let mut w = World::new();
         for i in 0..consts::MAX_SUBSCRIPTIONS {
+            // Two processes, each within its half [bus-iso-4].
+            w.pid = if i % 2 == 0 { 1 } else { 2 };
             let filter = format!("t/{i}");
             let bytes = subscribe(RequestType::Call, filter.as_bytes(), Some(b"sink"));
             assert!(matches!(w.call(&bytes).0.mode, Mode::AwaitCall(_)));
@@ -766,6 +774,64 @@ mod tests {
             assert_eq!(answer, hex(code));
             assert_eq!(reply, served(answer.len()));
         }
+    }
+
+    /// A subscribe call of `filters` to an endpoint.
+    fn subscribe_filters(filters: &[&str]) -> Vec<u8> {
+        request("subscribe", RequestType::Call, |e| {
+            e.map(2).unwrap();
+            e.key(b"topic_filter").unwrap().list(filters.len()).unwrap();
+            for f in filters {
+                e.buf(f.as_bytes()).unwrap();
+            }
+            e.key(b"response_endpoint").unwrap().buf(b"sink").unwrap();
+        })
+    }
+
+    #[test]
+    fn one_process_holds_at_most_half_the_subscriptions_and_half_the_broker_filters() {
+        // [bus-iso-4] The test build: 8 subscriptions, 3 x 4 broker filters.
+        let half_subs = consts::MAX_SUBSCRIPTIONS / 2;
+        let mut w = World::new();
+        w.pid = 1;
+        for i in 0..half_subs {
+            let f = format!("s/{i}");
+            assert!(matches!(
+                w.call(&subscribe_filters(&[&f])).0.mode,
+                Mode::AwaitCall(_)
+            ));
+        }
+        assert_eq!(w.call(&subscribe_filters(&["s/x"])).1, hex(NOMEM));
+        // Another process is still served.
+        w.pid = 2;
+        assert!(matches!(
+            w.call(&subscribe_filters(&["s/x"])).0.mode,
+            Mode::AwaitCall(_)
+        ));
+
+        // Distinct broker filters: 6 of the 12 at most, counted over the
+        // process's subscriptions; filters it uses already cost nothing.
+        let mut w = World::new();
+        w.pid = 1;
+        let (first, second) = (["a", "b", "c", "d"], ["a", "e", "f"]);
+        assert!(matches!(
+            w.call(&subscribe_filters(&first)).0.mode,
+            Mode::AwaitCall(_)
+        ));
+        assert!(matches!(
+            w.call(&subscribe_filters(&second)).0.mode,
+            Mode::AwaitCall(_)
+        ));
+        assert_eq!(w.call(&subscribe_filters(&["g"])).1, hex(NOMEM));
+        assert!(matches!(
+            w.call(&subscribe_filters(&["a", "f"])).0.mode,
+            Mode::AwaitCall(_)
+        ));
+        w.pid = 2;
+        assert!(matches!(
+            w.call(&subscribe_filters(&["g"])).0.mode,
+            Mode::AwaitCall(_)
+        ));
     }
 
     #[test]
@@ -849,6 +915,7 @@ mod tests {
         let caller = Caller {
             slot: 0,
             generation: 0,
+            pid: 0,
         };
         let mut out = [0u8; 64];
         let reply = handle(

@@ -211,7 +211,9 @@ pub fn subscribe_error_code(e: SubscribeError) -> ErrorCode {
         SubscribeError::Filter(e) => topic_error_code(e),
         SubscribeError::NoFilters => ErrorCode::Invalid,
         SubscribeError::TooManyFilters => ErrorCode::Range,
-        SubscribeError::TableFull | SubscribeError::NoRoom => ErrorCode::NoMem,
+        SubscribeError::TableFull | SubscribeError::NoRoom | SubscribeError::ProcessQuota => {
+            ErrorCode::NoMem
+        }
     }
 }
 
@@ -427,6 +429,7 @@ mod tests {
             (SubscribeError::NoFilters, ErrorCode::Invalid),
             (SubscribeError::TableFull, ErrorCode::NoMem),
             (SubscribeError::NoRoom, ErrorCode::NoMem),
+            (SubscribeError::ProcessQuota, ErrorCode::NoMem),
         ];
         for (e, code) in subscribe {
             assert_eq!(subscribe_error_code(e), code, "{e:?}");

@@ -616,53 +616,61 @@ fn tables_full(r: &mut Report) {
     set_write_timeout(&mut ctl);
 
     // Subscriptions: distinct broker filters up to the broker table, then
-    // shared copies of those, then virtual ones; about 60 % streamed (one
-    // bus connection each), the rest delivered to response endpoints.
+    // shared copies of those, then virtual ones. One process may hold half
+    // of the subscriptions and half of the broker filters [bus-iso-4], so
+    // they come from three: two stream holders (processes of their own, one
+    // bus connection per subscription), each with half of the distinct
+    // filters and copies of its own, and this process's `ctl`, whose
+    // virtual ones go to response endpoints.
     let total = consts::MAX_SUBSCRIPTIONS;
     let broker_table = consts::SUBSCRIPTIONS_PER_CONNECTION * consts::MAX_CONNECTIONS;
-    let distinct = broker_table.min(total / 2).max(1);
+    let distinct = broker_table.min(total / 2).max(2);
     let shared = (total - distinct) / 2;
+    let subscribe = |filter: &str| {
+        request(
+            "subscribe",
+            RequestType::Subscribe,
+            &params(&[
+                ("topic_filter", V::Buf(filter.as_bytes())),
+                ("qos", V::I64(0)),
+            ]),
+        )
+    };
     let mut streams = Vec::new();
-    let mut endpoint_subs = 0;
-    for i in 0..total {
-        let (filter, virt) = if i < distinct {
-            (format!("bench/full/{i}"), false)
-        } else if i < distinct + shared {
-            (format!("bench/full/{}", i % distinct), false)
+    for (half, range) in [(0, 0..distinct / 2), (1, distinct / 2..distinct)] {
+        let copies = if half == 0 {
+            shared / 2
         } else {
-            (format!("bench/virt/{i}"), true)
+            shared - shared / 2
         };
-        // This process may hold half the bus slots [bus-iso-3]: keep one
-        // for `ctl` and one for the over-capacity probe.
-        let streamed = i % 5 < 3 && streams.len() + 2 < consts::MAX_BUS_CLIENTS / 2;
-        if streamed {
-            let mut c = BusClient::connect(&sock);
-            c.send(
-                "subscribe",
-                RequestType::Subscribe,
-                &params(&[
-                    ("topic_filter", V::Buf(filter.as_bytes())),
-                    ("qos", V::I64(0)),
-                    ("virtual", V::Bool(virt)),
-                ]),
-            );
-            let reply = c.read();
-            assert_eq!(reply, Some(Reply::Accepted), "subscription {i} ({filter})");
-            streams.push(c);
-        } else {
-            let endpoint = format!("bench_ep{i}");
-            let reply = ctl.call(
-                "subscribe",
-                &params(&[
-                    ("topic_filter", V::Buf(filter.as_bytes())),
-                    ("qos", V::I64(0)),
-                    ("virtual", V::Bool(virt)),
-                    ("response_endpoint", V::Buf(endpoint.as_bytes())),
-                ]),
-            );
-            assert!(is_null(&reply), "subscription {i} ({filter}): {reply:?}");
-            endpoint_subs += 1;
-        }
+        let filters: Vec<String> = range
+            .clone()
+            .chain((0..copies).map(|k| range.start + k % range.len()))
+            .map(|i| format!("bench/full/{i}"))
+            .collect();
+        let frames: Vec<Vec<u8>> = filters.iter().map(|f| subscribe(f)).collect();
+        let holder = Holder::start_each(&sock, frames.len(), &frames);
+        // A refused subscribe closes its connection: all open, all accepted.
+        thread::sleep(Duration::from_millis(300));
+        assert_eq!(holder.open(), Some(frames.len()), "stream holder {half}");
+        streams.push(holder);
+    }
+    let streamed: usize = streams.iter().filter_map(Holder::open).sum();
+    let mut endpoint_subs = 0;
+    for i in distinct + shared..total {
+        let filter = format!("bench/virt/{i}");
+        let endpoint = format!("bench_ep{i}");
+        let reply = ctl.call(
+            "subscribe",
+            &params(&[
+                ("topic_filter", V::Buf(filter.as_bytes())),
+                ("qos", V::I64(0)),
+                ("virtual", V::Bool(true)),
+                ("response_endpoint", V::Buf(endpoint.as_bytes())),
+            ]),
+        );
+        assert!(is_null(&reply), "subscription {i} ({filter}): {reply:?}");
+        endpoint_subs += 1;
     }
     let over = ctl.call(
         "subscribe",
@@ -675,25 +683,28 @@ fn tables_full(r: &mut Report) {
     // Idle bus clients up to the table's size, from processes of their own
     // (one process may hold half the slots).
     let mut idle = Vec::new();
-    let mut missing = consts::MAX_BUS_CLIENTS.saturating_sub(1 + streams.len());
+    let mut missing = consts::MAX_BUS_CLIENTS.saturating_sub(1 + streamed);
     while missing > 0 {
         let n = missing.min(consts::MAX_BUS_CLIENTS / 2);
         idle.push(Holder::start(&sock, n, b""));
         missing -= n;
     }
     let idle_open = || idle.iter().filter_map(Holder::open).sum::<usize>();
+    // `ctl` is idle too: make it the most recently active, after the
+    // daemon has accepted every holder's connection, so that the probe
+    // below closes one of those.
+    thread::sleep(Duration::from_millis(300));
     let st = stats(&mut ctl);
+    let clients = 1 + streamed + idle_open();
     // A full table of idle connections makes room: the idlest is closed.
     let extra_admitted = BusClient::try_connect(&sock).is_some_and(|mut c| {
         c.timeout(SECS(2));
         matches!(c.call("stats", &params(&[])), Some(Reply::Payload(_)))
     });
-    let clients = 1 + streams.len() + idle_open();
     println!(
         "  {total} subscriptions ({distinct} broker filters, {shared} shared, {} virtual; \
-         {} streamed, {endpoint_subs} to response endpoints); one more: {}",
+         {streamed} streamed from 2 processes, {endpoint_subs} to response endpoints); one more: {}",
         total - distinct - shared,
-        streams.len(),
         match &over {
             Some(Reply::Error(c)) =>
                 format!("error {c}{}", if over_nomem { " (NOMEM)" } else { "" }),

@@ -16,9 +16,11 @@ use super::{wait_until, TestDir};
 /// is `open K`: K connections still open.
 const SCRIPT: &str = r#"
 import select, socket, sys, time
-path, n, data = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3])
+path, n = sys.argv[1], int(sys.argv[2])
+datas = [bytes.fromhex(h) for h in sys.argv[3:]]
 socks = []
-for _ in range(n):
+for i in range(n):
+    data = datas[i % len(datas)]
     s = socket.socket(socket.AF_UNIX)
     try:
         s.connect(path)
@@ -57,15 +59,22 @@ impl Holder {
     /// Opens `n` connections to `socket`, writes `data` on each, and holds
     /// them; returns once they are all open (or refused: closed at once).
     pub fn start(socket: &Path, n: usize, data: &[u8]) -> Holder {
+        Holder::start_each(socket, n, &[data.to_vec()])
+    }
+
+    /// As `start`, connection `i` writing `datas[i % datas.len()]`.
+    pub fn start_each(socket: &Path, n: usize, datas: &[Vec<u8>]) -> Holder {
         let dir = TestDir::new("holder");
         let out = dir.join("out.log");
         let (stdout, stderr) = log_stdio(&out);
-        let hex: String = data.iter().map(|b| format!("{b:02x}")).collect();
+        let hex = datas
+            .iter()
+            .map(|d| d.iter().map(|b| format!("{b:02x}")).collect::<String>());
         let child = Command::new("python3")
             .args(["-c", SCRIPT])
             .arg(socket)
             .arg(n.to_string())
-            .arg(hex)
+            .args(hex)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
