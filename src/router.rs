@@ -346,6 +346,8 @@ pub struct Router {
     /// Broker filters per link: `SUBSCRIPTIONS_PER_CONNECTION` (tests vary it).
     link_capacity: usize,
     settled: Deque<u32, MAX_SUBSCRIPTIONS>,
+    /// Filters dropped as poison [bus-iso-2].
+    quarantined: u64,
 }
 
 impl Default for Router {
@@ -363,6 +365,7 @@ impl Router {
             links: [Link::DOWN; MAX_CONNECTIONS],
             link_capacity: SUBSCRIPTIONS_PER_CONNECTION,
             settled: Deque::new(),
+            quarantined: 0,
         }
     }
 
@@ -845,6 +848,11 @@ impl Router {
     /// Local subscriptions held (failed ones until reported).
     pub fn subscriptions(&self) -> usize {
         self.subs.iter().filter(|s| s.state.is_some()).count()
+    }
+
+    /// Filters dropped as poison since start [bus-iso-2].
+    pub fn quarantined(&self) -> u64 {
+        self.quarantined
     }
 
     /// Distinct filters held, virtual-only ones included.

@@ -33,6 +33,23 @@
 //! [MQTT-3.3.1-1]; a message cut off mid-write starts again from its first
 //! byte. Completed QoS 0 messages are never sent again.
 //!
+//! Poison quarantine [bus-iso-2]: the broker may close the connection
+//! because of one message (a policy that forbids its topic, a size limit),
+//! and resending it first on every reconnect would hold every later message
+//! for ever. So the QoS 1 messages left unacknowledged by a lost connection
+//! become *suspects* (`suspects` counts them; they are exactly the live
+//! entries holding a packet id, at the front of the queue): while any is
+//! left, a message starts only when nothing is in flight, so each suspect
+//! is the *probe* of its connection alone. A probe started (in part or
+//! whole) and not acknowledged when its connection is lost gets a strike;
+//! `QUARANTINE_STRIKES` in a row and it is removed (`Quarantined`, counted
+//! in `Stats::quarantined`), never to be sent again. Its PUBACK clears its
+//! strikes. A single cut costs a probe one strike and nothing else; the
+//! first loss, with many messages in flight, strikes none, since which one
+//! was at fault is unknown. Once every suspect is acknowledged or
+//! quarantined, pipelining resumes. The cost on the per-message path is one
+//! flag test in `startable` and one compare when a QoS 1 is released.
+//!
 //! Holes and compaction: a message that is done (a sent QoS 0, an acked
 //! QoS 1) or evicted while an older one is still held leaves a hole. Holes
 //! at either end are reclaimed at once; holes in the middle stay. Only when a
@@ -49,6 +66,11 @@ use core::fmt;
 use crate::consts;
 use crate::mqtt::packet::{self, PublishHeader, QoS};
 use crate::mqtt::packet_id::PUBLISH as IDS;
+use crate::mqtt::topic::MAX_TOPIC_LEN;
+
+/// Connections in a row lost while a message was the probe, after which it
+/// is quarantined [bus-iso-2].
+pub const QUARANTINE_STRIKES: u8 = 2;
 
 /// Words of the packet-id bitmap: one bit per id 0..=IDS.last.
 const ID_WORDS: usize = (IDS.last as usize + 1) / 64;
@@ -95,6 +117,19 @@ pub struct Stats {
     pub evicted: u64,
     /// Pushes refused with `Busy`.
     pub busy: u64,
+    /// QoS 1 messages removed as poison [bus-iso-2].
+    pub quarantined: u64,
+}
+
+/// A message `reset_inflight` removed as poison: what the operator's log
+/// line names (never the payload).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Quarantined {
+    /// Its topic (cut at `MAX_TOPIC_LEN` bytes, which validated topics
+    /// never exceed).
+    pub topic: heapless::String<MAX_TOPIC_LEN>,
+    /// The whole PUBLISH packet's length.
+    pub len: usize,
 }
 
 /// The bytes of the current message still to write: `first`, then `second`
@@ -192,6 +227,12 @@ pub struct Spool {
     /// Bit per packet id held by a live QoS 1 message.
     ids: Box<[u64]>,
     next_id: u16,
+    /// QoS 1 messages unacknowledged at the last loss and still live; while
+    /// non-zero, nothing starts while anything is in flight.
+    suspects: usize,
+    /// The packet id of the suspect with strikes (0: none), and how many.
+    struck_id: u16,
+    strikes: u8,
     stats: Stats,
     compactions: u64,
 }
@@ -233,6 +274,9 @@ impl Spool {
             inflight: 0,
             ids: vec![0; ID_WORDS].into_boxed_slice(),
             next_id: 1,
+            suspects: 0,
+            struck_id: 0,
+            strikes: 0,
             stats: Stats::default(),
             compactions: 0,
         }
@@ -261,6 +305,12 @@ impl Spool {
     /// The counters since start.
     pub fn stats(&self) -> Stats {
         self.stats
+    }
+
+    /// Whether messages left unacknowledged by a lost connection are being
+    /// resent one at a time [bus-iso-2].
+    pub fn probing(&self) -> bool {
+        self.suspects > 0
     }
 
     /// Encodes a PUBLISH into the spool, evicting the oldest queued QoS 0
@@ -424,8 +474,12 @@ impl Spool {
 
     /// The connection dropped: every unacknowledged QoS 1 goes back in front
     /// of the queue with DUP set and its packet id kept [MQTT-4.4.0-1], and a
-    /// message cut off mid-write starts again from its first byte.
-    pub fn reset_inflight(&mut self) {
+    /// message cut off mid-write starts again from its first byte. They are
+    /// the suspects resent one at a time from now on; the probe of the
+    /// connection that ended gets a strike, and is returned, removed, at its
+    /// `QUARANTINE_STRIKES`th [bus-iso-2].
+    pub fn reset_inflight(&mut self) -> Option<Quarantined> {
+        let quarantined = self.strike_probe();
         // Entries after the cursor are queued already; any that hold an id
         // got DUP at an earlier reset.
         let end = self.count.min(self.cursor + 1);
@@ -445,11 +499,88 @@ impl Spool {
         self.written = 0;
         self.cursor = 0;
         self.settle();
+        // Started messages form a prefix of the queue; those still live
+        // with an id are the unacknowledged QoS 1.
+        self.suspects = (0..self.count)
+            .map(|i| self.entry(i))
+            .filter(|e| e.state != State::Dead && e.packet_id != 0)
+            .count();
+        if self.suspects == 0 {
+            self.struck_id = 0;
+            self.strikes = 0;
+        }
+        quarantined
+    }
+
+    /// While probing, the probe started on the connection just lost (in
+    /// flight, or cut off mid-write) gets a strike; at the last one it is
+    /// removed and described.
+    fn strike_probe(&mut self) -> Option<Quarantined> {
+        if self.suspects == 0 {
+            return None;
+        }
+        let end = self.count.min(self.cursor + 1);
+        let i = (0..end).find(|&i| {
+            let e = self.entry(i);
+            e.packet_id != 0 && (e.state == State::Inflight || (self.current && i == self.cursor))
+        })?;
+        let e = *self.entry(i);
+        if self.struck_id == e.packet_id {
+            self.strikes = self.strikes.saturating_add(1);
+        } else {
+            self.struck_id = e.packet_id;
+            self.strikes = 1;
+        }
+        if self.strikes < QUARANTINE_STRIKES {
+            return None;
+        }
+        let q = Quarantined {
+            topic: self.topic_of(&e),
+            len: e.len,
+        };
+        if e.state == State::Inflight {
+            self.inflight -= 1;
+        } else {
+            self.current = false;
+            self.written = 0;
+        }
+        self.kill(i);
+        self.stats.quarantined += 1;
+        Some(q)
+    }
+
+    /// The topic of a stored PUBLISH, read from the ring (it may wrap).
+    fn topic_of(&self, e: &Entry) -> heapless::String<MAX_TOPIC_LEN> {
+        let byte = |k: usize| self.buf.get(self.wrap(e.off + k)).copied().unwrap_or(0);
+        // The fixed header: one byte, then 1..=4 bytes of remaining length.
+        let mut at = 1;
+        while at < 5 && byte(at) & 0x80 != 0 {
+            at += 1;
+        }
+        at += 1;
+        let len = usize::from(u16::from_be_bytes([byte(at), byte(at + 1)]));
+        let mut raw = heapless::Vec::<u8, MAX_TOPIC_LEN>::new();
+        for k in 0..len.min(MAX_TOPIC_LEN) {
+            // Cannot fail: at most MAX_TOPIC_LEN bytes.
+            let _ = raw.push(byte(at + 2 + k));
+        }
+        let mut topic = heapless::String::new();
+        let valid = match core::str::from_utf8(&raw) {
+            Ok(s) => s,
+            // A topic cut inside a character: keep the whole ones.
+            Err(err) => core::str::from_utf8(&raw[..err.valid_up_to()]).unwrap_or_default(),
+        };
+        let _ = topic.push_str(valid); // fits: at most MAX_TOPIC_LEN bytes
+        topic
     }
 
     /// The entry `next` would start, if it may start now.
     fn startable(&self, inflight_limit: usize) -> Option<&Entry> {
         if self.current || self.cursor >= self.count {
+            return None;
+        }
+        // Probing [bus-iso-2]: one message at a time, whatever its QoS.
+        if self.suspects > 0 && self.inflight > 0 {
             return None;
         }
         let e = self.entry(self.cursor);
@@ -510,6 +641,12 @@ impl Spool {
         self.live_bytes -= e.len;
         if e.packet_id != 0 {
             self.set_id(e.packet_id, false);
+            // Only suspects hold ids while probing: nothing else starts.
+            self.suspects = self.suspects.saturating_sub(1);
+            if e.packet_id == self.struck_id {
+                self.struck_id = 0;
+                self.strikes = 0;
+            }
         }
     }
 
@@ -677,6 +814,13 @@ mod tests {
         }
         assert_eq!((live, bytes, inflight), (s.live, s.live_bytes, s.inflight));
         assert_eq!(&held[..], &s.ids[..], "packet id bitmap");
+        if s.suspects > 0 {
+            let with_ids = held.iter().map(|w| w.count_ones() as usize).sum::<usize>();
+            assert_eq!(s.suspects, with_ids, "only suspects hold ids while probing");
+            assert!(s.inflight <= 1, "one probe at a time");
+        } else {
+            assert_eq!((s.struck_id, s.strikes), (0, 0));
+        }
         if s.current {
             assert!(s.cursor < s.count);
             assert!(s.written < s.entry(s.cursor).len);
@@ -975,6 +1119,7 @@ mod tests {
         let again = send(&mut s, 4).unwrap();
         assert_eq!(again, encoded("t", b"AAAAAAAAAA", Q1, false, 1, true));
         assert_eq!(again[1..], a[1..]);
+        assert!(s.ack(1));
         let got = payloads(&send_all(&mut s, 4));
         assert_eq!(
             got,
@@ -984,7 +1129,6 @@ mod tests {
                 b"EEEEEEEEEEEE".to_vec()
             ]
         );
-        assert!(s.ack(1));
         assert!(s.is_empty());
     }
 
@@ -1111,29 +1255,28 @@ mod tests {
         check(&s);
         assert_eq!(s.inflight(), 0);
         assert_eq!(s.len(), 4);
-        let sent = send_all(&mut s, 10);
+        // One at a time while they are suspects [bus-iso-2].
+        let dup_a = encoded("t", b"a", Q1, false, 1, true);
+        assert_eq!(send_all(&mut s, 10), std::slice::from_ref(&dup_a));
+        // A second drop resends again, still with the same id.
+        assert_eq!(s.reset_inflight(), None);
+        assert_eq!(send_all(&mut s, 10), [dup_a]);
+        assert!(s.ack(1));
         assert_eq!(
-            sent,
-            vec![
-                encoded("t", b"a", Q1, false, 1, true),
-                encoded("t", b"b", Q1, false, 2, true),
+            send_all(&mut s, 10),
+            [encoded("t", b"b", Q1, false, 2, true)]
+        );
+        assert!(s.ack(2));
+        assert_eq!(
+            send_all(&mut s, 10),
+            [
                 encoded("t", b"d", Q1, false, 3, false),
                 encoded("t", b"e", Q0, false, 0, false),
             ]
         );
         let st = s.stats();
-        assert_eq!((st.sent, st.resent), (5, 2));
-        // A second drop resends again, still with the same ids.
-        s.reset_inflight();
-        let ids: Vec<_> = send_all(&mut s, 10)
-            .iter()
-            .map(|p| publish_of(p).packet_id)
-            .collect();
-        assert_eq!(ids, vec![Some(1), Some(2), Some(3)]);
-        assert_eq!(s.stats().resent, 5);
-        for id in 1..=3 {
-            assert!(s.ack(id));
-        }
+        assert_eq!((st.sent, st.resent), (5, 3));
+        assert!(s.ack(3));
         assert!(s.is_empty());
     }
 
@@ -1162,14 +1305,13 @@ mod tests {
             1,
             "its first complete write is a first send"
         );
+        assert!(s.ack(1));
         s.next(4, true).unwrap();
         s.advance(2);
         s.reset_inflight();
-        assert!(s.ack(1) || s.inflight() == 0);
-        let sent = send_all(&mut s, 4);
         assert_eq!(
-            sent.last(),
-            Some(&encoded("t", b"two", Q0, false, 0, false))
+            send_all(&mut s, 4),
+            [encoded("t", b"two", Q0, false, 0, false)]
         );
         assert_eq!(s.stats().sent, 2);
     }
@@ -1291,6 +1433,136 @@ mod tests {
         }
     }
 
+    // ---- poison quarantine [bus-iso-2] ----------------------------------------
+
+    /// The payloads of `sent`, as text.
+    fn texts(sent: &[Vec<u8>]) -> Vec<String> {
+        payloads(sent)
+            .into_iter()
+            .map(|p| String::from_utf8(p).unwrap())
+            .collect()
+    }
+
+    /// A spool with QoS 1 messages "m0".."m{n-1}" on "t/<k>", all sent and
+    /// none acknowledged.
+    fn all_in_flight(n: usize) -> Spool {
+        let mut s = Spool::new(4096, 16);
+        for k in 0..n {
+            push(&mut s, &format!("t/{k}"), format!("m{k}").as_bytes(), Q1).unwrap();
+        }
+        assert_eq!(send_all(&mut s, 10).len(), n);
+        s
+    }
+
+    #[test]
+    fn after_a_loss_the_unacknowledged_are_resent_one_at_a_time_then_pipelining_resumes() {
+        // t0: m0..m2 in flight, connection lost. Newer m3, m4 are pushed.
+        let mut s = all_in_flight(3);
+        assert_eq!(s.reset_inflight(), None, "the first loss strikes nobody");
+        assert!(s.probing());
+        push(&mut s, "t/3", b"m3", Q1).unwrap();
+        push(&mut s, "t/4", b"m4", Q0).unwrap();
+        // t1: reconnected. m0 alone, then nothing until its PUBACK.
+        assert_eq!(texts(&send_all(&mut s, 10)), ["m0"]);
+        assert_eq!(s.peek_next_len(10), None);
+        assert!(s.ack(1));
+        assert_eq!(texts(&send_all(&mut s, 10)), ["m1"]);
+        assert!(s.ack(2));
+        // m2 is the last suspect: even the QoS 0 behind it waits.
+        assert_eq!(texts(&send_all(&mut s, 10)), ["m2"]);
+        assert_eq!(s.peek_next_len(10), None);
+        assert!(s.ack(3));
+        assert!(!s.probing());
+        // t2: pipelining again.
+        assert_eq!(texts(&send_all(&mut s, 10)), ["m3", "m4"]);
+        assert_eq!(s.inflight(), 1);
+        assert_eq!(s.stats().quarantined, 0);
+    }
+
+    #[test]
+    fn a_probe_lost_twice_in_a_row_is_quarantined_and_the_rest_carry_on_in_order() {
+        // t0: m0 (the poison) and m1 in flight; the broker closes.
+        let mut s = all_in_flight(2);
+        assert_eq!(s.reset_inflight(), None);
+        push(&mut s, "t/2", b"m2", Q1).unwrap();
+        // t1: m0 is the probe; the broker closes again: one strike.
+        assert_eq!(texts(&send_all(&mut s, 10)), ["m0"]);
+        assert_eq!(s.reset_inflight(), None);
+        // t2: m0 again, closed again: the second strike removes it.
+        assert_eq!(texts(&send_all(&mut s, 10)), ["m0"]);
+        let bytes_before = s.bytes();
+        let q = s.reset_inflight().expect("quarantined");
+        assert_eq!(q.topic.as_str(), "t/0");
+        assert_eq!(q.len, packet::publish_len(3, 2, Q1));
+        assert_eq!(s.bytes(), bytes_before - q.len, "its space is freed");
+        assert_eq!(s.stats().quarantined, 1);
+        assert_eq!(s.len(), 2);
+        // t3: m1 probes and is acknowledged; m2 follows; nothing loops.
+        let sent = send_all(&mut s, 10);
+        assert_eq!(texts(&sent), ["m1"]);
+        assert!(publish_of(&sent[0]).dup);
+        assert!(s.ack(2));
+        assert!(!s.probing());
+        assert_eq!(texts(&send_all(&mut s, 10)), ["m2"]);
+        assert_eq!(s.stats().quarantined, 1);
+    }
+
+    #[test]
+    fn a_single_cut_while_probing_is_forgiven_once_the_probe_is_acknowledged() {
+        let mut s = all_in_flight(2);
+        s.reset_inflight();
+        // The probe m0 is cut once (one strike), then acknowledged.
+        send_all(&mut s, 10);
+        assert_eq!(s.reset_inflight(), None);
+        send_all(&mut s, 10);
+        assert!(s.ack(1));
+        // m1 probes, is cut once: its own first strike, not m0's second.
+        assert_eq!(texts(&send_all(&mut s, 10)), ["m1"]);
+        assert_eq!(s.reset_inflight(), None);
+        assert_eq!(texts(&send_all(&mut s, 10)), ["m1"]);
+        assert!(s.ack(2));
+        assert!(s.is_empty());
+        assert_eq!(s.stats().quarantined, 0);
+    }
+
+    #[test]
+    fn a_connection_lost_before_the_probe_started_strikes_nobody() {
+        let mut s = all_in_flight(1);
+        s.reset_inflight();
+        send_all(&mut s, 10);
+        assert_eq!(s.reset_inflight(), None); // strike 1
+        assert_eq!(s.reset_inflight(), None, "lost before m0 was resent");
+        assert_eq!(s.len(), 1);
+        send_all(&mut s, 10);
+        assert!(s.reset_inflight().is_some(), "strike 2");
+        assert!(s.is_empty() && !s.probing());
+    }
+
+    #[test]
+    fn a_probe_cut_off_mid_write_counts_and_its_topic_is_read_across_the_ring_end() {
+        // A 40-byte region: the probe's header straddles its end.
+        let mut s = Spool::new(40, 4);
+        push(&mut s, "f", &[0; 24], Q0).unwrap(); // 29 bytes
+        send(&mut s, 1).unwrap();
+        push(&mut s, "abc/def", b"xyz", Q1).unwrap(); // 16 bytes from 29
+        send(&mut s, 1).unwrap();
+        s.reset_inflight();
+        for strike in 1..=2 {
+            let out = s.next(1, true).unwrap();
+            assert!(!out.second.is_empty());
+            s.advance(3);
+            check(&s);
+            let q = s.reset_inflight();
+            assert_eq!(q.is_some(), strike == 2, "strike {strike}");
+            if let Some(q) = q {
+                assert_eq!((q.topic.as_str(), q.len), ("abc/def", 16));
+            }
+            check(&s);
+        }
+        assert!(s.is_empty());
+        assert_eq!(s.inflight(), 0);
+    }
+
     // ---- model -------------------------------------------------------------
 
     use crate::test_rng::XorShift;
@@ -1310,6 +1582,7 @@ mod tests {
         id: u16,
         dup: bool,
         sent_before: bool,
+        suspect: bool,
     }
 
     impl Msg {
@@ -1339,9 +1612,14 @@ mod tests {
         stats: Stats,
         cap_bytes: usize,
         cap_msgs: usize,
+        struck: (u16, u8),
     }
 
     impl Model {
+        fn probing(&self) -> bool {
+            self.q.iter().any(|m| m.suspect)
+        }
+
         fn first_queued(&self) -> Option<usize> {
             self.q.iter().position(|m| m.state == MState::Queued)
         }
@@ -1392,7 +1670,7 @@ mod tests {
         }
 
         fn startable(&self, limit: usize) -> Option<usize> {
-            if self.current {
+            if self.current || (self.probing() && self.inflight() > 0) {
                 return None;
             }
             let i = self.first_queued()?;
@@ -1462,19 +1740,52 @@ mod tests {
             if let Some(i) = found {
                 self.q.remove(i);
                 self.stats.acked += 1;
+                if self.struck.0 == id {
+                    self.struck = (0, 0);
+                }
             }
             found.is_some()
         }
 
-        fn reset(&mut self) {
+        fn reset(&mut self) -> Option<(String, usize)> {
+            let mut quarantined = None;
+            if self.probing() {
+                let current = if self.current {
+                    self.first_queued()
+                } else {
+                    None
+                };
+                let probe = self.q.iter().enumerate().position(|(i, m)| {
+                    m.id != 0 && (m.state == MState::Inflight || Some(i) == current)
+                });
+                if let Some(i) = probe {
+                    let id = self.q[i].id;
+                    self.struck = if self.struck.0 == id {
+                        (id, self.struck.1 + 1)
+                    } else {
+                        (id, 1)
+                    };
+                    if self.struck.1 >= QUARANTINE_STRIKES {
+                        let m = self.q.remove(i).unwrap();
+                        quarantined = Some((m.topic.clone(), m.len()));
+                        self.stats.quarantined += 1;
+                        self.struck = (0, 0);
+                    }
+                }
+            }
             for m in self.q.iter_mut() {
                 if m.id != 0 {
                     m.state = MState::Queued;
                     m.dup = true;
+                    m.suspect = true;
                 }
+            }
+            if !self.probing() {
+                self.struck = (0, 0);
             }
             self.current = false;
             self.written = 0;
+            quarantined
         }
     }
 
@@ -1492,6 +1803,7 @@ mod tests {
             stats: Stats::default(),
             cap_bytes,
             cap_msgs,
+            struck: (0, 0),
         };
         let mut serial = 0u32;
         for step in 0..steps {
@@ -1521,6 +1833,7 @@ mod tests {
                         id: 0,
                         dup: false,
                         sent_before: false,
+                        suspect: false,
                     });
                     assert_eq!(got, want, "seed {seed} step {step}: push");
                 }
@@ -1566,8 +1879,10 @@ mod tests {
                     assert_eq!(s.ack(id), m.ack(id), "seed {seed} step {step}: ack {id}");
                 }
                 18 => {
-                    s.reset_inflight();
-                    m.reset();
+                    let got = s
+                        .reset_inflight()
+                        .map(|q| (q.topic.as_str().to_owned(), q.len));
+                    assert_eq!(got, m.reset(), "seed {seed} step {step}: reset");
                 }
                 _ => {
                     // A stray advance, with or without a started message.
@@ -1594,6 +1909,7 @@ mod tests {
         totals.acked += st.acked;
         totals.evicted += st.evicted;
         totals.busy += st.busy;
+        totals.quarantined += st.quarantined;
         *compactions += s.compactions;
     }
 
@@ -1614,5 +1930,6 @@ mod tests {
         assert!(totals.resent > 500 && totals.acked > 1_000, "{totals:?}");
         assert!(totals.evicted > 1_000 && totals.busy > 1_000, "{totals:?}");
         assert!(compactions > 200, "{compactions} compactions");
+        assert!(totals.quarantined > 20, "{totals:?}");
     }
 }

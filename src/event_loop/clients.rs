@@ -432,6 +432,7 @@ impl EventLoop {
                 .map(|l| LinkState {
                     id: l.client_id(),
                     connected: l.is_connected(),
+                    last_disconnect: l.last_disconnect(),
                 })
                 .collect();
             let mut ctx = Context {

@@ -47,6 +47,9 @@ const READS_PER_TURN: usize = 4;
 /// handled (a PUBACK is 4 bytes; this leaves room for PINGREQ too).
 const RX_RESUME_ROOM: usize = 64;
 
+/// Bytes kept of why a connection last went down (for `stats`).
+const LAST_DISCONNECT_LEN: usize = 200;
+
 /// Room a SUBSCRIBE of 8 maximal filters needs in the control buffer.
 const SUBSCRIBE_ROOM: usize = 8 * (2 + 256 + 1) + 8;
 
@@ -150,6 +153,8 @@ pub(super) struct Link {
     limiter: RateLimiter,
     /// The next PUBLISH waits for the limiter until then.
     rate_until: Option<Instant>,
+    /// Why the connection last went down (empty: never), for `stats`.
+    last_disconnect: heapless::String<LAST_DISCONNECT_LEN>,
 }
 
 impl Link {
@@ -177,6 +182,7 @@ impl Link {
             ),
             rate_until: None,
             last_attempt: None,
+            last_disconnect: heapless::String::new(),
         }
     }
 
@@ -215,6 +221,23 @@ impl Link {
     /// The client id this link connects with.
     pub(super) fn client_id(&self) -> &str {
         &self.client_id
+    }
+
+    /// Why the connection last went down; empty if it never did.
+    pub(super) fn last_disconnect(&self) -> &str {
+        &self.last_disconnect
+    }
+
+    /// Records why the connection went down, cut to what fits.
+    fn note_disconnect(&mut self, why: &dyn std::fmt::Display) {
+        self.last_disconnect.clear();
+        let _ = std::fmt::write(
+            &mut Truncating {
+                text: &mut self.last_disconnect,
+                full: false,
+            },
+            format_args!("{why}"),
+        );
     }
 
     /// Whether CONNACK was accepted on the current connection.
@@ -357,6 +380,7 @@ impl EventLoop {
         link.set_phase(next);
         link.forget_connection();
         if was_up {
+            link.note_disconnect(&"closed by iotcored");
             self.link_lost(i);
         }
     }
@@ -853,7 +877,16 @@ impl EventLoop {
     fn link_lost(&mut self, i: usize) {
         self.router.link_down(i);
         if i == PUBLISHING {
-            self.spool.reset_inflight();
+            if let Some(q) = self.spool.reset_inflight() {
+                log::warn!(
+                    "connection {i}: the broker closed the connection {} times in a row \
+                     while a {}-byte QoS 1 message on {:?} was the only one in flight: \
+                     quarantined, it will not be sent again",
+                    crate::spool::QUARANTINE_STRIKES,
+                    q.len,
+                    q.topic.as_str()
+                );
+            }
             self.notify_status(false);
         }
     }
@@ -870,6 +903,7 @@ impl EventLoop {
         let link = &mut self.links[i];
         link.forget_connection();
         if was_up {
+            link.note_disconnect(&failure);
             self.link_lost(i);
         }
 
@@ -941,6 +975,25 @@ impl EventLoop {
     }
 }
 
+/// A `fmt::Write` into a fixed string that keeps what fits (whole
+/// characters) and drops the rest instead of failing.
+struct Truncating<'a, const N: usize> {
+    text: &'a mut heapless::String<N>,
+    full: bool,
+}
+
+impl<const N: usize> std::fmt::Write for Truncating<'_, N> {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        for c in s.chars() {
+            if self.full || self.text.push(c).is_err() {
+                self.full = true;
+                break;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Offers a message's one or two slices to TLS; returns how much it took.
 fn send_parts(tls: &mut TlsStream, first: &[u8], second: &[u8]) -> usize {
     let n = tls.send(first);
@@ -963,6 +1016,17 @@ pub fn client_id(base: &str, index: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_disconnect_reason_is_cut_at_a_character_boundary() {
+        let mut text = heapless::String::<8>::new();
+        let mut w = Truncating {
+            text: &mut text,
+            full: false,
+        };
+        let _ = std::fmt::write(&mut w, format_args!("{}{}", "TLS: éé", "x"));
+        assert_eq!(text.as_str(), "TLS: é");
+    }
 
     #[test]
     fn extra_connections_get_numbered_client_ids() {

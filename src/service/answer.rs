@@ -86,10 +86,15 @@ pub struct Stats<'a> {
     pub reconnects: u64,
     /// One entry per connection, connection 0 first.
     pub links: &'a [LinkStats<'a>],
+    /// Messages and filters set aside as poison [bus-iso-2].
+    pub quarantined: u64,
+    /// Why connection 0 last went down; empty if it never did.
+    pub last_disconnect: &'a str,
 }
 
 /// The `stats` call result: the counters in core-bus.md section 6's order,
-/// then `connections`.
+/// then `connections`, `quarantined` and `last_disconnect` (the spec's
+/// keys this daemon has, in the spec's order).
 pub fn stats(buf: &mut [u8], s: &Stats<'_>) -> usize {
     let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
     let size = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
@@ -108,7 +113,7 @@ pub fn stats(buf: &mut [u8], s: &Stats<'_>) -> usize {
     ];
     let encode = |buf: &mut [u8]| -> Option<usize> {
         let mut e = Encoder::new(buf);
-        e.map(counters.len() + 1).ok()?;
+        e.map(counters.len() + 3).ok()?;
         for (k, v) in counters {
             e.key(k).ok()?.i64(v).ok()?;
         }
@@ -123,6 +128,11 @@ pub fn stats(buf: &mut [u8], s: &Stats<'_>) -> usize {
                 .ok()?;
             e.key(b"inflight").ok()?.i64(size(link.inflight)).ok()?;
         }
+        e.key(b"quarantined").ok()?.i64(int(s.quarantined)).ok()?;
+        e.key(b"last_disconnect")
+            .ok()?
+            .buf(s.last_disconnect.as_bytes())
+            .ok()?;
         Some(e.written())
     };
     frame::begin_result(buf)

@@ -101,6 +101,8 @@ pub struct LinkState<'a> {
     pub id: &'a str,
     /// Whether its CONNACK was accepted.
     pub connected: bool,
+    /// Why it last went down; empty if it never did.
+    pub last_disconnect: &'a str,
 }
 
 /// What a request may read and change.
@@ -313,6 +315,8 @@ fn stats(ctx: &Context<'_>, out: &mut [u8]) -> usize {
             received: ctx.counters.received,
             reconnects: ctx.counters.reconnects,
             links: &links,
+            quarantined: ctx.spool.stats().quarantined + ctx.router.quarantined(),
+            last_disconnect: ctx.links.get(PUBLISHING).map_or("", |l| l.last_disconnect),
         },
     )
 }
@@ -457,6 +461,7 @@ mod tests {
         spool: Spool,
         router: Router,
         connected: bool,
+        last_disconnect: &'static str,
         counters: Counters,
         /// The pid the next requests come from.
         pid: u32,
@@ -468,6 +473,7 @@ mod tests {
                 spool: Spool::new(4096, 8),
                 router: Router::new(),
                 connected: false,
+                last_disconnect: "",
                 counters: Counters::default(),
                 pid: 4242,
             }
@@ -478,6 +484,7 @@ mod tests {
             let links = [LinkState {
                 id: "gw",
                 connected: self.connected,
+                last_disconnect: self.last_disconnect,
             }];
             let mut ctx = Context {
                 spool: &mut self.spool,
@@ -867,9 +874,11 @@ mod tests {
     #[test]
     fn stats_answers_every_counter_in_the_spec_order() {
         // core-bus.md section 6, stats: after the worked example's publish
-        // (an 11-byte PUBLISH), with the loop's counters 2, 3, 4.
+        // (an 11-byte PUBLISH), with the loop's counters 2, 3, 4, then
+        // `quarantined` 0 and `last_disconnect` as a buffer.
         let mut w = World::new();
         w.connected = true;
+        w.last_disconnect = "connection closed by the broker";
         w.counters = Counters {
             dropped: 2,
             received: 3,
@@ -878,7 +887,7 @@ mod tests {
         w.call(&example::PUBLISH_CALL);
         let (reply, answer) = w.call(&request("stats", RequestType::Call, empty));
         let golden = concat!(
-            "0000015800000000a61d88c6060c000000090000007075626c69736865640201",
+            "000001a7000000006c794f4a060e000000090000007075626c69736865640201",
             "000000000000000400000073656e740200000000000000000600000072657365",
             "6e740200000000000000000500000061636b6564020000000000000000070000",
             "0073706f6f6c65640201000000000000000d00000073706f6f6c65645f627974",
@@ -888,7 +897,10 @@ mod tests {
             "6f6e6e656374730204000000000000000b000000636f6e6e656374696f6e7305",
             "0100000006040000000200000069640402000000677709000000636f6e6e6563",
             "74656401010d000000737562736372697074696f6e7302000000000000000008",
-            "000000696e666c69676874020000000000000000ae6237fe",
+            "000000696e666c696768740200000000000000000b00000071756172616e7469", // .. quarantined
+            "6e65640200000000000000000f0000006c6173745f646973636f6e6e65637404", // 0, last_disconnect
+            "1f000000636f6e6e656374696f6e20636c6f736564206279207468652062726f", // buffer of 31 bytes
+            "6b6572c9abd1f8",
         );
         assert_eq!(answer, hex(golden));
         assert_eq!(reply, served(answer.len()));
@@ -905,6 +917,7 @@ mod tests {
         let links = [LinkState {
             id: "gw",
             connected: false,
+            last_disconnect: "",
         }];
         let mut ctx = Context {
             spool: &mut w.spool,

@@ -104,7 +104,7 @@ mod tests {
     fn stats_print_as_key_value_lines_with_dotted_paths() {
         let mut buf = [0u8; 512];
         let mut enc = Encoder::new(&mut buf);
-        enc.map(4).unwrap();
+        enc.map(6).unwrap();
         enc.key(b"published").unwrap().i64(12).unwrap();
         enc.key(b"ratio").unwrap().f64(0.5).unwrap();
         enc.key(b"connections").unwrap().list(2).unwrap();
@@ -116,6 +116,12 @@ mod tests {
         enc.key(b"id").unwrap().buf(b"thing_1\n").unwrap();
         enc.key(b"tags").unwrap().list(0).unwrap();
         enc.key(b"extra").unwrap().map(0).unwrap();
+        // A buffer is the rest of its line, spaces and all; empty is empty.
+        enc.key(b"last_disconnect")
+            .unwrap()
+            .buf(b"TLS: peer sent no certificates")
+            .unwrap();
+        enc.key(b"never").unwrap().buf(b"").unwrap();
         let n = enc.written();
         let obj = Object::parse(&buf[..n]).unwrap();
         let mut out = String::new();
@@ -129,7 +135,9 @@ mod tests {
              connections.0.inflight 0\n\
              connections.1.id thing_1\\n\n\
              connections.1.tags []\n\
-             extra {}\n"
+             extra {}\n\
+             last_disconnect TLS: peer sent no certificates\n\
+             never \n"
         );
     }
 }
