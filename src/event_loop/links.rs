@@ -879,9 +879,8 @@ impl EventLoop {
         if i == PUBLISHING {
             if let Some(q) = self.spool.reset_inflight() {
                 log::warn!(
-                    "connection {i}: the broker closed the connection {} times in a row \
-                     while a {}-byte QoS 1 message on {:?} was the only one in flight: \
-                     quarantined, it will not be sent again",
+                    "connection {i}: lost {} times in a row while a {}-byte QoS 1 message \
+                     on {:?} was the only one in flight: quarantined, it will not be sent again",
                     crate::spool::QUARANTINE_STRIKES,
                     q.len,
                     q.topic.as_str()

@@ -20,6 +20,7 @@ pub struct MosquittoBuilder {
     password_file: bool,
     server_cert: Option<(PathBuf, PathBuf)>,
     tls_version: Option<String>,
+    max_packet_size: Option<usize>,
     extra: Vec<String>,
 }
 
@@ -32,6 +33,7 @@ impl Default for MosquittoBuilder {
             password_file: false,
             server_cert: None,
             tls_version: None,
+            max_packet_size: None,
             extra: Vec::new(),
         }
     }
@@ -82,6 +84,14 @@ impl MosquittoBuilder {
         self
     }
 
+    /// Close the connection of a client that sends a packet of more than
+    /// `bytes` bytes (mosquitto's `max_packet_size`; it applies to every
+    /// protocol version and to every client, the broker-side ones too).
+    pub fn max_packet_size(mut self, bytes: usize) -> Self {
+        self.max_packet_size = Some(bytes);
+        self
+    }
+
     /// Append a raw line to the configuration (after the listener, so
     /// listener options apply to it).
     pub fn config_line(mut self, line: &str) -> Self {
@@ -115,6 +125,9 @@ impl MosquittoBuilder {
         line("connection_messages true".into());
         line("log_timestamp true".into());
         line("log_timestamp_format %Y-%m-%dT%H:%M:%S".into());
+        if let Some(n) = self.max_packet_size {
+            line(format!("max_packet_size {n}"));
+        }
         if self.password_file {
             let pw = dir.join("passwd");
             let out = Command::new(program("mosquitto_passwd"))
