@@ -313,6 +313,12 @@ impl Spool {
         self.suspects > 0
     }
 
+    /// Whether nothing is being written, in flight or probed: a close now
+    /// could not be a message's doing [bus-iso-2].
+    pub fn is_quiet(&self) -> bool {
+        self.suspects == 0 && self.inflight == 0 && !self.current
+    }
+
     /// Encodes a PUBLISH into the spool, evicting the oldest queued QoS 0
     /// messages if that is what it takes to fit. The topic and payload are
     /// the caller's to validate.

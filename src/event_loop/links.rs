@@ -710,7 +710,7 @@ impl EventLoop {
                 }
                 // 3. A new PUBLISH, when the rate limit allows it
                 // [iotcored-bus-publish-4.1]: waiting is never an error.
-                if !carries_publishes {
+                if !carries_publishes || self.router.holds_publishes(i, self.spool.probing()) {
                     break 'fill false;
                 }
                 let Some(len) = self.spool.peek_next_len(consts::MAX_INFLIGHT) else {
@@ -749,8 +749,11 @@ impl EventLoop {
         if !link.is_connected() {
             return;
         }
+        // A suspect filter is probed on link 0 only when no publish is in
+        // flight or being probed [bus-iso-2].
+        let may_probe = i != PUBLISHING || self.spool.is_quiet();
         while link.session.tx_free() >= SUBSCRIBE_ROOM {
-            let Some(request) = self.router.next_request(i) else {
+            let Some(request) = self.router.next_request(i, may_probe) else {
                 break;
             };
             if let Err(e) = link.session.queue(&request.packet()) {

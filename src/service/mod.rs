@@ -327,6 +327,8 @@ fn stats(ctx: &Context<'_>, out: &mut [u8]) -> usize {
 /// and counted as dropped.
 pub fn settled(s: &Settled, waiting: Option<(usize, Mode)>, out: &mut [u8]) -> Option<Reply> {
     let refused = "the broker refused a topic filter";
+    let quarantined =
+        "a topic filter was dropped as poison (the broker closes the connection on it)";
     match (&s.dest, waiting) {
         (Dest::Stream { .. }, Some((slot, mode))) => Some(match s.outcome {
             Outcome::Accepted => Reply::answer(answer::accepted(out), Mode::Stream(s.id)),
@@ -342,6 +344,14 @@ pub fn settled(s: &Settled, waiting: Option<(usize, Mode)>, out: &mut [u8]) -> O
                 Reply {
                     close: true,
                     ..Reply::answer(0, mode)
+                }
+            }
+            // [bus-iso-2]: the error frame, then the stream closes.
+            Outcome::Quarantined => {
+                log::warn!("bus: slot {slot}: {quarantined}; ending the stream");
+                Reply {
+                    close: true,
+                    ..Reply::answer(answer::error(out, ErrorCode::Remote), Mode::Requests)
                 }
             }
         }),
@@ -364,6 +374,17 @@ pub fn settled(s: &Settled, waiting: Option<(usize, Mode)>, out: &mut [u8]) -> O
             }
             (Outcome::Dropped, _) => {
                 log::warn!("bus: {refused} of the subscription for {name}; removed");
+                None
+            }
+            (Outcome::Quarantined, Some((slot, _))) => {
+                log::warn!("bus: slot {slot}: {quarantined}");
+                Some(Reply::answer(
+                    answer::error(out, ErrorCode::Remote),
+                    Mode::Requests,
+                ))
+            }
+            (Outcome::Quarantined, None) => {
+                log::warn!("bus: {quarantined}: the subscription for {name} is removed");
                 None
             }
             (Outcome::Accepted, None) => None,
@@ -728,7 +749,11 @@ mod tests {
             kind,
             filter_params(b"no/#", endpoint),
         ));
-        let packet_id = w.router.next_request(0).expect("a SUBSCRIBE").packet_id;
+        let packet_id = w
+            .router
+            .next_request(0, true)
+            .expect("a SUBSCRIBE")
+            .packet_id;
         assert!(w.router.on_suback(0, packet_id, [SubackCode::Failure]));
         (w, reply)
     }
@@ -756,6 +781,38 @@ mod tests {
                 ..served(0)
             })
         );
+    }
+
+    #[test]
+    fn a_quarantined_filter_ends_even_an_answered_stream_with_remote() {
+        // [bus-iso-2]: the error frame, then the connection closes.
+        let mut w = World::new();
+        w.router.link_up(0, false);
+        let (reply, _) = w.call(&subscribe(RequestType::Subscribe, b"bad/#", None));
+        w.router.next_request(0, true).expect("a SUBSCRIBE");
+        w.router.link_down(0); // first close: accepted offline
+        let (settled, answer) = w.settle(reply.mode);
+        assert_eq!(answer, hex(ACCEPTED));
+        let mode = settled.unwrap().mode;
+        w.router.link_up(0, false);
+        w.router.next_request(0, true).expect("the probe");
+        w.router.link_down(0); // second close, the filter alone
+        let (settled, answer) = w.settle(mode);
+        assert_eq!(answer, hex(REMOTE));
+        assert_eq!(settled, Some(closed(answer.len())));
+        // An endpoint call waiting for its answer gets REMOTE too.
+        let mut w = World::new();
+        w.router.link_up(0, false);
+        let bytes = subscribe(RequestType::Call, b"bad/#", Some(b"sink"));
+        let (reply, _) = w.call(&bytes);
+        for _ in 0..2 {
+            w.router.next_request(0, true).expect("a SUBSCRIBE");
+            w.router.link_down(0);
+            w.router.link_up(0, false);
+        }
+        let (settled, answer) = w.settle(reply.mode);
+        assert_eq!(answer, hex(REMOTE));
+        assert_eq!(settled, Some(served(answer.len())));
     }
 
     #[test]
