@@ -1137,8 +1137,8 @@ impl Router {
             return;
         };
         log::warn!(
-            "connection {link}: lost {} times in a row while a SUBSCRIBE to {:?} alone \
-             waited for its SUBACK: filter dropped, its subscribers get REMOTE",
+            "connection {link}: lost {} times in a row while a SUBSCRIBE to {:?} waited \
+             for its SUBACK (the last time alone): filter dropped, its subscribers get REMOTE",
             e.strikes,
             e.text.as_str()
         );
