@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use common::bus::*;
 use common::*;
+use iotcored::bus::frame::RequestType;
 
 const BIN: &str = env!("CARGO_BIN_EXE_iotcored");
 const CTL: &str = env!("CARGO_BIN_EXE_iotcorectl");
@@ -193,5 +194,66 @@ fn a_single_cut_with_a_message_in_flight_quarantines_nothing() {
     let s = stats(&sock);
     assert_eq!((s["quarantined"], s["acked"]), (0, 3), "{s:?}");
     assert_eq!(warnings(&d, "quarantined"), 0, "{}", d.log());
+    assert!(connected(&sock));
+}
+
+#[test]
+fn a_filter_the_broker_closes_on_is_dropped_with_remote_and_the_other_filters_keep_working() {
+    // A 200-byte filter passes iotcored's checks (AWS allows 256) but its
+    // SUBSCRIBE is over this broker's packet limit: mosquitto closes.
+    let broker = Mosquitto::builder().max_packet_size(150).start();
+    let (d, sock) = start(broker.port(), "gw-bad-filter");
+    assert!(
+        d.wait_log("connected (session present", SECS(10)),
+        "{}",
+        d.log()
+    );
+    let mut good = BusClient::connect(&sock);
+    good.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["ok/#"], 1),
+    );
+    assert_eq!(good.read(), Some(Reply::Accepted));
+
+    let long = format!("bad/{}", "f".repeat(196));
+    let mut bad = BusClient::connect(&sock);
+    bad.timeout(SECS(20));
+    bad.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&[&long], 0),
+    );
+    // Accepted while the link is down after the first close, then REMOTE
+    // once the filter alone has closed it a second time; then the end.
+    assert_eq!(bad.read(), Some(Reply::Accepted));
+    assert_eq!(bad.read(), Some(Reply::Error(code::REMOTE)), "{}", d.log());
+    assert!(bad.closed());
+
+    let s = stats(&sock);
+    assert_eq!(s["quarantined"], 1, "{s:?}");
+    assert_eq!(warnings(&d, &long), 1, "{}", d.log());
+    assert!(
+        wait_until(SECS(10), || connected(&sock)),
+        "the link is up again"
+    );
+    // ok/# is made again after the reconnect: its messages arrive.
+    good.timeout(Duration::from_millis(500));
+    let mut got = None;
+    for _ in 0..20 {
+        publish(&broker, "ok/x", b"still here", 0, false);
+        if let Some(reply) = good.read() {
+            got = Some(reply.message());
+            break;
+        }
+    }
+    assert_eq!(got, Some(("ok/x".to_owned(), b"still here".to_vec())));
+    // And nothing loops: no SUBSCRIBE of the long filter is sent again.
+    let subscribes = broker.count_log("Received SUBSCRIBE from gw-bad-filter");
+    thread::sleep(SECS(3));
+    assert_eq!(
+        broker.count_log("Received SUBSCRIBE from gw-bad-filter"),
+        subscribes
+    );
     assert!(connected(&sock));
 }
