@@ -27,7 +27,8 @@
 //! then subscribed one per SUBSCRIBE packet, alone on their link (the
 //! *probe*: nothing else is requested while it waits for its SUBACK, and
 //! it goes only when the caller says the link is otherwise quiet,
-//! `next_request`'s `may_probe`). Any SUBACK clears a filter's strikes; at
+//! `Traffic::Quiet`; while the caller probes a publish, no SUBSCRIBE goes
+//! at all). Any SUBACK clears a filter's strikes; at
 //! `QUARANTINE_STRIKES` in a row the filter is dropped: its subscriptions
 //! end with `Outcome::Quarantined`, nothing more is sent for it, and it is
 //! counted (`quarantined`). While a link has suspects or a probe out,
@@ -168,6 +169,18 @@ impl fmt::Display for SubscribeError {
 }
 
 impl std::error::Error for SubscribeError {}
+
+/// What the caller has in flight on a link besides broker requests (the
+/// publishes of link 0), for `next_request` [bus-iso-2].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Traffic {
+    /// Nothing: a suspect filter may be probed.
+    Quiet,
+    /// Publishes in flight: SUBSCRIBEs may go, probes wait.
+    Busy,
+    /// A publish is being probed: no SUBSCRIBE goes until it is answered.
+    Probing,
+}
 
 /// The kind of a broker request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -766,10 +779,10 @@ impl Router {
     /// now on. `None` while the link is down or nothing is owed.
     ///
     /// Suspect filters go one per packet, each alone on the link, and only
-    /// when `may_probe` (the caller has nothing else in flight there); until
-    /// then, and while a probe waits for its SUBACK, nothing else is sent
-    /// [bus-iso-2].
-    pub fn next_request(&mut self, link: usize, may_probe: bool) -> Option<BrokerRequest<'_>> {
+    /// when `traffic` is `Quiet`; until then, and while a probe waits for
+    /// its SUBACK, nothing else is sent. While the caller probes a publish
+    /// only UNSUBSCRIBEs go [bus-iso-2].
+    pub fn next_request(&mut self, link: usize, traffic: Traffic) -> Option<BrokerRequest<'_>> {
         let l = self.links.get(link)?;
         if !l.up || !l.dirty || l.probe.is_some() {
             return None;
@@ -786,7 +799,7 @@ impl Router {
                     .entries
                     .iter()
                     .any(|e| e.on(link) && e.in_flight().is_some());
-                if !(may_probe && quiet) {
+                if !(traffic == Traffic::Quiet && quiet) {
                     return None; // still dirty: asked again on the next turn
                 }
                 picked.truncate(1);
@@ -794,6 +807,9 @@ impl Router {
             }
         }
         if picked.is_empty() {
+            if traffic == Traffic::Probing {
+                return None; // still dirty: asked again on the next turn
+            }
             kind = RequestKind::Subscribe;
             picked = self.pick(link, |e| e.needs_subscribe() && e.strikes == 0);
         }
@@ -1278,7 +1294,7 @@ mod tests {
     /// The next request on `link`, checked to emit and parse back as
     /// itself.
     fn next(r: &mut Router, link: usize) -> Option<Req> {
-        let q = r.next_request(link, true)?;
+        let q = r.next_request(link, Traffic::Quiet)?;
         assert!(!q.filters.is_empty() && q.filters.len() <= MAX_FILTERS_PER_PACKET);
         let mut buf = [0u8; 4096];
         let packet = q.packet();
@@ -1535,7 +1551,7 @@ mod tests {
         assert!(!r.on_suback(99, req.id, [GRANTED]));
         r.link_up(99, true);
         r.link_down(99);
-        assert_eq!(r.next_request(99, true), None);
+        assert_eq!(r.next_request(99, Traffic::Quiet), None);
         assert_eq!(r.link_stats(99), None);
         assert!(!r.link_wanted(99));
         assert_eq!(r.state(a), Some(SubState::Pending));
@@ -1872,7 +1888,7 @@ mod tests {
         // t1: reconnected. Suspects go alone, and not while publishes are
         // in flight on the link.
         r.link_up(0, false);
-        assert_eq!(r.next_request(0, false), None);
+        assert_eq!(r.next_request(0, Traffic::Busy), None);
         let p1 = next(&mut r, 0).unwrap();
         assert_eq!(p1.names(), ["ok/1"]);
         assert_eq!(next(&mut r, 0), None, "one probe at a time");
@@ -1923,6 +1939,25 @@ mod tests {
         r.link_down(0);
         assert_eq!(r.quarantined(), 0);
         assert_eq!(r.state(c), Some(SubState::Active));
+    }
+
+    #[test]
+    fn no_subscribe_goes_while_the_caller_probes_a_publish() {
+        let mut r = Router::new();
+        r.link_up(0, false);
+        let a = sub(&mut r, stream(1), &["old"], Q0);
+        exchange(&mut r, 0, &[]);
+        r.unsubscribe(a);
+        sub(&mut r, stream(2), &["new"], Q0);
+        // The UNSUBSCRIBE goes; the SUBSCRIBE waits for the publish probe.
+        let (kind, id) = r
+            .next_request(0, Traffic::Probing)
+            .map(|q| (q.kind, q.packet_id))
+            .unwrap();
+        assert_eq!(kind, RequestKind::Unsubscribe);
+        assert!(r.on_unsuback(0, id));
+        assert_eq!(r.next_request(0, Traffic::Probing), None);
+        assert_eq!(next(&mut r, 0).unwrap().names(), ["new"]);
     }
 
     #[test]

@@ -24,6 +24,7 @@ use crate::consts;
 use crate::limits::{Backoff, RateLimiter, BACKOFF_MIN};
 use crate::mqtt::packet::{self, SubackCode};
 use crate::mqtt::session::{self, Event, Session};
+use crate::router::Traffic;
 use crate::service::PUBLISHING;
 use crate::time::Instant;
 use crate::tls::{self, StreamError, TlsFailure, TlsStream};
@@ -749,11 +750,17 @@ impl EventLoop {
         if !link.is_connected() {
             return;
         }
-        // A suspect filter is probed on link 0 only when no publish is in
-        // flight or being probed [bus-iso-2].
-        let may_probe = i != PUBLISHING || self.spool.is_quiet();
+        // On link 0, a filter is probed only when no publish is in flight,
+        // and no SUBSCRIBE goes while a publish is probed [bus-iso-2].
+        let traffic = if i != PUBLISHING || self.spool.is_quiet() {
+            Traffic::Quiet
+        } else if self.spool.probing() {
+            Traffic::Probing
+        } else {
+            Traffic::Busy
+        };
         while link.session.tx_free() >= SUBSCRIBE_ROOM {
-            let Some(request) = self.router.next_request(i, may_probe) else {
+            let Some(request) = self.router.next_request(i, traffic) else {
                 break;
             };
             if let Err(e) = link.session.queue(&request.packet()) {

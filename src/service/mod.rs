@@ -405,7 +405,7 @@ mod tests {
     use crate::bus::object::Encoder;
     use crate::consts;
     use crate::mqtt::packet::SubackCode;
-    use crate::router::SubState;
+    use crate::router::{SubState, Traffic};
 
     const NULL: &str = "000000110000000038a2615b00a171ab15";
     const ACCEPTED: &str = "0000001e0000000e5d4adb8d0861636365707465640400000001f254b2ef";
@@ -751,7 +751,7 @@ mod tests {
         ));
         let packet_id = w
             .router
-            .next_request(0, true)
+            .next_request(0, Traffic::Quiet)
             .expect("a SUBSCRIBE")
             .packet_id;
         assert!(w.router.on_suback(0, packet_id, [SubackCode::Failure]));
@@ -789,13 +789,15 @@ mod tests {
         let mut w = World::new();
         w.router.link_up(0, false);
         let (reply, _) = w.call(&subscribe(RequestType::Subscribe, b"bad/#", None));
-        w.router.next_request(0, true).expect("a SUBSCRIBE");
+        w.router
+            .next_request(0, Traffic::Quiet)
+            .expect("a SUBSCRIBE");
         w.router.link_down(0); // first close: accepted offline
         let (settled, answer) = w.settle(reply.mode);
         assert_eq!(answer, hex(ACCEPTED));
         let mode = settled.unwrap().mode;
         w.router.link_up(0, false);
-        w.router.next_request(0, true).expect("the probe");
+        w.router.next_request(0, Traffic::Quiet).expect("the probe");
         w.router.link_down(0); // second close, the filter alone
         let (settled, answer) = w.settle(mode);
         assert_eq!(answer, hex(REMOTE));
@@ -806,7 +808,9 @@ mod tests {
         let bytes = subscribe(RequestType::Call, b"bad/#", Some(b"sink"));
         let (reply, _) = w.call(&bytes);
         for _ in 0..2 {
-            w.router.next_request(0, true).expect("a SUBSCRIBE");
+            w.router
+                .next_request(0, Traffic::Quiet)
+                .expect("a SUBSCRIBE");
             w.router.link_down(0);
             w.router.link_up(0, false);
         }
