@@ -373,3 +373,71 @@ pub(crate) fn latency(sock: &Path) -> J {
         ("call_answer_p99_us", J::Num(pct(&answers, 990))),
     ])
 }
+
+/// What one run of [`calls_per_connection`] did.
+#[derive(Default, Clone, Copy)]
+pub(crate) struct Calls {
+    /// Calls answered with exactly the expected frame.
+    pub(crate) answered: u64,
+    /// Calls that failed: connect, write, read, or a different answer.
+    pub(crate) failed: u64,
+    pub(crate) secs: f64,
+}
+
+/// What every Greengrass Lite client does: connect to the bus socket, send
+/// one request, read the answer, close. `n` such calls shared by `clients`
+/// threads, each one call at a time, for at most `max`; every answer must
+/// be `answer`, byte for byte.
+pub(crate) fn calls_per_connection(
+    sock: &Path,
+    frame: &[u8],
+    answer: &[u8],
+    n: usize,
+    clients: usize,
+    max: Duration,
+) -> Calls {
+    let clients = clients.max(1);
+    let t0 = Instant::now();
+    let deadline = t0 + max;
+    let per_client = |k: usize| n / clients + usize::from(k < n % clients);
+    let counts: Vec<(u64, u64)> = thread::scope(|s| {
+        let handles: Vec<_> = (0..clients)
+            .map(|k| {
+                s.spawn(move || {
+                    let (mut answered, mut failed) = (0u64, 0u64);
+                    let mut got = vec![0u8; answer.len()];
+                    for _ in 0..per_client(k) {
+                        if Instant::now() >= deadline {
+                            break;
+                        }
+                        if one_call(sock, frame, &mut got) && got == answer {
+                            answered += 1;
+                        } else {
+                            failed += 1;
+                        }
+                    }
+                    (answered, failed)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or((0, 1)))
+            .collect()
+    });
+    Calls {
+        answered: counts.iter().map(|c| c.0).sum(),
+        failed: counts.iter().map(|c| c.1).sum(),
+        secs: t0.elapsed().as_secs_f64(),
+    }
+}
+
+/// Connect, write `frame`, read `got.len()` bytes (at most 5 s), close.
+fn one_call(sock: &Path, frame: &[u8], got: &mut [u8]) -> bool {
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(sock) else {
+        return false;
+    };
+    s.set_read_timeout(Some(SECS(5))).is_ok()
+        && s.write_all(frame).is_ok()
+        && s.read_exact(got).is_ok()
+}

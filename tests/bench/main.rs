@@ -16,6 +16,12 @@
 //!   IOTCORED_PUBLISH_BYTES_PER_SEC=0`, built here into
 //!   `target/bench-unlimited`): QoS 0 and QoS 1 throughput, CPU time per
 //!   message, RSS over time, and the bus → broker → bus round trip;
+//! - C. one connection per call, what every Greengrass Lite client does:
+//!   connect, one QoS 0 `publish` call, read the answer, close; the
+//!   rate-unlimited daemon's CPU time per call next to that of
+//!   `examples/bench_floor.rs` (the least a bus server can do per call:
+//!   accept, read one frame, write the null result, close) under the same
+//!   load, in alternating rounds;
 //! - memory with every table full (bus clients, subscriptions, the spool,
 //!   broker unreachable) and the spool's capacity; the binary's size.
 //!
@@ -23,8 +29,8 @@
 //! the figures to `target/bench/report.json`, next to the raw arrival times
 //! and the daemon logs of part A. A missed target is reported, not an error:
 //! the exit status is 1 only when a section itself broke. `BENCH_ONLY=rate`
-//! (or `unlimited`, `full`, `spool`, `binary`, comma-separated) runs only
-//! those sections.
+//! (or `unlimited`, `call`, `full`, `spool`, `binary`, comma-separated) runs
+//! only those sections.
 //!
 //! Invariants: only 127.0.0.1 and Unix sockets; every loop is bounded in
 //! count and in time; every process is a harness guard stopped by its own
@@ -69,7 +75,7 @@ const UNLIMITED_TARGET_DIR: &str = "target/bench-unlimited";
 /// relative to the manifest.
 const REPORT_DIR: &str = "target/bench";
 /// Runs only the sections named here (comma-separated keys: binary, rate,
-/// unlimited, full, spool), e.g. `BENCH_ONLY=rate make bench`.
+/// unlimited, call, full, spool), e.g. `BENCH_ONLY=rate make bench`.
 const ONLY_VAR: &str = "BENCH_ONLY";
 
 // A. Rate limiting.
@@ -107,7 +113,29 @@ const DELIVERY_MAX: Duration = Duration::from_secs(15);
 const LATENCY_MESSAGES: usize = 1_000;
 const LATENCY_MAX: Duration = Duration::from_secs(30);
 
+// C. One connection per call.
+/// Alternating rounds per server (daemon, floor; then floor, daemon; ...).
+const CALL_ROUNDS: usize = 8;
+/// Calls per server and round: a second or so of either server's CPU, so
+/// that utime+stime (10 ms ticks) is good to about 1 %.
+const CALLS_PER_ROUND: usize = 8_000;
+const CALL_ROUND_MAX: Duration = Duration::from_secs(10);
+/// Calls per server before the rounds (page faults, first slots, caches).
+const CALL_WARMUP: usize = 1_000;
+/// Client threads, each one call at a time: enough that a server has the
+/// next connection waiting, few enough for a 2-core machine.
+const CALL_CLIENTS: usize = 4;
+const CALL_PAYLOAD: usize = 16;
+/// Calls per server under `perf stat`, after the timed rounds.
+const CALL_SYSCALL_CALLS: usize = 8_000;
+/// The answer to a `publish` call: a result frame whose payload is null.
+const NULL_RESULT: [u8; 17] = [
+    0x00, 0x00, 0x00, 0x11, 0x00, 0x00, 0x00, 0x00, 0x38, 0xa2, 0x61, 0x5b, 0x00, 0xa1, 0x71, 0xab,
+    0x15,
+];
+
 // Targets, and Greengrass Lite's C iotcored on these machines.
+const TARGET_CALL_RATIO: f64 = 1.25;
 const TARGET_RSS_KIB: u64 = 6 * 1024;
 const TARGET_CPU_US: f64 = 25.0;
 const TARGET_BINARY_BYTES: u64 = 1536 * 1024;
@@ -133,8 +161,8 @@ fn main() -> ExitCode {
     let built_at = modified(Path::new(BIN));
     report.section("binary", "binary", binary_size);
     let unlimited = report.section(
-        "unlimited",
-        "build of the rate-unlimited variant",
+        "unlimited,call",
+        "build of the rate-unlimited variant and the floor server",
         build_unlimited,
     );
     let broker = report.section("", "broker", |_| {
@@ -157,9 +185,12 @@ fn main() -> ExitCode {
                 "unlimited",
                 "B. throughput, CPU, latency (rate limit off)",
                 |r| {
-                    unlimited_run(r, broker, bin);
+                    unlimited_run(r, broker, &bin.daemon);
                 },
             );
+            report.section("call", "C. one connection per call", |r| {
+                call_per_connection(r, broker, bin);
+            });
         }
     }
     report.section("full", "memory with every table full", tables_full);
@@ -207,17 +238,35 @@ fn binary_size(r: &mut Report) {
     );
 }
 
-/// Builds the variant with both publish limits at 0 (cargo skips the work
-/// when `make bench` or an earlier run built it already).
-fn build_unlimited(r: &mut Report) -> PathBuf {
+/// The binaries `target/bench-unlimited` holds.
+struct Unlimited {
+    /// iotcored with both publish limits at 0.
+    daemon: PathBuf,
+    /// `examples/bench_floor.rs`, section C's reference server.
+    floor: PathBuf,
+}
+
+/// Builds the variant with both publish limits at 0, and the floor server
+/// next to it (cargo skips the work when `make bench` or an earlier run
+/// built them already). The bench's own target directory is locked by the
+/// `cargo test` running it, hence this one.
+fn build_unlimited(r: &mut Report) -> Unlimited {
     let dir = Path::new(MANIFEST_DIR).join(UNLIMITED_TARGET_DIR);
     let t = Instant::now();
     let mut cmd = Command::new(env!("CARGO"));
-    cmd.args(["build", "--release", "--quiet", "--bin", "iotcored"])
-        .current_dir(MANIFEST_DIR)
-        .env("CARGO_TARGET_DIR", &dir)
-        .env("IOTCORED_PUBLISH_RATE", "0")
-        .env("IOTCORED_PUBLISH_BYTES_PER_SEC", "0");
+    cmd.args([
+        "build",
+        "--release",
+        "--quiet",
+        "--bin",
+        "iotcored",
+        "--example",
+        "bench_floor",
+    ])
+    .current_dir(MANIFEST_DIR)
+    .env("CARGO_TARGET_DIR", &dir)
+    .env("IOTCORED_PUBLISH_RATE", "0")
+    .env("IOTCORED_PUBLISH_BYTES_PER_SEC", "0");
     // What cargo set for this test process; some build scripts (ring's)
     // track e.g. CARGO_MANIFEST_DIR, and would rebuild from scratch what
     // `make bench` built a moment ago.
@@ -242,11 +291,19 @@ fn build_unlimited(r: &mut Report) -> PathBuf {
     }
     let status = cmd.status().expect("run cargo build");
     assert!(status.success(), "cargo build of the variant: {status}");
-    let bin = dir.join("release/iotcored");
-    assert!(bin.exists(), "no {}", bin.display());
-    println!("  {} ({:.1} s)", bin.display(), t.elapsed().as_secs_f64());
-    r.json("unlimited_binary", J::Str(bin.display().to_string()));
-    bin
+    let daemon = dir.join("release/iotcored");
+    let floor = dir.join("release/examples/bench_floor");
+    for bin in [&daemon, &floor] {
+        assert!(bin.exists(), "no {}", bin.display());
+    }
+    println!(
+        "  {} and {} ({:.1} s)",
+        daemon.display(),
+        floor.display(),
+        t.elapsed().as_secs_f64()
+    );
+    r.json("unlimited_binary", J::Str(daemon.display().to_string()));
+    Unlimited { daemon, floor }
 }
 
 /// A: a fresh default daemon, load far above the limit for `RATE_PHASE`,
@@ -597,6 +654,247 @@ fn unlimited_run(r: &mut Report, broker: &Mosquitto, bin: &Path) {
         ]),
     );
     r.json("latency", lat);
+}
+
+/// One server's figures over the rounds of section C.
+#[derive(Default)]
+struct CallCost {
+    calls: u64,
+    failed: u64,
+    secs: f64,
+    /// utime+stime, in seconds.
+    cpu: f64,
+    /// schedstat run time, in seconds.
+    sched: f64,
+}
+
+impl CallCost {
+    fn add(&mut self, pid: u32, run: impl FnOnce() -> Calls) -> Calls {
+        let (cpu0, ns0) = (cpu_secs(pid), sched_ns(pid));
+        let c = run();
+        let (cpu1, ns1) = (cpu_secs(pid), sched_ns(pid));
+        self.calls += c.answered;
+        self.failed += c.failed;
+        self.secs += c.secs;
+        self.cpu += cpu0.zip(cpu1).map_or(f64::NAN, |(a, b)| b - a);
+        self.sched += ns0.zip(ns1).map_or(f64::NAN, |(a, b)| (b - a) as f64 / 1e9);
+        c
+    }
+
+    /// µs of utime+stime per answered call.
+    fn us(&self) -> f64 {
+        self.cpu * 1e6 / self.calls.max(1) as f64
+    }
+
+    fn us_sched(&self) -> f64 {
+        self.sched * 1e6 / self.calls.max(1) as f64
+    }
+
+    fn json(&self) -> J {
+        obj(vec![
+            ("calls", ju(self.calls)),
+            ("failed", ju(self.failed)),
+            ("seconds", J::Num(self.secs)),
+            (
+                "calls_per_s",
+                J::Num(self.calls as f64 / self.secs.max(1e-9)),
+            ),
+            ("cpu_seconds", J::Num(self.cpu)),
+            ("cpu_us_per_call", J::Num(self.us())),
+            ("cpu_us_per_call_schedstat", J::Num(self.us_sched())),
+        ])
+    }
+}
+
+/// C: the rate-unlimited daemon (connected to the broker) and the floor
+/// server, each taking the same load of one-call connections: QoS 0
+/// `publish` calls of `CALL_PAYLOAD` bytes from `CALL_CLIENTS` threads, in
+/// `CALL_ROUNDS` alternating rounds; each server's CPU time is read from
+/// /proc around each of its rounds, so only its own rounds count.
+fn call_per_connection(r: &mut Report, broker: &Mosquitto, bins: &Unlimited) {
+    let (daemon, sock) = start_daemon(&bins.daemon, broker.port(), "bench-call");
+    wait_connected(&daemon);
+    let floor = Daemon::builder(&bins.floor).arg("floor.sock").start();
+    let floor_sock = floor.dir().join("floor.sock");
+    assert!(
+        wait_until(SECS(5), || floor_sock.exists()),
+        "no floor socket; log:\n{}",
+        floor.log()
+    );
+    let frame = request(
+        "publish",
+        RequestType::Call,
+        &publish_params("bench/call", &[b'c'; CALL_PAYLOAD], 0),
+    );
+    let servers = [
+        ("daemon", daemon.pid(), &sock),
+        ("floor", floor.pid(), &floor_sock),
+    ];
+    for (name, _, path) in servers {
+        let c = calls_per_connection(
+            path,
+            &frame,
+            &NULL_RESULT,
+            CALL_WARMUP,
+            CALL_CLIENTS,
+            SECS(10),
+        );
+        assert!(
+            c.failed == 0 && c.answered == as_u64(CALL_WARMUP),
+            "{name}: {} of {CALL_WARMUP} warm-up calls answered as expected, {} failed",
+            c.answered,
+            c.failed
+        );
+    }
+    let s0 = stats(&mut BusClient::connect(&sock));
+    let mut cost = [CallCost::default(), CallCost::default()];
+    let mut round_ratios = Vec::new();
+    for round in 0..CALL_ROUNDS {
+        let mut us = [0.0f64; 2];
+        // Daemon first in even rounds, floor first in odd ones.
+        for k in [round % 2, 1 - round % 2] {
+            let (_, pid, path) = servers[k];
+            let before = (cost[k].cpu, cost[k].calls);
+            let c = cost[k].add(pid, || {
+                calls_per_connection(
+                    path,
+                    &frame,
+                    &NULL_RESULT,
+                    CALLS_PER_ROUND,
+                    CALL_CLIENTS,
+                    CALL_ROUND_MAX,
+                )
+            });
+            let cpu = cost[k].cpu - before.0;
+            us[k] = cpu * 1e6 / (cost[k].calls - before.1).max(1) as f64;
+            println!(
+                "  round {}: {:<6} {} calls ({} failed) in {:.2} s = {:.0}/s, {:.2} s CPU = {:.1} µs per call",
+                round + 1,
+                servers[k].0,
+                c.answered,
+                c.failed,
+                c.secs,
+                c.answered as f64 / c.secs.max(1e-9),
+                cpu,
+                us[k]
+            );
+        }
+        round_ratios.push(us[0] / us[1]);
+    }
+    let s1 = stats(&mut BusClient::connect(&sock));
+    let published =
+        s1.get("published").copied().unwrap_or(0) - s0.get("published").copied().unwrap_or(0);
+    // Then, outside the timed rounds, what each server asks of the kernel.
+    let dir = Path::new(MANIFEST_DIR).join(REPORT_DIR);
+    let _ = fs::create_dir_all(&dir);
+    let mut syscalls = Vec::new();
+    for (name, pid, path) in servers {
+        let out = dir.join(format!("call-syscalls-{name}.csv"));
+        let Some(counter) = SyscallCounter::start(pid, out) else {
+            println!("  {name}: perf stat not available here; no system call counts");
+            continue;
+        };
+        let c = calls_per_connection(
+            path,
+            &frame,
+            &NULL_RESULT,
+            CALL_SYSCALL_CALLS,
+            CALL_CLIENTS,
+            CALL_ROUND_MAX,
+        );
+        let Some(counts) = counter.finish() else {
+            println!("  {name}: perf stat gave no counts");
+            continue;
+        };
+        let per_call = |n: u64| n as f64 / c.answered.max(1) as f64;
+        let line: Vec<String> = counts
+            .iter()
+            .filter(|(k, n)| k != "syscalls" && *n > 0)
+            .map(|(k, n)| format!("{k} {:.2}", per_call(*n)))
+            .collect();
+        let total = counts
+            .iter()
+            .find(|(k, _)| k == "syscalls")
+            .map_or(0, |c| c.1);
+        println!(
+            "  {name}: {:.2} system calls per call ({}; perf stat over {} calls after the rounds)",
+            per_call(total),
+            line.join(", "),
+            c.answered
+        );
+        syscalls.push((
+            name,
+            J::Obj(
+                counts
+                    .iter()
+                    .map(|(k, n)| (k.clone(), J::Num(per_call(*n))))
+                    .collect(),
+            ),
+        ));
+    }
+    drop(floor);
+    drop(daemon);
+
+    let [d, f] = &cost;
+    let ratio = d.us() / f.us();
+    let ratio_sched = d.us_sched() / f.us_sched();
+    let mut sorted = round_ratios.clone();
+    sorted.sort_by(f64::total_cmp);
+    let (lo, hi) = (sorted[0], sorted[sorted.len() - 1]);
+    let median = (sorted[(sorted.len() - 1) / 2] + sorted[sorted.len() / 2]) / 2.0;
+    println!(
+        "  {CALL_CLIENTS} client threads, one call per connection, QoS 0 publish of {CALL_PAYLOAD} B"
+    );
+    println!(
+        "  daemon: {:.1} µs per call (schedstat {:.1}), {:.0} calls/s; floor: {:.1} µs per call \
+         (schedstat {:.1}), {:.0} calls/s",
+        d.us(),
+        d.us_sched(),
+        d.calls as f64 / d.secs.max(1e-9),
+        f.us(),
+        f.us_sched(),
+        f.calls as f64 / f.secs.max(1e-9)
+    );
+    println!(
+        "  daemon / floor: ×{ratio:.2} (schedstat ×{ratio_sched:.2}; rounds ×{lo:.2}–×{hi:.2}, \
+         median ×{median:.2}); \
+         the daemon's figure includes sending each message to the broker over TLS; \
+         `published` grew by {published} for {} calls",
+        d.calls
+    );
+    let failed = d.failed + f.failed;
+    r.target(
+        "CPU per call, one connection per call (rate limit off)",
+        format!("{:.1} µs vs floor {:.1} µs: ×{ratio:.2}", d.us(), f.us()),
+        &format!("≤ ×{TARGET_CALL_RATIO:.2} the floor"),
+        ratio <= TARGET_CALL_RATIO && failed == 0,
+        format!(
+            "floor: examples/bench_floor.rs; rounds ×{lo:.2}–×{hi:.2}, median ×{median:.2}{}",
+            if failed > 0 {
+                format!("; {failed} calls FAILED")
+            } else {
+                String::new()
+            }
+        ),
+    );
+    r.json(
+        "call_per_connection",
+        obj(vec![
+            ("clients", ju(as_u64(CALL_CLIENTS))),
+            ("payload_bytes", ju(as_u64(CALL_PAYLOAD))),
+            ("rounds", ju(as_u64(CALL_ROUNDS))),
+            ("daemon", d.json()),
+            ("floor", f.json()),
+            ("ratio", J::Num(ratio)),
+            ("ratio_schedstat", J::Num(ratio_sched)),
+            (
+                "round_ratios",
+                J::Arr(round_ratios.iter().map(|x| J::Num(*x)).collect()),
+            ),
+            ("published_delta", J::Int(published)),
+            ("syscalls_per_call", obj(syscalls)),
+        ]),
+    );
 }
 
 /// Memory with every table full: bus clients, local subscriptions (broker

@@ -418,6 +418,108 @@ pub(crate) fn sched_ns(pid: u32) -> Option<u64> {
     Some(total)
 }
 
+/// The system calls `SyscallCounter` counts, by tracepoint name.
+pub(crate) const COUNTED_SYSCALLS: [&str; 12] = [
+    "accept4",
+    "getsockopt",
+    "epoll_ctl",
+    "epoll_wait",
+    "read",
+    "recvfrom",
+    "write",
+    "writev",
+    "sendto",
+    "sendmsg",
+    "close",
+    "clock_gettime",
+];
+
+/// `perf stat` attached to a process, counting its system calls (every
+/// one, and each of `COUNTED_SYSCALLS`) and context switches until
+/// `finish`. Tracepoints cost little next to strace's ptrace stops.
+/// `None` where perf is missing or not allowed; stopped by its pid.
+pub(crate) struct SyscallCounter {
+    perf: std::process::Child,
+    out: PathBuf,
+}
+
+impl SyscallCounter {
+    pub(crate) fn start(pid: u32, out: PathBuf) -> Option<SyscallCounter> {
+        let mut events = vec![
+            "raw_syscalls:sys_enter".to_string(),
+            "context-switches".into(),
+        ];
+        events.extend(
+            COUNTED_SYSCALLS
+                .iter()
+                .map(|s| format!("syscalls:sys_enter_{s}")),
+        );
+        let perf = Command::new("perf")
+            .args(["stat", "-x", ",", "-e", &events.join(","), "-o"])
+            .arg(&out)
+            .args(["-p", &pid.to_string()])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        let mut c = SyscallCounter { perf, out };
+        // Attached by then; an error (no perf_event access) ends it at once.
+        thread::sleep(Duration::from_millis(500));
+        match c.perf.try_wait() {
+            Ok(None) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Stops perf (SIGINT makes it write its counts) and reads the counts
+    /// by event: "syscalls" for all of them, "context-switches", and each
+    /// of `COUNTED_SYSCALLS` by name.
+    pub(crate) fn finish(mut self) -> Option<Vec<(String, u64)>> {
+        if let Ok(pid) = libc::pid_t::try_from(self.perf.id()) {
+            // SAFETY: kill(2) has no memory-safety preconditions; the pid
+            // is our own unreaped child, so it cannot have been recycled.
+            #[allow(unsafe_code)]
+            unsafe {
+                libc::kill(pid, libc::SIGINT);
+            }
+        }
+        let exited = wait_every(SECS(5), Duration::from_millis(20), || {
+            matches!(self.perf.try_wait(), Ok(Some(_)))
+        });
+        if !exited {
+            return None; // Drop kills it
+        }
+        let text = fs::read_to_string(&self.out).ok()?;
+        let counts: Vec<(String, u64)> = text
+            .lines()
+            .filter_map(|line| {
+                let mut f = line.split(',');
+                let value = f.next()?.parse::<u64>().ok()?;
+                let event = f.nth(1)?;
+                let name = match event {
+                    "raw_syscalls:sys_enter" => "syscalls",
+                    e => e.strip_prefix("syscalls:sys_enter_").unwrap_or(e),
+                };
+                Some((name.to_string(), value))
+            })
+            .collect();
+        counts
+            .iter()
+            .any(|(k, _)| k == "syscalls")
+            .then_some(counts)
+    }
+}
+
+impl Drop for SyscallCounter {
+    fn drop(&mut self) {
+        if let Ok(None) = self.perf.try_wait() {
+            let _ = self.perf.kill();
+            let _ = self.perf.wait();
+        }
+    }
+}
+
 /// Samples a process's VmRSS every second on a thread, until `finish`.
 pub(crate) struct Sampler {
     pub(crate) stop: Arc<AtomicBool>,

@@ -185,7 +185,8 @@ pub(crate) struct Report {
 impl Report {
     /// Runs one section; a panic inside it is reported (its guards have
     /// stopped their processes while unwinding) and the next one runs.
-    /// `key` selects it in `BENCH_ONLY` (an empty key always runs).
+    /// `key` selects it in `BENCH_ONLY` (an empty key always runs; a
+    /// comma-separated key runs when any of its keys is selected).
     pub(crate) fn section<T>(
         &mut self,
         key: &str,
@@ -193,7 +194,8 @@ impl Report {
         f: impl FnOnce(&mut Report) -> T,
     ) -> Option<T> {
         if let Ok(only) = std::env::var(ONLY_VAR) {
-            if !key.is_empty() && !only.split(',').any(|k| k.trim() == key) {
+            let selected = |k: &str| only.split(',').any(|o| o.trim() == k);
+            if !key.is_empty() && !key.split(',').any(selected) {
                 return None;
             }
         }
