@@ -48,7 +48,7 @@ clippy:
 size: release
 	@ls -l target/release/iotcored | awk '{ printf "stripped release binary: %d bytes (%.2f MiB)\n", $$5, $$5/1048576 }'
 
-# Benchmark against a local mosquitto on 127.0.0.1 (about 2.5 minutes): the
+# Benchmark against a local mosquitto on 127.0.0.1 (about 2 minutes): the
 # publish rate limit, throughput, latency, CPU per message, CPU per
 # one-connection call next to a minimal server's, memory, spool capacity
 # and binary size. Prints a report and writes target/bench/report.json; a
