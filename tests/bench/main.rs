@@ -116,8 +116,9 @@ const LATENCY_MAX: Duration = Duration::from_secs(30);
 // C. One connection per call.
 /// Alternating rounds per server (daemon, floor; then floor, daemon; ...).
 const CALL_ROUNDS: usize = 8;
-/// Calls per server and round: a second or so of either server's CPU, so
-/// that utime+stime (10 ms ticks) is good to about 1 %.
+/// Calls per server and round: over all rounds 1–2 s of either server's
+/// CPU, so that utime+stime (10 ms ticks) is good to about 1 % (one round
+/// alone to 5–10 %: the per-round ratios show the noise, not a figure).
 const CALLS_PER_ROUND: usize = 8_000;
 const CALL_ROUND_MAX: Duration = Duration::from_secs(10);
 /// Calls per server before the rounds (page faults, first slots, caches).
@@ -248,8 +249,7 @@ struct Unlimited {
 
 /// Builds the variant with both publish limits at 0, and the floor server
 /// next to it (cargo skips the work when `make bench` or an earlier run
-/// built them already). The bench's own target directory is locked by the
-/// `cargo test` running it, hence this one.
+/// built them already; `cargo test --test bench` builds no examples).
 fn build_unlimited(r: &mut Report) -> Unlimited {
     let dir = Path::new(MANIFEST_DIR).join(UNLIMITED_TARGET_DIR);
     let t = Instant::now();
