@@ -114,20 +114,20 @@ impl Clients {
     }
 
     /// Closes slot `i` and ends whatever subscription it streamed.
-    fn close(&mut self, registry: &Registry, router: &mut Router, i: usize) {
+    fn close(&mut self, router: &mut Router, i: usize) {
         let slot = self.bus.slot(i);
         if slot.state().streams() {
             if let Ok(client) = u16::try_from(i) {
                 router.remove_stream(client, slot.generation());
             }
         }
-        self.bus.close(registry, i);
+        self.bus.close(i);
     }
 
     /// Writes slot `i`'s backlog; closes it if it is done or failed.
-    fn flush(&mut self, registry: &Registry, router: &mut Router, i: usize) {
+    fn flush(&mut self, router: &mut Router, i: usize) {
         if self.bus.flush(i) {
-            self.close(registry, router, i);
+            self.close(router, i);
         }
     }
 
@@ -238,14 +238,14 @@ impl Clients {
         }
         for k in 0..self.to_close.len() {
             let i = self.to_close[k];
-            self.close(registry, router, i);
+            self.close(router, i);
         }
         dropped
     }
 
     /// Answers every subscription the router settled; returns how many
     /// refusals had nobody to tell (counted as dropped).
-    pub(super) fn settle(&mut self, registry: &Registry, router: &mut Router) -> u64 {
+    pub(super) fn settle(&mut self, router: &mut Router) -> u64 {
         let mut dropped = 0;
         while let Some(s) = router.take_settled() {
             let waiting = match s.dest {
@@ -271,24 +271,19 @@ impl Clients {
             // pipelined requests from the loop (`drive_pending_clients`),
             // not from here: settling inside a request must not recurse.
             if matches!(s.dest, Dest::Stream { .. }) {
-                self.flush(registry, router, i);
+                self.flush(router, i);
             }
         }
         dropped
     }
 
     /// Tells every `connection_status` subscriber the new state.
-    pub(super) fn notify_status(
-        &mut self,
-        registry: &Registry,
-        router: &mut Router,
-        connected: bool,
-    ) {
+    pub(super) fn notify_status(&mut self, router: &mut Router, connected: bool) {
         for i in 0..self.bus.capacity() {
             if self.bus.slot(i).state() == Mode::Status {
                 let len = answer::bool(&mut self.scratch, connected);
                 self.apply(i, &Reply::answer(len, Mode::Status));
-                self.flush(registry, router, i);
+                self.flush(router, i);
             }
         }
     }
@@ -340,8 +335,7 @@ impl EventLoop {
         for i in 0..self.clients.bus.capacity() {
             if self.clients.bus.lingered(i, now) {
                 log::debug!("bus: slot {i}: peer not reading; closed");
-                self.clients
-                    .close(self.poll.registry(), &mut self.router, i);
+                self.clients.close(&mut self.router, i);
                 continue;
             }
             if self.clients.bus.stalled(i, now) {
@@ -350,8 +344,7 @@ impl EventLoop {
                     self.clients.bus.slot(i).pid(),
                     crate::bus::server::STALL_TIMEOUT.as_secs()
                 );
-                self.clients
-                    .close(self.poll.registry(), &mut self.router, i);
+                self.clients.close(&mut self.router, i);
                 continue;
             }
             let slot = self.clients.bus.slot(i);
@@ -361,8 +354,7 @@ impl EventLoop {
                     slot.pid(),
                     crate::bus::server::PARTIAL_TIMEOUT.as_secs()
                 );
-                self.clients
-                    .close(self.poll.registry(), &mut self.router, i);
+                self.clients.close(&mut self.router, i);
                 continue;
             }
             let discarding = self
@@ -383,8 +375,7 @@ impl EventLoop {
             return;
         }
         if self.clients.bus.flush(i) {
-            self.clients
-                .close(self.poll.registry(), &mut self.router, i);
+            self.clients.close(&mut self.router, i);
             return;
         }
         // A bounded turn: a client that pipelines without pause must not
@@ -410,14 +401,12 @@ impl EventLoop {
                     break;
                 }
                 Input::Closed => {
-                    self.clients
-                        .close(self.poll.registry(), &mut self.router, i);
+                    self.clients.close(&mut self.router, i);
                     return;
                 }
             }
         }
-        self.clients
-            .flush(self.poll.registry(), &mut self.router, i);
+        self.clients.flush(&mut self.router, i);
     }
 
     /// Hands one request frame to the service and applies its reply.
@@ -462,12 +451,11 @@ impl EventLoop {
 
     /// Answers every subscription the router settled.
     pub(super) fn settle_subscriptions(&mut self) {
-        self.counters.dropped += self.clients.settle(self.poll.registry(), &mut self.router);
+        self.counters.dropped += self.clients.settle(&mut self.router);
     }
 
     /// Tells every `connection_status` subscriber the new state.
     pub(super) fn notify_status(&mut self, connected: bool) {
-        self.clients
-            .notify_status(self.poll.registry(), &mut self.router, connected);
+        self.clients.notify_status(&mut self.router, connected);
     }
 }
