@@ -94,9 +94,10 @@ pub struct Slot<S> {
     stream: Option<UnixStream>,
     /// The caller's state of this connection; `S::default()` when free.
     state: S,
-    /// The peer's pid (`SO_PEERCRED`); 0 for our own outbound connections
-    /// or when the kernel gave none.
-    pid: u32,
+    /// The peer's pid (`SO_PEERCRED`), asked only when a rule needs it
+    /// (`Server::pid`): `None` until then; 0 for our own outbound
+    /// connections or when the kernel gave none.
+    pid: Option<u32>,
     /// When the peer last sent anything (or connected).
     last_active: Instant,
     /// When the first byte of the frame being received arrived.
@@ -135,7 +136,7 @@ impl<S: Copy + Default> Slot<S> {
         Self {
             stream: None,
             state: S::default(),
-            pid: 0,
+            pid: None,
             last_active: Instant::default(),
             frame_since: None,
             stall_since: None,
@@ -161,7 +162,7 @@ impl<S: Copy + Default> Slot<S> {
         self.stream = None;
         self.state = S::default();
         self.closing_since = None;
-        self.pid = 0;
+        self.pid = None;
         self.frame_since = None;
         self.stall_since = None;
         self.behind = false;
@@ -192,9 +193,14 @@ impl<S: Copy + Default> Slot<S> {
         self.state
     }
 
-    /// The peer's pid, 0 if unknown or ours.
-    pub fn pid(&self) -> u32 {
+    /// The peer's pid if it was asked already (`Server::pid`).
+    pub fn known_pid(&self) -> Option<u32> {
         self.pid
+    }
+
+    /// The connection's descriptor, to ask the kernel about its peer.
+    pub fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.stream.as_ref().map(|s| s.as_raw_fd())
     }
 
     /// When a frame begun but not complete must be complete, else the
@@ -377,6 +383,22 @@ impl<S: Copy + Default> Server<S> {
         &self.slots[i]
     }
 
+    /// The pid of slot `i`'s peer (`SO_PEERCRED`, asked once and kept); 0
+    /// if the kernel gives none, or for our own outbound connections.
+    pub fn pid(&mut self, i: usize) -> u32 {
+        let slot = &mut self.slots[i];
+        if let Some(pid) = slot.pid {
+            return pid;
+        }
+        let pid = slot
+            .stream
+            .as_ref()
+            .and_then(|s| crate::sys::peer_pid(s.as_raw_fd()))
+            .unwrap_or(0);
+        slot.pid = Some(pid);
+        pid
+    }
+
     /// Sets the caller's state of slot `i`'s connection.
     pub fn set_state(&mut self, i: usize, state: S) {
         self.slots[i].state = state;
@@ -455,20 +477,26 @@ impl<S: Copy + Default> Server<S> {
                     break;
                 }
             };
-            let pid = crate::sys::peer_pid(stream.as_raw_fd()).unwrap_or(0);
-            let held = if pid == 0 {
-                0
-            } else {
-                self.slots
-                    .iter()
-                    .filter(|s| s.is_open() && s.pid == pid)
-                    .count()
-            };
-            if held >= self.per_process_limit() {
-                self.refuse(now, |n| {
-                    format!("process {pid} holds {held} of the {n} client slots, the most one process may; connection refused")
-                });
-                continue;
+            // One process may hold at most half the table: only a table at
+            // least half full can hold such a process, so the pids (one
+            // getsockopt each) are asked only then, and kept.
+            let mut pid = None;
+            if self.open_count() >= self.per_process_limit() {
+                let newcomer = crate::sys::peer_pid(stream.as_raw_fd()).unwrap_or(0);
+                pid = Some(newcomer);
+                let held = if newcomer == 0 {
+                    0
+                } else {
+                    (0..self.slots.len())
+                        .filter(|&i| self.slots[i].is_open() && self.pid(i) == newcomer)
+                        .count()
+                };
+                if held >= self.per_process_limit() {
+                    self.refuse(now, |n| {
+                        format!("process {newcomer} holds {held} of the {n} client slots, the most one process may; connection refused")
+                    });
+                    continue;
+                }
             }
             if !self.slots.iter().any(|s| !s.is_open()) {
                 let idle = (0..self.slots.len())
@@ -479,7 +507,7 @@ impl<S: Copy + Default> Server<S> {
                         log::info!(
                             "bus: all {} client slots busy; closing the connection idle the longest (slot {i}, pid {}) to make room",
                             self.slots.len(),
-                            self.slots[i].pid
+                            self.pid(i)
                         );
                         self.close(i);
                     }
@@ -493,7 +521,7 @@ impl<S: Copy + Default> Server<S> {
             }
             match self.install(registry, stream, Peer::Client, pid, now) {
                 Some(i) => {
-                    log::debug!("bus: client connected (slot {i}, pid {pid})");
+                    log::debug!("bus: client connected (slot {i})");
                     // `filled` has room: checked by the loop condition.
                     let _ = filled.push(i);
                 }
@@ -531,7 +559,7 @@ impl<S: Copy + Default> Server<S> {
             registry,
             stream,
             Peer::Endpoint(name),
-            0,
+            Some(0),
             Instant::default(),
         )
         .ok_or_else(|| io::Error::other("no free bus slot"))
@@ -542,7 +570,7 @@ impl<S: Copy + Default> Server<S> {
         registry: &Registry,
         mut stream: UnixStream,
         peer: Peer,
-        pid: u32,
+        pid: Option<u32>,
         now: Instant,
     ) -> Option<usize> {
         let i = self.slots.iter().position(|s| !s.is_open())?;
@@ -1098,7 +1126,7 @@ mod tests {
         assert_eq!(limit, consts::MAX_BUS_CLIENTS / 2);
         let clients: Vec<_> = (0..limit).map(|_| f.connect()).collect();
         let me = std::process::id();
-        assert!(clients.iter().all(|(_, i)| f.server.slot(*i).pid() == me));
+        assert!(clients.iter().all(|(_, i)| f.server.pid(*i) == me));
         let mut extra = StdStream::connect(f.dir.join("bus")).unwrap();
         extra
             .set_read_timeout(Some(Duration::from_secs(5)))

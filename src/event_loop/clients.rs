@@ -341,17 +341,22 @@ impl EventLoop {
             if self.clients.bus.stalled(i, now) {
                 log::warn!(
                     "bus: slot {i} (pid {}): read nothing for {} s with messages waiting; disconnected",
-                    self.clients.bus.slot(i).pid(),
+                    self.clients.bus.pid(i),
                     crate::bus::server::STALL_TIMEOUT.as_secs()
                 );
                 self.clients.close(&mut self.router, i);
                 continue;
             }
-            let slot = self.clients.bus.slot(i);
-            if slot.partial_deadline().is_some_and(|d| now >= d) {
+            if self
+                .clients
+                .bus
+                .slot(i)
+                .partial_deadline()
+                .is_some_and(|d| now >= d)
+            {
                 log::info!(
                     "bus: slot {i} (pid {}): part of a frame held for {} s; closed",
-                    slot.pid(),
+                    self.clients.bus.pid(i),
                     crate::bus::server::PARTIAL_TIMEOUT.as_secs()
                 );
                 self.clients.close(&mut self.router, i);
@@ -431,10 +436,18 @@ impl EventLoop {
                 counters: self.counters,
             };
             let slot = self.clients.bus.slot(i);
+            // Asked only by a request that needs it (a subscribe): one
+            // getsockopt, not one per publish.
+            let (known, fd) = (slot.known_pid(), slot.raw_fd());
+            let pid = move || {
+                known
+                    .or_else(|| fd.and_then(crate::sys::peer_pid))
+                    .unwrap_or(0)
+            };
             let caller = Caller {
                 slot: i,
                 generation: slot.generation(),
-                pid: slot.pid(),
+                pid: &pid,
             };
             service::handle(slot.frame(n), caller, &mut ctx, &mut self.clients.scratch)
         };

@@ -72,14 +72,16 @@ impl Mode {
 }
 
 /// The connection a request came on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Caller {
+#[derive(Clone, Copy)]
+pub struct Caller<'a> {
     /// Its bus slot.
     pub slot: usize,
     /// The slot's generation (a stream subscription names both).
     pub generation: u32,
-    /// The peer's pid, for the per-process quotas (0: unknown).
-    pub pid: u32,
+    /// The peer's pid, for the per-process quotas (0: unknown): asked
+    /// only by the requests those apply to, as it costs the loop a call
+    /// to the kernel.
+    pub pid: &'a dyn Fn() -> u32,
 }
 
 /// The loop's own counters, for `stats`.
@@ -160,7 +162,7 @@ impl Reply {
 
 /// Handles one complete request frame from `caller`, writing the answer
 /// into `out` (which must hold a `stats` answer: the loop's scratch).
-pub fn handle(bytes: &[u8], caller: Caller, ctx: &mut Context<'_>, out: &mut [u8]) -> Reply {
+pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut [u8]) -> Reply {
     let slot = caller.slot;
     let request = match frame::parse(bytes).and_then(|f| f.request()) {
         Ok(r) => r,
@@ -239,7 +241,7 @@ pub fn handle(bytes: &[u8], caller: Caller, ctx: &mut Context<'_>, out: &mut [u8
             };
             match ctx
                 .router
-                .subscribe_for(caller.pid, dest, &s.filters, s.qos, s.virtual_only)
+                .subscribe_for((caller.pid)(), dest, &s.filters, s.qos, s.virtual_only)
             {
                 // The answer comes when the router settles it; a notify
                 // subscribe is never answered, so its connection goes on.
@@ -513,10 +515,11 @@ mod tests {
                 links: &links,
                 counters: self.counters,
             };
+            let pid = self.pid;
             let caller = Caller {
                 slot: 1,
                 generation: 7,
-                pid: self.pid,
+                pid: &move || pid,
             };
             let mut out = vec![0u8; 4096];
             let reply = handle(bytes, caller, &mut ctx, &mut out);
@@ -989,7 +992,7 @@ mod tests {
         let caller = Caller {
             slot: 0,
             generation: 0,
-            pid: 0,
+            pid: &|| 0,
         };
         let mut out = [0u8; 64];
         let reply = handle(
