@@ -67,6 +67,7 @@ use crate::consts;
 use crate::mqtt::packet::{self, PublishHeader, QoS};
 use crate::mqtt::packet_id::PUBLISH as IDS;
 use crate::mqtt::topic::MAX_TOPIC_LEN;
+use crate::time::Instant;
 
 /// Connections in a row lost while a message was the probe, after which it
 /// is quarantined [bus-iso-2].
@@ -183,6 +184,8 @@ struct Entry {
     packet_id: u16,
     /// Written completely at least once, so the next completion is a resend.
     sent_before: bool,
+    /// When `push` took it.
+    queued_at: Instant,
 }
 
 const EMPTY: Entry = Entry {
@@ -193,6 +196,7 @@ const EMPTY: Entry = Entry {
     state: State::Dead,
     packet_id: 0,
     sent_before: false,
+    queued_at: Instant::from_millis(0),
 };
 
 /// The outgoing queue of encoded PUBLISH packets.
@@ -302,6 +306,16 @@ impl Spool {
         self.inflight
     }
 
+    /// How long the oldest message waiting (queued or in flight) has
+    /// waited; zero when none does.
+    pub fn oldest_age(&self, now: Instant) -> core::time::Duration {
+        // The first entry is live whenever there is one (the invariant).
+        if self.count == 0 {
+            return core::time::Duration::ZERO;
+        }
+        now.saturating_since(self.entry(0).queued_at)
+    }
+
     /// The counters since start.
     pub fn stats(&self) -> Stats {
         self.stats
@@ -324,6 +338,7 @@ impl Spool {
     /// the caller's to validate.
     pub fn push(
         &mut self,
+        now: Instant,
         topic: &str,
         payload: &[u8],
         qos: QoS,
@@ -371,6 +386,7 @@ impl Spool {
             state: State::Queued,
             packet_id: 0,
             sent_before: false,
+            queued_at: now,
         };
         self.count += 1;
         self.span += len;
@@ -773,6 +789,7 @@ mod tests {
     use super::*;
     use crate::mqtt::packet::{Packet, Publish, MAX_REMAINING_LEN};
     use std::collections::VecDeque;
+    use std::time::Duration;
 
     const Q0: QoS = QoS::AtMostOnce;
     const Q1: QoS = QoS::AtLeastOnce;
@@ -883,7 +900,7 @@ mod tests {
     }
 
     fn push(s: &mut Spool, topic: &str, payload: &[u8], qos: QoS) -> Result<Pushed, PushError> {
-        let r = s.push(topic, payload, qos, false);
+        let r = s.push(Instant::default(), topic, payload, qos, false);
         check(s);
         r
     }
@@ -898,11 +915,18 @@ mod tests {
     #[test]
     fn pushed_qos0_and_qos1_messages_encode_as_publishes_with_the_assigned_id() {
         let mut s = Spool::new(1024, 4);
-        s.push("a/b", b"zero", Q0, true).unwrap();
-        s.push("$aws/things/t/shadow/update", b"{\"one\":1}", Q1, false)
+        s.push(Instant::default(), "a/b", b"zero", Q0, true)
             .unwrap();
+        s.push(
+            Instant::default(),
+            "$aws/things/t/shadow/update",
+            b"{\"one\":1}",
+            Q1,
+            false,
+        )
+        .unwrap();
         let big = vec![0xA5; 300]; // two-byte remaining length
-        s.push("c", &big, Q1, true).unwrap();
+        s.push(Instant::default(), "c", &big, Q1, true).unwrap();
         check(&s);
         assert_eq!(s.len(), 3);
 
@@ -1323,6 +1347,23 @@ mod tests {
     }
 
     #[test]
+    fn the_oldest_waiting_message_gives_the_queue_its_age() {
+        // core-bus.md section 6, `oldest_ms`.
+        let mut s = Spool::new(1024, 16);
+        let t = Instant::from_millis;
+        assert_eq!(s.oldest_age(t(5_000)), Duration::ZERO);
+        s.push(t(1_000), "t", b"a", Q0, false).unwrap();
+        s.push(t(2_000), "t", b"b", Q1, false).unwrap();
+        assert_eq!(s.oldest_age(t(5_000)), Duration::from_millis(4_000));
+        // Sent, the QoS 0 is gone; the QoS 1 waits for its PUBACK.
+        send_all(&mut s, 4);
+        assert_eq!(s.oldest_age(t(5_000)), Duration::from_millis(3_000));
+        let id = s.entry(0).packet_id;
+        assert!(s.ack(id));
+        assert_eq!(s.oldest_age(t(5_000)), Duration::ZERO);
+    }
+
+    #[test]
     fn sent_qos0_messages_are_not_resent_after_a_reset() {
         let mut s = Spool::new(1024, 16);
         push(&mut s, "t", b"a", Q0).unwrap();
@@ -1367,12 +1408,24 @@ mod tests {
     fn a_topic_or_packet_too_long_is_an_error_not_a_panic() {
         let mut s = Spool::new(1024, 16);
         let topic = "a".repeat(65_536);
-        assert_eq!(s.push(&topic, b"", Q0, false), Err(PushError::TooLong));
+        assert_eq!(
+            s.push(Instant::default(), &topic, b"", Q0, false),
+            Err(PushError::TooLong)
+        );
         // Zeroed allocations are lazy; the push refuses before reading it.
         let payload = vec![0u8; MAX_REMAINING_LEN];
-        assert_eq!(s.push("t", &payload, Q1, false), Err(PushError::TooLong));
         assert_eq!(
-            s.push("t", &payload[..MAX_REMAINING_LEN - 3], Q0, false),
+            s.push(Instant::default(), "t", &payload, Q1, false),
+            Err(PushError::TooLong)
+        );
+        assert_eq!(
+            s.push(
+                Instant::default(),
+                "t",
+                &payload[..MAX_REMAINING_LEN - 3],
+                Q0,
+                false
+            ),
             Err(PushError::Busy)
         );
         assert_eq!(
@@ -1393,7 +1446,10 @@ mod tests {
     fn a_spool_of_zero_capacity_refuses_everything_without_panicking() {
         for (bytes, msgs) in [(0, 0), (0, 4), (1024, 0), (3, 3)] {
             let mut s = Spool::new(bytes, msgs);
-            assert_eq!(s.push("t", b"", Q0, false), Err(PushError::Busy));
+            assert_eq!(
+                s.push(Instant::default(), "t", b"", Q0, false),
+                Err(PushError::Busy)
+            );
             assert!(s.next(4, true).is_none());
             assert!(!s.advance(1) && !s.ack(1));
             s.reset_inflight();
@@ -1829,7 +1885,7 @@ mod tests {
                     payload.extend((0..extra).map(|_| u8::try_from(rng.below(256)).unwrap()));
                     let qos = if rng.below(100) < q1_share { Q1 } else { Q0 };
                     let retain = rng.below(2) == 0;
-                    let got = s.push(&topic, &payload, qos, retain);
+                    let got = s.push(Instant::default(), &topic, &payload, qos, retain);
                     let want = m.push(Msg {
                         topic,
                         payload,

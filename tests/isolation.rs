@@ -218,3 +218,21 @@ fn a_subscriber_that_reads_keeps_its_stream_through_a_burst() {
     assert_eq!(got as i64 + dropped, 3000, "got {got}, dropped {dropped}");
     assert!(!d.log().contains("read nothing"), "{}", d.log());
 }
+
+#[test]
+fn stats_say_how_long_the_oldest_queued_message_has_waited() {
+    // core-bus.md section 6, `oldest_ms`: offline, a publish waits.
+    let port = free_port(); // nothing listens there
+    let (_d, sock) = start_with_bus(BIN.as_ref(), port, "gw-oldest", &[]);
+    assert_eq!(stats(&sock)["oldest_ms"], 0);
+    let mut c = BusClient::connect(&sock);
+    assert!(is_null(&c.call("publish", &publish_params("t", b"x", 1))));
+    std::thread::sleep(Duration::from_millis(400));
+    let st = stats(&sock);
+    assert_eq!(st["spooled"], 1);
+    assert!(
+        (400..10_000).contains(&st["oldest_ms"]),
+        "{}",
+        st["oldest_ms"]
+    );
+}

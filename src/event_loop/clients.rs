@@ -434,6 +434,7 @@ impl EventLoop {
                 router: &mut self.router,
                 links: &links,
                 counters: self.counters,
+                now,
             };
             let slot = self.clients.bus.slot(i);
             // Asked only by a request that needs it (a subscribe): one

@@ -20,6 +20,7 @@ use crate::bus::frame::{self, ErrorCode, RequestType};
 use crate::bus::object;
 use crate::router::{Dest, Outcome, Router, Settled, SubId};
 use crate::spool::{PushError, Spool};
+use crate::time::Instant;
 
 /// The publishing connection: every PUBLISH goes over connection 0 (the
 /// bare client id), so publishes leave in the order they were accepted,
@@ -117,6 +118,8 @@ pub struct Context<'a> {
     pub links: &'a [LinkState<'a>],
     /// The loop's counters.
     pub counters: Counters,
+    /// The loop's clock, read once for the request.
+    pub now: Instant,
 }
 
 /// What handling one request calls for. The answer, if any, is the first
@@ -212,7 +215,7 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
                 Ok(p) => p,
                 Err(code) => return refuse(out, code, "bad parameters"),
             };
-            match ctx.spool.push(p.topic, p.payload, p.qos, p.retain) {
+            match ctx.spool.push(ctx.now, p.topic, p.payload, p.qos, p.retain) {
                 Ok(pushed) => Reply {
                     evicted: pushed.evicted,
                     ..done(out, answer::null)
@@ -318,6 +321,7 @@ fn stats(ctx: &Context<'_>, out: &mut [u8]) -> usize {
             reconnects: ctx.counters.reconnects,
             links: &links,
             quarantined: ctx.spool.stats().quarantined + ctx.router.quarantined(),
+            oldest_ms: u64::try_from(ctx.spool.oldest_age(ctx.now).as_millis()).unwrap_or(u64::MAX),
             last_disconnect: ctx.links.get(PUBLISHING).map_or("", |l| l.last_disconnect),
         },
     )
@@ -488,6 +492,8 @@ mod tests {
         counters: Counters,
         /// The pid the next requests come from.
         pid: u32,
+        /// The clock the next requests see.
+        now: Instant,
     }
 
     impl World {
@@ -499,6 +505,7 @@ mod tests {
                 last_disconnect: "",
                 counters: Counters::default(),
                 pid: 4242,
+                now: Instant::default(),
             }
         }
 
@@ -514,6 +521,7 @@ mod tests {
                 router: &mut self.router,
                 links: &links,
                 counters: self.counters,
+                now: self.now,
             };
             let pid = self.pid;
             let caller = Caller {
@@ -938,8 +946,9 @@ mod tests {
     #[test]
     fn stats_answers_every_counter_in_the_spec_order() {
         // core-bus.md section 6, stats: after the worked example's publish
-        // (an 11-byte PUBLISH), with the loop's counters 2, 3, 4, then
-        // `quarantined` 0 and `last_disconnect` as a buffer.
+        // (an 11-byte PUBLISH) 1.5 s ago, with the loop's counters 2, 3, 4,
+        // then `quarantined` 0, `oldest_ms` 1500 and `last_disconnect` as a
+        // buffer. (Expected bytes from Python's zlib CRC-32.)
         let mut w = World::new();
         w.connected = true;
         w.last_disconnect = "connection closed by the broker";
@@ -949,9 +958,10 @@ mod tests {
             reconnects: 4,
         };
         w.call(&example::PUBLISH_CALL);
+        w.now = Instant::from_millis(1500);
         let (reply, answer) = w.call(&request("stats", RequestType::Call, empty));
         let golden = concat!(
-            "000001a7000000006c794f4a060e000000090000007075626c69736865640201",
+            "000001bd000000004629c069060f000000090000007075626c69736865640201",
             "000000000000000400000073656e740200000000000000000600000072657365",
             "6e740200000000000000000500000061636b6564020000000000000000070000",
             "0073706f6f6c65640201000000000000000d00000073706f6f6c65645f627974",
@@ -961,10 +971,10 @@ mod tests {
             "6f6e6e656374730204000000000000000b000000636f6e6e656374696f6e7305",
             "0100000006040000000200000069640402000000677709000000636f6e6e6563",
             "74656401010d000000737562736372697074696f6e7302000000000000000008",
-            "000000696e666c696768740200000000000000000b00000071756172616e7469", // .. quarantined
-            "6e65640200000000000000000f0000006c6173745f646973636f6e6e65637404", // 0, last_disconnect
-            "1f000000636f6e6e656374696f6e20636c6f736564206279207468652062726f", // buffer of 31 bytes
-            "6b6572c9abd1f8",
+            "000000696e666c696768740200000000000000000b00000071756172616e7469",
+            "6e6564020000000000000000090000006f6c646573745f6d7302dc0500000000",
+            "00000f0000006c6173745f646973636f6e6e656374041f000000636f6e6e6563",
+            "74696f6e20636c6f736564206279207468652062726f6b657214703966",
         );
         assert_eq!(answer, hex(golden));
         assert_eq!(reply, served(answer.len()));
@@ -988,6 +998,7 @@ mod tests {
             router: &mut w.router,
             links: &links,
             counters: Counters::default(),
+            now: Instant::default(),
         };
         let caller = Caller {
             slot: 0,
