@@ -48,14 +48,15 @@ use crate::mqtt::packet::{Filters, Packet, QoS, SubackCode, Subscribe, Unsubscri
 use crate::mqtt::packet_id::SUBSCRIBE as IDS;
 use crate::mqtt::topic::{matches, validate_filter, TopicError, MAX_TOPIC_LEN};
 use crate::spool::QUARANTINE_STRIKES;
+use crate::time::Instant;
 
 /// Most filters in one SUBSCRIBE or UNSUBSCRIBE packet (AWS, hard).
 pub const MAX_FILTERS_PER_PACKET: usize = 8;
 /// Most distinct filters in one local subscribe request.
 pub const MAX_FILTERS_PER_REQUEST: usize = 16;
-/// Consecutive failed deliveries to a response endpoint after which its
-/// subscription is removed.
-pub const ENDPOINT_FAILURE_LIMIT: u8 = 3;
+/// How long a response endpoint may stay unreachable (deliveries and
+/// probes failing) before its subscription is removed [bus-iso-4].
+pub const ENDPOINT_TIMEOUT: core::time::Duration = core::time::Duration::from_secs(60);
 /// Distinct filters the links can hold at the broker.
 pub const BROKER_FILTERS: usize = MAX_CONNECTIONS * SUBSCRIPTIONS_PER_CONNECTION;
 
@@ -326,8 +327,8 @@ struct Sub {
     answered: bool,
     /// In the settled queue (kept across reuse of the slot).
     queued: bool,
-    /// Consecutive failed deliveries to its response endpoint.
-    endpoint_failures: u8,
+    /// Since when its response endpoint has been unreachable.
+    unreachable_since: Option<Instant>,
     /// The pid of the process that made it (0: unknown).
     owner: u32,
 }
@@ -345,7 +346,7 @@ impl Sub {
         is_virtual: false,
         answered: false,
         queued: false,
-        endpoint_failures: 0,
+        unreachable_since: None,
         owner: 0,
     };
 
@@ -537,7 +538,7 @@ impl Router {
         sub.qos = qos;
         sub.is_virtual = is_virtual;
         sub.answered = false;
-        sub.endpoint_failures = 0;
+        sub.unreachable_since = None;
         sub.owner = owner;
         let id = SubId {
             slot: u32::try_from(slot).unwrap_or(u32::MAX),
@@ -560,23 +561,33 @@ impl Router {
         true
     }
 
-    /// Records a delivery to subscription `id`'s response endpoint: one
-    /// that arrived clears its count of failures, and the
-    /// `ENDPOINT_FAILURE_LIMIT`th failure in a row removes it. Returns
-    /// whether it was removed (false too for a stale `id`).
-    pub fn endpoint_delivery(&mut self, id: SubId, delivered: bool) -> bool {
+    /// Records whether subscription `id`'s response endpoint could be
+    /// reached at `now` (a delivery or a probe): reached clears it, and
+    /// one unreachable for `ENDPOINT_TIMEOUT` is removed [bus-iso-4].
+    /// Returns whether it was removed (false too for a stale `id`).
+    pub fn endpoint_reached(&mut self, id: SubId, reached: bool, now: Instant) -> bool {
         let Some(sub) = self.slot_of(id).and_then(|i| self.subs.get_mut(i)) else {
             return false;
         };
-        if delivered {
-            sub.endpoint_failures = 0;
+        if reached {
+            sub.unreachable_since = None;
             return false;
         }
-        sub.endpoint_failures = sub.endpoint_failures.saturating_add(1);
-        if sub.endpoint_failures < ENDPOINT_FAILURE_LIMIT {
+        let since = *sub.unreachable_since.get_or_insert(now);
+        if now < since + ENDPOINT_TIMEOUT {
             return false;
         }
         self.unsubscribe(id)
+    }
+
+    /// The response-endpoint subscription in subscription slot `slot`, if
+    /// there is one (for probing each in turn).
+    pub fn endpoint_at(&self, slot: usize) -> Option<(SubId, &str)> {
+        let sub = self.subs.get(slot).filter(|s| s.is_live())?;
+        match &sub.dest {
+            Dest::Endpoint(name) => Some((self.id_of(slot), name.as_str())),
+            Dest::Stream { .. } => None,
+        }
     }
 
     /// Ends every local subscription whose destination satisfies `pred`;
@@ -2052,22 +2063,31 @@ mod tests {
     }
 
     #[test]
-    fn an_endpoint_unreachable_three_times_in_a_row_loses_its_subscription() {
+    fn an_endpoint_unreachable_for_sixty_seconds_loses_its_subscription() {
+        // [bus-iso-4]
         let mut r = Router::new();
+        let t = Instant::from_secs;
         let sink = Dest::endpoint("sink").unwrap();
         let id = sub(&mut r, sink.clone(), &["a"], QoS::AtMostOnce);
         let other = sub(&mut r, sink, &["b"], QoS::AtMostOnce);
-        // A delivery that arrives starts the count again.
-        for delivered in [false, false, true, false, false] {
-            assert!(!r.endpoint_delivery(id, delivered));
-        }
+        assert_eq!(r.endpoint_at(0), Some((id, "sink")));
+        // Reached again within the minute: the time starts over.
+        assert!(!r.endpoint_reached(id, false, t(0)));
+        assert!(!r.endpoint_reached(id, false, t(59)));
+        assert!(!r.endpoint_reached(id, true, t(59)));
+        assert!(!r.endpoint_reached(id, false, t(100)));
+        assert!(!r.endpoint_reached(id, false, t(159)));
         assert!(r.state(id).is_some());
-        assert!(r.endpoint_delivery(id, false));
+        assert!(r.endpoint_reached(id, false, t(160)));
         assert_eq!(r.state(id), None);
-        // Stale ids change nothing; the other subscription keeps its own count.
-        assert!(!r.endpoint_delivery(id, false));
-        assert!(!r.endpoint_delivery(other, false));
+        assert_eq!(r.endpoint_at(0), None);
+        // Stale ids change nothing; the other subscription keeps its own time.
+        assert!(!r.endpoint_reached(id, false, t(500)));
+        assert!(!r.endpoint_reached(other, false, t(500)));
         assert!(r.state(other).is_some());
+        // Streams are not endpoints.
+        let s = sub(&mut r, stream(1), &["c"], QoS::AtMostOnce);
+        assert!((0..MAX_SUBSCRIPTIONS).all(|i| r.endpoint_at(i).map(|e| e.0) != Some(s)));
     }
 
     #[test]

@@ -857,26 +857,46 @@ fn the_socket_is_created_with_its_parents_mode_0660_and_replaces_a_stale_one() {
 }
 
 #[test]
-fn an_unreachable_response_endpoint_costs_dropped_messages_then_its_subscription() {
+fn an_endpoint_nobody_serves_is_noentry_and_one_gone_for_a_minute_is_removed() {
+    // [bus-iso-4]
     let broker = Mosquitto::start();
     let (d, sock) = connected(broker.port(), "gw-noendpoint");
     let mut caller = BusClient::connect(&sock);
-    let by_endpoint = params(&[
-        ("topic_filter", V::Buf(b"gone/#")),
-        ("response_endpoint", V::Buf(b"nobody_home")),
-    ]);
-    assert!(is_null(&caller.call("subscribe", &by_endpoint)));
+    let to = |endpoint: &[u8]| {
+        params(&[
+            ("topic_filter", V::Buf(b"gone/#")),
+            ("response_endpoint", V::Buf(endpoint)),
+        ])
+    };
+    assert_eq!(
+        caller.call("subscribe", &to(b"nobody_home")),
+        Some(Reply::Error(code::NOENTRY))
+    );
+    // One that was there when subscribed, then went away: its messages
+    // are dropped (counted), and a minute later (probed, with no message
+    // needed) the subscription is removed.
+    let path = d.dir().join("leaving");
+    let listener = UnixListener::bind(&path).unwrap();
+    assert!(is_null(&caller.call("subscribe", &to(b"leaving"))));
+    drop(listener);
+    std::fs::remove_file(&path).unwrap();
+    let t0 = std::time::Instant::now();
     for i in 0..3 {
         publish(&broker, &format!("gone/{i}"), b"x", 0, false);
     }
-    assert!(d.wait_log_count(
-        "cannot deliver to response endpoint nobody_home",
-        3,
-        SECS(5)
-    ));
-    assert!(d.wait_log("subscription removed", SECS(2)), "{}", d.log());
-    assert!(broker.wait_log("Received UNSUBSCRIBE from gw-noendpoint", SECS(5)));
+    assert!(d.wait_log_count("cannot deliver to response endpoint leaving", 3, SECS(5)));
     assert_eq!(stats(&sock)["dropped"], 3);
+    assert!(!d.log().contains("subscription removed"));
+    assert!(
+        d.wait_log(
+            "leaving unreachable for 60 s; subscription removed",
+            SECS(90)
+        ),
+        "{}",
+        d.log()
+    );
+    assert!(t0.elapsed() >= SECS(55), "{:?}", t0.elapsed());
+    assert!(broker.wait_log("Received UNSUBSCRIBE from gw-noendpoint", SECS(5)));
 }
 
 #[test]

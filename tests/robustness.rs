@@ -104,6 +104,9 @@ fn thousands_of_pipelined_subscribe_calls_that_settle_at_once_do_not_overflow_th
     // request; continuing the pipeline from there used to recurse.
     let broker = Mosquitto::start();
     let (mut d, sock) = start(broker.port(), "gw-deep");
+    // The endpoint must be served when subscribed to [bus-iso-4]; this one
+    // never accepts (the daemon's probes wait in its backlog).
+    let _ep = UnixListener::bind(d.dir().join("ep")).unwrap();
     let sub = params(&[
         ("topic_filter", V::Buf(b"deep/t")),
         ("response_endpoint", V::Buf(b"ep")),

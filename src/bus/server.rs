@@ -550,6 +550,16 @@ impl<S: Copy + Default> Server<S> {
         }
     }
 
+    /// Whether `<socket-dir>/<endpoint>` accepts connections now: a
+    /// non-blocking connect, closed at once (a full listen backlog counts as
+    /// there) [bus-iso-4].
+    pub fn endpoint_reachable(&self, endpoint: &str) -> bool {
+        match UnixStream::connect(self.socket_dir.join(endpoint)) {
+            Ok(_) => true,
+            Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+        }
+    }
+
     /// Opens a connection to `<socket-dir>/<endpoint>` in a free slot.
     pub fn connect_endpoint(&mut self, registry: &Registry, endpoint: &str) -> io::Result<usize> {
         let name = heapless::String::try_from(endpoint)

@@ -22,10 +22,15 @@ use mio::Registry;
 use super::EventLoop;
 use crate::bus::server::{Input, SendError, Server};
 use crate::consts;
-use crate::router::{Dest, Router, SubId};
+use crate::router::{Dest, Router, SubId, ENDPOINT_TIMEOUT};
 use crate::service::{self, answer, Caller, Context, LinkState, Mode, Reply};
 use crate::spool::Spool;
 use crate::time::Instant;
+
+/// How often every response endpoint is probed [bus-iso-4]: well within
+/// `ENDPOINT_TIMEOUT`, so an endpoint gone for good is removed even when
+/// no message comes for it.
+const ENDPOINT_PROBE_EVERY: core::time::Duration = core::time::Duration::from_secs(20);
 
 /// Requests handled for one client in one turn of the loop.
 const FRAMES_PER_TURN: usize = 32;
@@ -45,6 +50,8 @@ pub(super) struct Clients {
     endpoint_results: Vec<(SubId, bool)>,
     /// When the spool's evictions and refusals were last logged.
     spool_log_at: Option<Instant>,
+    /// When the response endpoints are next probed.
+    probe_at: Instant,
 }
 
 impl Clients {
@@ -56,6 +63,7 @@ impl Clients {
             to_close: Vec::with_capacity(bus.capacity()),
             endpoint_results: Vec::with_capacity(consts::MAX_SUBSCRIPTIONS),
             spool_log_at: None,
+            probe_at: Instant::default() + ENDPOINT_PROBE_EVERY,
             bus,
         }
     }
@@ -79,7 +87,7 @@ impl Clients {
     /// When a slot next needs attention: an oversized frame's discard
     /// ending, a closing slot's linger, or input ready now.
     pub(super) fn deadline(&self, now: Instant) -> Option<Instant> {
-        (0..self.bus.capacity())
+        let slots = (0..self.bus.capacity())
             .flat_map(|i| {
                 let slot = self.bus.slot(i);
                 let ready = self.ready(i).then_some(now);
@@ -92,7 +100,36 @@ impl Clients {
                 ]
             })
             .flatten()
-            .min()
+            .min();
+        Some(slots.map_or(self.probe_at, |d| d.min(self.probe_at)))
+    }
+
+    /// Probes every response endpoint when due: one gone for
+    /// `ENDPOINT_TIMEOUT` loses its subscription [bus-iso-4]. Returns
+    /// whether one did (the router owes the broker an UNSUBSCRIBE).
+    fn probe_endpoints(&mut self, router: &mut Router, now: Instant) -> bool {
+        if now < self.probe_at {
+            return false;
+        }
+        let mut removed = false;
+        self.probe_at = now + ENDPOINT_PROBE_EVERY;
+        for slot in 0..consts::MAX_SUBSCRIPTIONS {
+            let Some((id, name)) = router.endpoint_at(slot) else {
+                continue;
+            };
+            // Fits: a router endpoint name is at most as long.
+            let name: heapless::String<{ crate::bus::MAX_INTERFACE_NAME_LEN }> =
+                heapless::String::try_from(name).unwrap_or_default();
+            let reached = self.bus.endpoint_reachable(&name);
+            if router.endpoint_reached(id, reached, now) {
+                removed = true;
+                log::warn!(
+                    "bus: response endpoint {name} unreachable for {} s; subscription removed",
+                    ENDPOINT_TIMEOUT.as_secs()
+                );
+            }
+        }
+        removed
     }
 
     /// Writes `reply`'s answer (in `scratch`) to slot `i` and puts the
@@ -144,6 +181,7 @@ impl Clients {
         router: &mut Router,
         topic: &str,
         payload: &[u8],
+        now: Instant,
     ) -> u64 {
         let Clients {
             bus,
@@ -229,10 +267,10 @@ impl Clients {
             }
         });
         for &(id, delivered) in endpoint_results.iter() {
-            if router.endpoint_delivery(id, delivered) {
+            if router.endpoint_reached(id, delivered, now) {
                 log::warn!(
-                    "bus: response endpoint unreachable {} times in a row; subscription removed",
-                    crate::router::ENDPOINT_FAILURE_LIMIT
+                    "bus: a response endpoint unreachable for {} s; subscription removed",
+                    ENDPOINT_TIMEOUT.as_secs()
                 );
             }
         }
@@ -331,7 +369,10 @@ impl EventLoop {
     /// Serves slots that still have input buffered (pipelined requests that
     /// waited for an earlier answer), ends overdue discards, and closes
     /// slots whose peer has not taken their last bytes in time.
-    pub(super) fn drive_pending_clients(&mut self, now: Instant) {
+    /// Returns whether the router changed (a probe removed an endpoint's
+    /// subscription): the caller then pumps before the loop sleeps.
+    pub(super) fn drive_pending_clients(&mut self, now: Instant) -> bool {
+        let changed = self.clients.probe_endpoints(&mut self.router, now);
         for i in 0..self.clients.bus.capacity() {
             if self.clients.bus.lingered(i, now) {
                 log::debug!("bus: slot {i}: peer not reading; closed");
@@ -372,6 +413,7 @@ impl EventLoop {
                 self.drive_client(i, now);
             }
         }
+        changed
     }
 
     /// Reads, handles and answers what slot `i` has, as far as it can.
@@ -435,6 +477,7 @@ impl EventLoop {
                 links: &links,
                 counters: self.counters,
                 now,
+                endpoint_reachable: &|name| self.clients.bus.endpoint_reachable(name),
             };
             let slot = self.clients.bus.slot(i);
             // Asked only by a request that needs it (a subscribe): one

@@ -321,7 +321,9 @@ impl EventLoop {
                 Due::Drive => self.drive(i, now)?,
             }
         }
-        self.drive_pending_clients(now);
+        if self.drive_pending_clients(now) {
+            self.pump(now)?;
+        }
         Ok(())
     }
 
@@ -829,6 +831,7 @@ impl EventLoop {
                         &mut self.router,
                         topic,
                         payload,
+                        now,
                     );
                 }
                 Ok(Some(Event::Puback { packet_id })) => {

@@ -272,7 +272,7 @@ impl EventLoop {
 
     /// Everything that follows from a change: answers owed to subscribers,
     /// broker requests to send, extra links to open or close, and writes.
-    fn pump(&mut self, now: Instant) -> Result<(), Exit> {
+    pub(super) fn pump(&mut self, now: Instant) -> Result<(), Exit> {
         self.settle_subscriptions();
         self.sync_links(now);
         for i in 0..self.links.len() {

@@ -120,6 +120,9 @@ pub struct Context<'a> {
     pub counters: Counters,
     /// The loop's clock, read once for the request.
     pub now: Instant,
+    /// Whether a bus interface (a `response_endpoint`) accepts
+    /// connections now: the loop's probe.
+    pub endpoint_reachable: &'a dyn Fn(&str) -> bool,
 }
 
 /// What handling one request calls for. The answer, if any, is the first
@@ -233,6 +236,11 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
                 Err(code) => return refuse(out, code, "bad parameters"),
             };
             let dest = match s.endpoint {
+                // [bus-iso-4] An endpoint nobody serves would only cost
+                // dropped messages and a table slot: refused at once.
+                Some(name) if !(ctx.endpoint_reachable)(name) => {
+                    return refuse(out, ErrorCode::NoEntry, "response endpoint unreachable");
+                }
                 Some(name) => match Dest::endpoint(name) {
                     Some(d) => d,
                     None => return refuse(out, ErrorCode::Invalid, "endpoint name"),
@@ -522,6 +530,7 @@ mod tests {
                 links: &links,
                 counters: self.counters,
                 now: self.now,
+                endpoint_reachable: &|name| name != "gone",
             };
             let pid = self.pid;
             let caller = Caller {
@@ -914,6 +923,18 @@ mod tests {
     }
 
     #[test]
+    fn a_response_endpoint_nobody_serves_is_noentry_at_subscribe_time() {
+        // [bus-iso-4] (The test world serves every endpoint but "gone".)
+        let mut w = World::new();
+        let (reply, answer) = w.call(&subscribe(RequestType::Call, b"a/#", Some(b"gone")));
+        assert_eq!(answer, hex(NOENTRY));
+        assert_eq!(reply, served(answer.len()));
+        assert_eq!(w.router.subscriptions(), 0);
+        let (reply, _) = w.call(&subscribe(RequestType::Notify, b"a/#", Some(b"gone")));
+        assert!(reply.dropped);
+    }
+
+    #[test]
     fn unsubscribe_ends_exactly_one_endpoint_subscription_or_is_noentry() {
         let mut w = World::new();
         let (reply, _) = w.call(&subscribe(RequestType::Call, b"a/#", Some(b"sink")));
@@ -999,6 +1020,7 @@ mod tests {
             links: &links,
             counters: Counters::default(),
             now: Instant::default(),
+            endpoint_reachable: &|_| true,
         };
         let caller = Caller {
             slot: 0,

@@ -954,6 +954,15 @@ fn tables_full(r: &mut Report) {
         streams.push(holder);
     }
     let streamed: usize = streams.iter().filter_map(Holder::open).sum();
+    // Response endpoints must be served when subscribed to [bus-iso-4]:
+    // listeners that never accept stand in for them (deliveries are not
+    // measured here).
+    let dir = sock.parent().expect("socket dir");
+    let _endpoints: Vec<std::os::unix::net::UnixListener> = (distinct + shared..total)
+        .map(|i| format!("bench_ep{i}"))
+        .chain(["bench_ep_extra".to_string()])
+        .map(|name| std::os::unix::net::UnixListener::bind(dir.join(name)).expect("endpoint"))
+        .collect();
     let mut endpoint_subs = 0;
     for i in distinct + shared..total {
         let filter = format!("bench/virt/{i}");
