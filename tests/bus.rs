@@ -25,13 +25,7 @@ fn daemon(port: u16, id: &str) -> (Daemon, PathBuf) {
 }
 
 fn connected(port: u16, id: &str) -> (Daemon, PathBuf) {
-    let (d, sock) = daemon(port, id);
-    assert!(
-        d.wait_log("connected (session present", SECS(10)),
-        "{}",
-        d.log()
-    );
-    (d, sock)
+    connected_with_bus(BIN.as_ref(), port, id, &[])
 }
 
 #[test]

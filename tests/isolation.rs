@@ -17,13 +17,7 @@ const SECS: fn(u64) -> Duration = Duration::from_secs;
 
 /// The daemon connected to `port`, its bus socket in its own directory.
 fn connected(port: u16, id: &str, extra: &[&str]) -> (Daemon, PathBuf) {
-    let (d, sock) = start_with_bus(BIN.as_ref(), port, id, extra);
-    assert!(
-        d.wait_log("connected (session present", SECS(10)),
-        "{}",
-        d.log()
-    );
-    (d, sock)
+    connected_with_bus(BIN.as_ref(), port, id, extra)
 }
 
 #[test]

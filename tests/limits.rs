@@ -46,13 +46,7 @@ fn small_build() -> &'static PathBuf {
 }
 
 fn start(bin: &std::path::Path, port: u16, id: &str) -> (Daemon, PathBuf) {
-    let (d, sock) = start_with_bus(bin, port, id, &[]);
-    assert!(
-        d.wait_log("connected (session present", SECS(10)),
-        "{}",
-        d.log()
-    );
-    (d, sock)
+    connected_with_bus(bin, port, id, &[])
 }
 
 #[test]

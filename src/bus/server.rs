@@ -67,6 +67,17 @@ impl fmt::Display for BindError {
     }
 }
 
+/// Why a slot must be closed now [bus-iso-3] [bus-iso-6].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Overdue {
+    /// Closing, and its peer has not taken the last bytes in `CLOSE_LINGER`.
+    Linger,
+    /// Output waiting and nothing taken for `STALL_TIMEOUT`.
+    Stall,
+    /// Part of a frame held for `PARTIAL_TIMEOUT`.
+    Partial,
+}
+
 /// Who opened a slot's connection.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Peer {
@@ -402,6 +413,20 @@ impl<S: Copy + Default> Server<S> {
     /// Sets the caller's state of slot `i`'s connection.
     pub fn set_state(&mut self, i: usize, state: S) {
         self.slots[i].state = state;
+    }
+
+    /// Whether slot `i` must be closed now, and why: the first of its
+    /// timeouts that has passed (the linger and stall marks are set here).
+    pub fn overdue(&mut self, i: usize, now: Instant) -> Option<Overdue> {
+        if self.lingered(i, now) {
+            Some(Overdue::Linger)
+        } else if self.stalled(i, now) {
+            Some(Overdue::Stall)
+        } else if self.slots[i].partial_deadline().is_some_and(|d| now >= d) {
+            Some(Overdue::Partial)
+        } else {
+            None
+        }
     }
 
     /// Whether slot `i` has had output waiting for `STALL_TIMEOUT` without

@@ -20,7 +20,7 @@
 use mio::Registry;
 
 use super::EventLoop;
-use crate::bus::server::{Input, SendError, Server};
+use crate::bus::server::{Input, Overdue, SendError, Server, PARTIAL_TIMEOUT, STALL_TIMEOUT};
 use crate::consts;
 use crate::router::{Dest, Router, SubId, ENDPOINT_TIMEOUT};
 use crate::service::{self, answer, Caller, Context, LinkState, Mode, Reply};
@@ -374,32 +374,19 @@ impl EventLoop {
     pub(super) fn drive_pending_clients(&mut self, now: Instant) -> bool {
         let changed = self.clients.probe_endpoints(&mut self.router, now);
         for i in 0..self.clients.bus.capacity() {
-            if self.clients.bus.lingered(i, now) {
-                log::debug!("bus: slot {i}: peer not reading; closed");
-                self.clients.close(&mut self.router, i);
-                continue;
-            }
-            if self.clients.bus.stalled(i, now) {
-                log::warn!(
-                    "bus: slot {i} (pid {}): read nothing for {} s with messages waiting; disconnected",
-                    self.clients.bus.pid(i),
-                    crate::bus::server::STALL_TIMEOUT.as_secs()
-                );
-                self.clients.close(&mut self.router, i);
-                continue;
-            }
-            if self
-                .clients
-                .bus
-                .slot(i)
-                .partial_deadline()
-                .is_some_and(|d| now >= d)
-            {
-                log::info!(
-                    "bus: slot {i} (pid {}): part of a frame held for {} s; closed",
-                    self.clients.bus.pid(i),
-                    crate::bus::server::PARTIAL_TIMEOUT.as_secs()
-                );
+            if let Some(why) = self.clients.bus.overdue(i, now) {
+                let pid = self.clients.bus.pid(i);
+                match why {
+                    Overdue::Linger => log::debug!("bus: slot {i}: peer not reading; closed"),
+                    Overdue::Stall => log::warn!(
+                        "bus: slot {i} (pid {pid}): read nothing for {} s with messages waiting; disconnected",
+                        STALL_TIMEOUT.as_secs()
+                    ),
+                    Overdue::Partial => log::info!(
+                        "bus: slot {i} (pid {pid}): part of a frame held for {} s; closed",
+                        PARTIAL_TIMEOUT.as_secs()
+                    ),
+                }
                 self.clients.close(&mut self.router, i);
                 continue;
             }

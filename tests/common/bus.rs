@@ -263,3 +263,20 @@ pub fn start_with_bus(
     );
     (d, sock)
 }
+
+/// `start_with_bus`, then waits (10 s at most) until the daemon logs its
+/// first CONNACK.
+pub fn connected_with_bus(
+    bin: &Path,
+    port: u16,
+    id: &str,
+    extra: &[&str],
+) -> (super::Daemon, std::path::PathBuf) {
+    let (d, sock) = start_with_bus(bin, port, id, extra);
+    assert!(
+        d.wait_log("connected (session present", Duration::from_secs(10)),
+        "{}",
+        d.log()
+    );
+    (d, sock)
+}
