@@ -979,3 +979,21 @@ fn a_client_that_never_reads_its_answers_is_paused_not_spun_on() {
         &other.call("publish", &publish_params("nr/u", b"y", 0))
     ));
 }
+
+#[test]
+fn more_pipelined_calls_than_one_turn_serves_are_all_answered() {
+    // One read can bring many requests; a turn serves 32 of them, and the
+    // rest must be served on the next turns without waiting for more input.
+    let broker = Mosquitto::start();
+    let (_d, sock) = connected(broker.port(), "gw-pipeline");
+    let mut c = BusClient::connect(&sock);
+    c.timeout(SECS(5));
+    // 60 small calls, all within one read's buffer (10,012 bytes).
+    let one = request("publish", RequestType::Call, &publish_params("p", b"x", 0));
+    let bytes = one.repeat(60);
+    assert!(bytes.len() < 10_012);
+    c.send_raw(&bytes);
+    for i in 0..60 {
+        assert!(is_null(&c.read()), "answer {i}");
+    }
+}

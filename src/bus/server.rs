@@ -281,6 +281,18 @@ impl<S: Copy + Default> Slot<S> {
         self.readable && !self.close_after_flush
     }
 
+    /// Whether input can be handled without waiting for a readiness
+    /// event: the socket may hold more, or a whole frame is buffered
+    /// already (one read can bring several pipelined requests).
+    pub fn has_input(&self) -> bool {
+        if self.close_after_flush {
+            return false;
+        }
+        self.readable
+            || matches!(frame::frame_len(&self.rx[..self.rx_len], self.rx.len()),
+                FrameLen::Len(n) if n <= self.rx_len)
+    }
+
     /// The received bytes (a complete frame first, after `Input::Frame`).
     pub fn frame(&self, len: usize) -> &[u8] {
         &self.rx[..len.min(self.rx_len)]

@@ -73,7 +73,7 @@ impl Clients {
     /// has left the backlog.
     fn ready(&self, i: usize) -> bool {
         let slot = self.bus.slot(i);
-        slot.is_open() && slot.readable() && self.may_read(i)
+        slot.is_open() && slot.has_input() && self.may_read(i)
     }
 
     /// Whether slot `i`'s mode lets it read now: not while a subscribe call
