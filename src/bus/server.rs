@@ -204,14 +204,15 @@ impl<S: Copy + Default> Slot<S> {
         self.state
     }
 
-    /// The peer's pid if it was asked already (`Server::pid`).
-    pub fn known_pid(&self) -> Option<u32> {
+    /// The peer's pid: the one kept by `Server::pid`, else asked of the
+    /// kernel now (`SO_PEERCRED`, not kept); 0 if it gives none.
+    pub fn peer_pid(&self) -> u32 {
         self.pid
-    }
-
-    /// The connection's descriptor, to ask the kernel about its peer.
-    pub fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
-        self.stream.as_ref().map(|s| s.as_raw_fd())
+            .or_else(|| {
+                let fd = self.stream.as_ref()?.as_raw_fd();
+                crate::sys::peer_pid(fd)
+            })
+            .unwrap_or(0)
     }
 
     /// When a frame begun but not complete must be complete, else the
@@ -228,7 +229,7 @@ impl<S: Copy + Default> Slot<S> {
     /// it is closed [bus-iso-6]; due at once when `Server::stalled` has a
     /// mark to set or to restart.
     pub fn stall_deadline(&self) -> Option<Instant> {
-        if !self.is_open() || self.close_after_flush || !self.has_waiting_output() {
+        if !self.may_stall() {
             return None;
         }
         match self.stall_since {
@@ -237,10 +238,11 @@ impl<S: Copy + Default> Slot<S> {
         }
     }
 
-    /// Whether output waits for the peer: in the backlog, or refused for
+    /// Whether the stall rule applies: open, not closing (the linger's
+    /// then), and output waits for the peer, in the backlog or refused for
     /// want of room since it last took anything.
-    fn has_waiting_output(&self) -> bool {
-        self.tx_len > 0 || self.behind
+    fn may_stall(&self) -> bool {
+        self.is_open() && !self.close_after_flush && (self.tx_len > 0 || self.behind)
     }
 
     /// The peer took some output (written, or a writable edge: it read).
@@ -274,11 +276,6 @@ impl<S: Copy + Default> Slot<S> {
     /// Whether the slot will close once its backlog is written.
     pub fn is_closing(&self) -> bool {
         self.close_after_flush
-    }
-
-    /// Whether more input may be waiting to be read.
-    pub fn readable(&self) -> bool {
-        self.readable && !self.close_after_flush
     }
 
     /// Whether input can be handled without waiting for a readiness
@@ -410,14 +407,7 @@ impl<S: Copy + Default> Server<S> {
     /// if the kernel gives none, or for our own outbound connections.
     pub fn pid(&mut self, i: usize) -> u32 {
         let slot = &mut self.slots[i];
-        if let Some(pid) = slot.pid {
-            return pid;
-        }
-        let pid = slot
-            .stream
-            .as_ref()
-            .and_then(|s| crate::sys::peer_pid(s.as_raw_fd()))
-            .unwrap_or(0);
+        let pid = slot.peer_pid();
         slot.pid = Some(pid);
         pid
     }
@@ -447,7 +437,7 @@ impl<S: Copy + Default> Server<S> {
     /// A closing slot is the linger's to end.
     pub fn stalled(&mut self, i: usize, now: Instant) -> bool {
         let slot = &mut self.slots[i];
-        if !slot.is_open() || slot.close_after_flush || !slot.has_waiting_output() {
+        if !slot.may_stall() {
             slot.stall_since = None;
             slot.tx_progress = false;
             return false;
@@ -1040,7 +1030,7 @@ mod tests {
         f.server.send(i, &[&error_frame(ErrorCode::Parse)]).unwrap();
         f.server.close_after_flush(i);
         assert!(f.server.slot(i).is_closing());
-        assert!(!f.server.slot(i).readable(), "no more input once closing");
+        assert!(!f.server.slot(i).has_input(), "no more input once closing");
         assert!(f.server.flush(i), "nothing left: close now");
         f.server.close(i);
         assert_eq!(

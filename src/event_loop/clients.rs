@@ -469,12 +469,7 @@ impl EventLoop {
             let slot = self.clients.bus.slot(i);
             // Asked only by a request that needs it (a subscribe): one
             // getsockopt, not one per publish.
-            let (known, fd) = (slot.known_pid(), slot.raw_fd());
-            let pid = move || {
-                known
-                    .or_else(|| fd.and_then(crate::sys::peer_pid))
-                    .unwrap_or(0)
-            };
+            let pid = || slot.peer_pid();
             let caller = Caller {
                 slot: i,
                 generation: slot.generation(),
