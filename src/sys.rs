@@ -190,3 +190,16 @@ pub fn peer_pid(fd: RawFd) -> Option<u32> {
     }
     u32::try_from(cred.pid).ok().filter(|&pid| pid > 0)
 }
+
+/// How many bytes the kernel holds unread on a connected socket
+/// (`FIONREAD`); 0 when it cannot tell.
+pub fn unread_bytes(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which is
+    // valid for writes; the result is checked.
+    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, std::ptr::addr_of_mut!(n)) };
+    if rc != 0 {
+        return 0;
+    }
+    usize::try_from(n).unwrap_or(0)
+}

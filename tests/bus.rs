@@ -362,7 +362,8 @@ fn a_full_client_table_refuses_new_connections_and_recovers() {
     extra.timeout(SECS(5));
     assert!(
         extra.closed(),
-        "the 101st connection should be closed at once"
+        "the 101st connection should be closed at once\n{}",
+        d.log()
     );
     assert!(
         d.wait_log("none idle; connection refused", SECS(2)),

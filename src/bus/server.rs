@@ -252,8 +252,10 @@ impl<S: Copy + Default> Slot<S> {
     }
 
     /// Whether the connection may be closed to make room: open, not
-    /// closing, nothing buffered either way, and `evictable` says its
-    /// state holds nothing (no request in progress, no subscription).
+    /// closing, nothing buffered either way, `evictable` says its state
+    /// holds nothing (no request in progress, no subscription), and the
+    /// kernel holds nothing unread: bytes that arrived since the last read
+    /// (their readiness event not yet served) are a request in progress.
     fn is_idle(&self, evictable: &impl Fn(S) -> bool) -> bool {
         self.is_open()
             && !self.close_after_flush
@@ -261,6 +263,10 @@ impl<S: Copy + Default> Slot<S> {
             && self.tx_len == 0
             && self.discard.is_none()
             && evictable(self.state)
+            && self
+                .stream
+                .as_ref()
+                .is_some_and(|s| crate::sys::unread_bytes(s.as_raw_fd()) == 0)
     }
 
     /// Who is at the other end.
@@ -1153,6 +1159,19 @@ mod tests {
         assert_eq!(j, i);
         assert_ne!(f.server.slot(j).generation(), first);
         assert_eq!(f.server.slot(j).state(), 0);
+    }
+
+    #[test]
+    fn a_connection_whose_bytes_are_not_yet_read_is_not_idle() {
+        // [bus-iso-3] Only a connection holding nothing may make room; bytes
+        // the kernel holds for it (their readiness event not yet served)
+        // are a request in progress.
+        let mut f = fixture("unread");
+        let (mut client, i) = f.connect();
+        assert!(f.server.slots[i].is_idle(&|_| true));
+        client.write_all(&[0x00]).unwrap();
+        assert!(!f.server.slots[i].is_idle(&|_| true));
+        assert!(!f.server.slots[i].is_idle(&|_| false));
     }
 
     #[test]
