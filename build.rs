@@ -91,6 +91,14 @@ const SETTINGS: &[(&str, &str, u64, u64, u64, &str)] = &[
         "unacknowledged QoS 1 PUBLISH packets per connection (AWS: 100)",
     ),
     (
+        "IOTCORED_PUBLISH_LANES",
+        "PUBLISH_LANES",
+        16,
+        16,
+        4_096,
+        "publishing processes with a lane of their own in the spool, served in turn; the rest share one more [bus-iso-5]",
+    ),
+    (
         "IOTCORED_PUBLISH_RATE",
         "PUBLISH_RATE",
         100,

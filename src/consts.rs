@@ -47,6 +47,10 @@ pub const MAX_INFLIGHT: usize = 4;
 
 /// Test value; see `build.rs` for the meaning.
 #[cfg(test)]
+pub const PUBLISH_LANES: usize = 3;
+
+/// Test value; see `build.rs` for the meaning.
+#[cfg(test)]
 pub const PUBLISH_RATE: usize = 100;
 
 /// Test value; see `build.rs` for the meaning.

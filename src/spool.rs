@@ -5,20 +5,33 @@
 //! region (its header by the codec's `PublishHeader`, then the payload), and
 //! the bus answers the client as soon as it is queued
 //! [iotcored-bus-publish-4.1]. The event loop then takes the packets out in
-//! order, as its rate limiter and the in-flight window allow, and writes them
-//! to TLS; that is the only copy between the bus and TLS.
+//! the order the lanes give (below), as its rate limiter and the in-flight
+//! window allow, and writes them to TLS; that is the only copy between the
+//! bus and TLS.
 //!
 //! Memory is fixed in `new`: a byte region of `capacity_bytes`, a metadata
-//! ring of `capacity_messages` entries and a bitmap of the publish packet ids;
-//! nothing allocates afterwards. The byte region is a ring and messages keep
+//! ring of `capacity_messages` entries, a bitmap of the publish packet ids
+//! and the lanes; nothing allocates afterwards. The byte region is a ring and messages keep
 //! push order in it, so one may straddle the region's end and is then handed
 //! out as two slices.
 //!
+//! Lanes [bus-iso-5]: each publishing process (by peer pid) waits in a lane
+//! of its own, `consts::PUBLISH_LANES` of them; the processes beyond share
+//! one more. Messages start one lane after another in turn, oldest first
+//! within a lane, so a process that publishes once a second is served
+//! within a message or two of arriving however long another's backlog is;
+//! order is kept per process, not across processes. A lane nobody waits in
+//! goes to the next process that needs one, unless the shared lane holds
+//! messages (one of them may be that process's, which must not be
+//! overtaken). A lane is a list through the metadata ring; the bytes stay
+//! where `push` wrote them.
+//!
 //! Capacity (core bus section 6, publish): QoS 0 and QoS 1 count together, in
-//! messages and in bytes. A message that does not fit evicts the oldest QoS 0
-//! messages still queued (never one already started, never a QoS 1), and only
-//! as many as it needs; if evicting all of them would not make room, nothing
-//! is evicted and the push is refused with `Busy`.
+//! messages and in bytes. A message that does not fit evicts queued QoS 0
+//! messages (never one already started, never a QoS 1), each the oldest of
+//! the longest lane that has one, so a flood pays for itself; only as many
+//! as it needs; if evicting all of them would not make room, nothing is
+//! evicted and the push is refused with `Busy`.
 //!
 //! Sending: a started message is written to its end before anything else (the
 //! write offset lives here, so a short TLS write resumes where it stopped). A
@@ -26,10 +39,11 @@
 //! half of the id space (`packet_id::PUBLISH`, 1..=32767; the router's
 //! SUBSCRIBEs use the other half), never one held by an unacknowledged
 //! message [MQTT-2.3.1-2]. After its last byte a QoS 0 is
-//! done and a QoS 1 is in flight until its PUBACK.
+//! done and a QoS 1 is in flight until its PUBACK. A lane whose oldest is a
+//! QoS 1 while the in-flight window is full lets the next lane go.
 //!
-//! Reconnect: `reset_inflight` puts every unacknowledged QoS 1 back in front
-//! of the newer messages, with DUP set and the same packet id [MQTT-4.4.0-1]
+//! Reconnect: `reset_inflight` puts every unacknowledged QoS 1 back at the
+//! front of its lane, with DUP set and the same packet id [MQTT-4.4.0-1]
 //! [MQTT-3.3.1-1]; a message cut off mid-write starts again from its first
 //! byte. Completed QoS 0 messages are never sent again.
 //!
@@ -38,17 +52,18 @@
 //! and resending it first on every reconnect would hold every later message
 //! for ever. So the QoS 1 messages left unacknowledged by a lost connection
 //! become *suspects* (`suspects` counts them; they are exactly the live
-//! entries holding a packet id, at the front of the queue): while any is
-//! left, a message starts only when nothing is in flight, so each suspect
-//! is the *probe* of its connection alone. A probe started (in part or
+//! entries holding a packet id, at the front of their lanes): while any is
+//! left, only they start, one at a time, when nothing is in flight, so each
+//! suspect is the *probe* of its connection alone. A probe started (in part or
 //! whole) and not acknowledged when its connection is lost gets a strike;
 //! `QUARANTINE_STRIKES` in a row and it is removed (`Quarantined`, counted
 //! in `Stats::quarantined`), never to be sent again. Its PUBACK clears its
 //! strikes. A single cut costs a probe one strike and nothing else; the
 //! first loss, with many messages in flight, strikes none, since which one
 //! was at fault is unknown. Once every suspect is acknowledged or
-//! quarantined, pipelining resumes. The cost on the per-message path is one
-//! flag test in `startable` and one compare when a QoS 1 is released.
+//! quarantined, pipelining and the newer messages resume. The cost on the
+//! per-message path is one flag test in `startable` and one compare when a
+//! QoS 1 is released.
 //!
 //! Holes and compaction: a message that is done (a sent QoS 0, an acked
 //! QoS 1) or evicted while an older one is still held leaves a hole. Holes
@@ -56,7 +71,7 @@
 //! push finds no room at the tail (or no free metadata slot) although the
 //! holes would make room does the spool compact: it rotates the region so the
 //! oldest message starts at offset 0, moves every live message down over the
-//! holes, and rebuilds the metadata ring. This is the one case where a
+//! holes, and rebuilds the metadata ring and the lanes' lists. This is the one case where a
 //! message's bytes move; a message in the middle of being written moves too,
 //! which is safe because its write offset is relative to its start. The cost
 //! is one pass over the region, paid at most once per push.
@@ -168,6 +183,9 @@ enum State {
     Dead,
 }
 
+/// The end of a lane's list.
+const NIL: usize = usize::MAX;
+
 /// One message's metadata. Entries are byte-adjacent in ring order: each
 /// starts where the previous one ends, holes included.
 #[derive(Clone, Copy, Debug)]
@@ -186,6 +204,11 @@ struct Entry {
     sent_before: bool,
     /// When `push` took it.
     queued_at: Instant,
+    /// The lane it waits in [bus-iso-5].
+    lane: usize,
+    /// The metadata slot of the next message waiting in the same lane, or
+    /// `NIL`; meaningful only while this one waits in its lane.
+    next: usize,
 }
 
 const EMPTY: Entry = Entry {
@@ -197,16 +220,46 @@ const EMPTY: Entry = Entry {
     packet_id: 0,
     sent_before: false,
     queued_at: Instant::from_millis(0),
+    lane: 0,
+    next: NIL,
+};
+
+/// One publishing process's share of the queue [bus-iso-5]: its messages
+/// waiting to be started, oldest first, as a list through `Entry::next`.
+#[derive(Clone, Copy, Debug)]
+struct Lane {
+    /// The process it belongs to; 0 for none yet, and always for the last
+    /// lane, which every other process shares.
+    pid: u32,
+    /// Metadata slots of its oldest and newest waiting message, or `NIL`.
+    first: usize,
+    last: usize,
+    /// Messages waiting in it and their bytes ("how long it is").
+    waiting: usize,
+    waiting_bytes: usize,
+    /// Of those, the QoS 0 ones (evictable) and their bytes.
+    qos0: usize,
+    qos0_bytes: usize,
+}
+
+const NO_LANE: Lane = Lane {
+    pid: 0,
+    first: NIL,
+    last: NIL,
+    waiting: 0,
+    waiting_bytes: 0,
+    qos0: 0,
+    qos0_bytes: 0,
 };
 
 /// The outgoing queue of encoded PUBLISH packets.
 ///
 /// Invariants (checked by the tests after every step): the `count` entries
 /// from `head` are byte-adjacent from `start` and their lengths sum to
-/// `span <= capacity_bytes`; the first and last entries are live; entries
-/// before `cursor` are in flight or dead, those from `cursor` on are queued
-/// or dead, and the entry at `cursor` is live; `current` means the entry at
-/// `cursor` was started and `written` bytes of it are out.
+/// `span <= capacity_bytes`; the first and last entries are live; every
+/// queued entry but the current one is in exactly one lane's list, and each
+/// list is in ring (push) order; `current` means the entry in slot `cur` was
+/// started, is queued, and `written` bytes of it are out.
 pub struct Spool {
     buf: Box<[u8]>,
     /// Offset of the first entry's first byte.
@@ -218,12 +271,16 @@ pub struct Spool {
     head: usize,
     /// Entries in the ring, dead ones included.
     count: usize,
-    /// Index (from the first entry) of the next message to write.
-    cursor: usize,
-    /// The message at `cursor` was started and must be finished first.
+    /// The started message must be finished before another starts.
     current: bool,
+    /// Its metadata slot.
+    cur: usize,
     /// Bytes of the current message already written.
     written: usize,
+    /// Publishing processes' lanes, the shared one last [bus-iso-5].
+    lanes: Box<[Lane]>,
+    /// The lane whose turn comes next.
+    turn: usize,
     /// Live (queued or in-flight) messages and their bytes.
     live: usize,
     live_bytes: usize,
@@ -232,7 +289,7 @@ pub struct Spool {
     ids: Box<[u64]>,
     next_id: u16,
     /// QoS 1 messages unacknowledged at the last loss and still live; while
-    /// non-zero, nothing starts while anything is in flight.
+    /// non-zero, only they start, and only while nothing is in flight.
     suspects: usize,
     /// The packet id of the suspect with strikes (0: none), and how many.
     struck_id: u16,
@@ -260,8 +317,9 @@ impl fmt::Debug for Spool {
 }
 
 impl Spool {
-    /// An empty spool; the only allocations it ever makes happen here. A zero
-    /// capacity makes a spool that refuses every push.
+    /// An empty spool with `consts::PUBLISH_LANES` lanes and a shared one;
+    /// the only allocations it ever makes happen here. A zero capacity makes
+    /// a spool that refuses every push.
     pub fn new(capacity_bytes: usize, capacity_messages: usize) -> Spool {
         Spool {
             buf: vec![0; capacity_bytes].into_boxed_slice(),
@@ -270,9 +328,11 @@ impl Spool {
             meta: vec![EMPTY; capacity_messages].into_boxed_slice(),
             head: 0,
             count: 0,
-            cursor: 0,
             current: false,
+            cur: 0,
             written: 0,
+            lanes: vec![NO_LANE; consts::PUBLISH_LANES + 1].into_boxed_slice(),
+            turn: 0,
             live: 0,
             live_bytes: 0,
             inflight: 0,
@@ -333,12 +393,14 @@ impl Spool {
         self.suspects == 0 && self.inflight == 0 && !self.current
     }
 
-    /// Encodes a PUBLISH into the spool, evicting the oldest queued QoS 0
-    /// messages if that is what it takes to fit. The topic and payload are
-    /// the caller's to validate.
+    /// Encodes a PUBLISH from process `pid` (0: unknown) into the spool, in
+    /// that process's lane, evicting queued QoS 0 messages from the longest
+    /// lanes if that is what it takes to fit. The topic and payload are the
+    /// caller's to validate.
     pub fn push(
         &mut self,
         now: Instant,
+        pid: u32,
         topic: &str,
         payload: &[u8],
         qos: QoS,
@@ -357,26 +419,23 @@ impl Spool {
         // Cannot overflow: the packet is at most MAX_REMAINING_LEN + 5 bytes.
         let len = header_len + payload.len();
 
-        let evict = match self.plan_eviction(len) {
-            Some(n) => n,
-            None => {
-                self.stats.busy += 1;
-                return Err(PushError::Busy);
-            }
+        let Some(evicted) = self.make_room(len) else {
+            self.stats.busy += 1;
+            return Err(PushError::Busy);
         };
-        self.evict_oldest_qos0(evict);
         if self.count >= self.meta.len() || self.span + len > self.buf.len() {
             self.compact();
         }
 
-        // Room is certain now: the plan left live_bytes + len <= capacity and
-        // live + 1 <= slots, and compaction makes span == live_bytes and
+        // Room is certain now: `make_room` left live_bytes + len <= capacity
+        // and live + 1 <= slots, and compaction makes span == live_bytes and
         // count == live.
         let off = self.wrap(self.start + self.span);
         self.put_header(off, &header);
         self.put(self.wrap(off + header_len), payload);
         let id_at = header.packet_id_at().unwrap_or(0);
 
+        let lane = self.lane_of(pid);
         let slot = self.slot(self.count);
         self.meta[slot] = Entry {
             off,
@@ -387,13 +446,16 @@ impl Spool {
             packet_id: 0,
             sent_before: false,
             queued_at: now,
+            lane,
+            next: NIL,
         };
         self.count += 1;
         self.span += len;
         self.live += 1;
         self.live_bytes += len;
         self.stats.published += 1;
-        Ok(Pushed { evicted: evict })
+        self.enqueue(slot);
+        Ok(Pushed { evicted })
     }
 
     /// The length of the message that `next(inflight_limit, true)` would
@@ -401,31 +463,41 @@ impl Spool {
     /// message is unfinished (`next` continues it regardless) or when nothing
     /// may start.
     pub fn peek_next_len(&self, inflight_limit: usize) -> Option<usize> {
-        self.startable(inflight_limit).map(|e| e.len)
+        let lane = self.startable(inflight_limit)?;
+        Some(self.meta[self.lanes[lane].first].len)
     }
 
     /// The bytes to write next: the rest of the started message, or else, if
-    /// `may_start` and the in-flight window has room for a QoS 1, the next
-    /// queued message, which this call starts (assigning a QoS 1 its packet
-    /// id). Report what was written with `advance`.
+    /// `may_start`, the oldest message of the next lane in turn that may
+    /// start (a QoS 1 only while the in-flight window has room), which this
+    /// call starts (assigning a QoS 1 its packet id). Report what was
+    /// written with `advance`.
     pub fn next(&mut self, inflight_limit: usize, may_start: bool) -> Option<Outgoing<'_>> {
         let started = !self.current;
         if started {
             if !may_start {
                 return None;
             }
-            let e = *self.startable(inflight_limit)?;
+            let lane = self.startable(inflight_limit)?;
+            let slot = self.lanes[lane].first;
+            let e = self.meta[slot];
             if e.qos == QoS::AtLeastOnce && e.packet_id == 0 {
                 let id = self.take_id()?;
                 let at = self.wrap(e.off + e.id_at);
                 self.put(at, &id.to_be_bytes());
-                let slot = self.slot(self.cursor);
                 self.meta[slot].packet_id = id;
             }
+            self.dequeue(lane);
+            self.turn = if lane + 1 == self.lanes.len() {
+                0
+            } else {
+                lane + 1
+            };
             self.current = true;
+            self.cur = slot;
             self.written = 0;
         }
-        let e = *self.entry(self.cursor);
+        let e = self.meta[self.cur];
         let pos = self.wrap(e.off + self.written);
         let rest = e.len.saturating_sub(self.written);
         let first_len = rest.min(self.buf.len() - pos);
@@ -447,8 +519,8 @@ impl Spool {
         if !self.current {
             return false;
         }
-        let i = self.cursor;
-        let e = *self.entry(i);
+        let slot = self.cur;
+        let e = self.meta[slot];
         self.written = self.written.saturating_add(n).min(e.len);
         if self.written < e.len {
             return false;
@@ -461,15 +533,13 @@ impl Spool {
             self.stats.sent += 1;
         }
         match e.qos {
-            QoS::AtMostOnce => self.kill(i),
+            QoS::AtMostOnce => self.kill(slot),
             QoS::AtLeastOnce => {
-                let slot = self.slot(i);
                 self.meta[slot].state = State::Inflight;
                 self.meta[slot].sent_before = true;
                 self.inflight += 1;
             }
         }
-        self.cursor += 1;
         self.settle();
         true
     }
@@ -481,10 +551,12 @@ impl Spool {
         if !IDS.contains(packet_id) || !self.id_held(packet_id) {
             return false;
         }
-        for i in 0..self.cursor {
-            let e = self.entry(i);
+        // Messages in flight are mostly the oldest: search from the front.
+        for i in 0..self.count {
+            let slot = self.slot(i);
+            let e = self.meta[slot];
             if e.state == State::Inflight && e.packet_id == packet_id {
-                self.kill(i);
+                self.kill(slot);
                 self.inflight -= 1;
                 self.stats.acked += 1;
                 self.settle();
@@ -494,39 +566,35 @@ impl Spool {
         false
     }
 
-    /// The connection dropped: every unacknowledged QoS 1 goes back in front
-    /// of the queue with DUP set and its packet id kept [MQTT-4.4.0-1], and a
-    /// message cut off mid-write starts again from its first byte. They are
-    /// the suspects resent one at a time from now on; the probe of the
-    /// connection that ended gets a strike, and is returned, removed, at its
+    /// The connection dropped: every unacknowledged QoS 1 goes back to the
+    /// front of its lane with DUP set and its packet id kept
+    /// [MQTT-4.4.0-1], and a message cut off mid-write starts again from its
+    /// first byte. They are the suspects, resent one at a time before
+    /// anything else from now on; the probe of the connection that ended
+    /// gets a strike, and is returned, removed, at its
     /// `QUARANTINE_STRIKES`th [bus-iso-2].
     pub fn reset_inflight(&mut self) -> Option<Quarantined> {
         let quarantined = self.strike_probe();
-        // Entries after the cursor are queued already; any that hold an id
-        // got DUP at an earlier reset.
-        let end = self.count.min(self.cursor + 1);
-        for i in 0..end {
-            let e = *self.entry(i);
+        self.suspects = 0;
+        for i in 0..self.count {
+            let slot = self.slot(i);
+            let e = self.meta[slot];
             if e.state != State::Dead && e.packet_id != 0 {
-                let slot = self.slot(i);
+                // Messages still waiting in their lane that hold an id got
+                // DUP at an earlier reset.
                 self.meta[slot].state = State::Queued;
                 let last = self.buf.len().min(e.off + e.len);
                 if let Some(bytes) = self.buf.get_mut(e.off..last) {
                     packet::set_dup(bytes);
                 }
+                self.suspects += 1;
             }
         }
         self.inflight = 0;
         self.current = false;
         self.written = 0;
-        self.cursor = 0;
         self.settle();
-        // Started messages form a prefix of the queue; those still live
-        // with an id are the unacknowledged QoS 1.
-        self.suspects = (0..self.count)
-            .map(|i| self.entry(i))
-            .filter(|e| e.state != State::Dead && e.packet_id != 0)
-            .count();
+        self.rebuild_lanes();
         if self.suspects == 0 {
             self.struck_id = 0;
             self.strikes = 0;
@@ -541,12 +609,11 @@ impl Spool {
         if self.suspects == 0 {
             return None;
         }
-        let end = self.count.min(self.cursor + 1);
-        let i = (0..end).find(|&i| {
-            let e = self.entry(i);
-            e.packet_id != 0 && (e.state == State::Inflight || (self.current && i == self.cursor))
+        let slot = (0..self.count).map(|i| self.slot(i)).find(|&slot| {
+            let e = &self.meta[slot];
+            e.packet_id != 0 && (e.state == State::Inflight || (self.current && slot == self.cur))
         })?;
-        let e = *self.entry(i);
+        let e = self.meta[slot];
         if self.struck_id == e.packet_id {
             self.strikes = self.strikes.saturating_add(1);
         } else {
@@ -566,7 +633,7 @@ impl Spool {
             self.current = false;
             self.written = 0;
         }
-        self.kill(i);
+        self.kill(slot);
         self.stats.quarantined += 1;
         Some(q)
     }
@@ -596,67 +663,186 @@ impl Spool {
         topic
     }
 
-    /// The entry `next` would start, if it may start now.
-    fn startable(&self, inflight_limit: usize) -> Option<&Entry> {
-        if self.current || self.cursor >= self.count {
+    /// The lane whose oldest message `next` would start now: the first, in
+    /// turn from `turn`, whose oldest message may start [bus-iso-5].
+    fn startable(&self, inflight_limit: usize) -> Option<usize> {
+        if self.current {
             return None;
         }
-        // Probing [bus-iso-2]: one message at a time, whatever its QoS.
+        // Probing [bus-iso-2]: one message at a time, suspects first.
         if self.suspects > 0 && self.inflight > 0 {
             return None;
         }
-        let e = self.entry(self.cursor);
         let limit = inflight_limit.min(IDS.size());
-        if e.qos == QoS::AtLeastOnce && self.inflight >= limit {
-            return None;
-        }
-        Some(e)
+        let n = self.lanes.len();
+        (0..n)
+            .map(|k| {
+                let l = self.turn + k;
+                l.checked_sub(n).unwrap_or(l)
+            })
+            .find(|&l| {
+                let slot = self.lanes[l].first;
+                let Some(e) = self.meta.get(slot) else {
+                    return false; // NIL: nothing waits in this lane
+                };
+                (self.suspects == 0 || e.packet_id != 0)
+                    && (e.qos == QoS::AtMostOnce || self.inflight < limit)
+            })
     }
 
-    /// How many of the oldest evictable messages must go for a packet of
-    /// `len` bytes to fit; `None` if it cannot fit at all.
-    fn plan_eviction(&self, len: usize) -> Option<usize> {
+    /// The lane of process `pid`: its own if it has one, else a dedicated
+    /// lane nobody is waiting in, else the shared one. A process whose
+    /// messages may wait in the shared lane gets no lane of its own until
+    /// that lane is empty, so its messages keep their order.
+    fn lane_of(&mut self, pid: u32) -> usize {
+        let shared = self.lanes.len() - 1;
+        if pid == 0 {
+            return shared;
+        }
+        let own = &self.lanes[..shared];
+        if let Some(l) = own.iter().position(|l| l.pid == pid) {
+            return l;
+        }
+        if self.lanes[shared].waiting > 0 {
+            return shared;
+        }
+        match own.iter().position(|l| l.waiting == 0) {
+            Some(l) => {
+                self.lanes[l].pid = pid;
+                l
+            }
+            None => shared,
+        }
+    }
+
+    /// Appends the queued entry in `slot` to its lane.
+    fn enqueue(&mut self, slot: usize) {
+        let e = self.meta[slot];
+        let lane = &mut self.lanes[e.lane];
+        let last = lane.last;
+        lane.last = slot;
+        if last == NIL {
+            lane.first = slot;
+        }
+        lane.waiting += 1;
+        lane.waiting_bytes += e.len;
+        if e.qos == QoS::AtMostOnce {
+            lane.qos0 += 1;
+            lane.qos0_bytes += e.len;
+        }
+        if let Some(prev) = self.meta.get_mut(last) {
+            prev.next = slot;
+        }
+        self.meta[slot].next = NIL;
+    }
+
+    /// Takes the oldest entry out of lane `l` (which has one).
+    fn dequeue(&mut self, l: usize) {
+        let slot = self.lanes[l].first;
+        self.unlink(l, NIL, slot);
+    }
+
+    /// Takes the entry in `slot`, which follows `prev` (`NIL`: first), out
+    /// of lane `l`.
+    fn unlink(&mut self, l: usize, prev: usize, slot: usize) {
+        let e = self.meta[slot];
+        let lane = &mut self.lanes[l];
+        if prev == NIL {
+            lane.first = e.next;
+        }
+        if lane.last == slot {
+            lane.last = prev;
+        }
+        lane.waiting -= 1;
+        lane.waiting_bytes -= e.len;
+        if e.qos == QoS::AtMostOnce {
+            lane.qos0 -= 1;
+            lane.qos0_bytes -= e.len;
+        }
+        if let Some(p) = self.meta.get_mut(prev) {
+            p.next = e.next;
+        }
+        self.meta[slot].next = NIL;
+    }
+
+    /// Empties every lane's list (keeping whose it is) and puts the queued
+    /// entries back in ring order: after a reset or a compaction.
+    fn rebuild_lanes(&mut self) {
+        for lane in self.lanes.iter_mut() {
+            *lane = Lane {
+                pid: lane.pid,
+                ..NO_LANE
+            };
+        }
+        for i in 0..self.count {
+            let slot = self.slot(i);
+            let waits =
+                self.meta[slot].state == State::Queued && !(self.current && slot == self.cur);
+            if waits {
+                self.enqueue(slot);
+            }
+        }
+    }
+
+    /// Makes room for a packet of `len` bytes by evicting queued QoS 0
+    /// messages, each the oldest of the longest lane that has one
+    /// [bus-iso-5]; returns how many. `None`, and nothing is evicted, if
+    /// evicting all of them would not make room.
+    fn make_room(&mut self, len: usize) -> Option<usize> {
         if len > self.buf.len() {
             return None;
         }
         let need_msgs = (self.live + 1).saturating_sub(self.meta.len());
         let need_bytes = (self.live_bytes + len).saturating_sub(self.buf.len());
-        let (mut msgs, mut bytes) = (0, 0);
-        // Queued messages all sit at or after the cursor.
-        for i in self.cursor..self.count {
-            if msgs >= need_msgs && bytes >= need_bytes {
-                break;
-            }
-            let e = self.entry(i);
-            if self.evictable(i, e) {
-                msgs += 1;
-                bytes += e.len;
-            }
+        if need_msgs == 0 && need_bytes == 0 {
+            return Some(0);
         }
-        (msgs >= need_msgs && bytes >= need_bytes).then_some(msgs)
-    }
-
-    fn evictable(&self, i: usize, e: &Entry) -> bool {
-        e.qos == QoS::AtMostOnce && e.state == State::Queued && !(self.current && i == self.cursor)
-    }
-
-    fn evict_oldest_qos0(&mut self, n: usize) {
-        let mut left = n;
-        let mut i = self.cursor;
-        while left > 0 && i < self.count {
-            if self.evictable(i, self.entry(i)) {
-                self.kill(i);
-                self.stats.evicted += 1;
-                left -= 1;
-            }
-            i += 1;
+        let (msgs, bytes) = self
+            .lanes
+            .iter()
+            .fold((0, 0), |(m, b), l| (m + l.qos0, b + l.qos0_bytes));
+        if msgs < need_msgs || bytes < need_bytes {
+            return None;
+        }
+        let (mut msgs, mut bytes) = (0, 0);
+        while msgs < need_msgs || bytes < need_bytes {
+            // Some lane has a QoS 0 left: the totals above cover the need.
+            let Some(l) = (0..self.lanes.len())
+                .filter(|&l| self.lanes[l].qos0 > 0)
+                .max_by_key(|&l| {
+                    let lane = &self.lanes[l];
+                    (lane.waiting, lane.waiting_bytes, core::cmp::Reverse(l))
+                })
+            else {
+                break;
+            };
+            bytes += self.evict_oldest_qos0(l);
+            msgs += 1;
         }
         self.settle();
+        Some(msgs)
     }
 
-    /// Marks entry `i` dead and releases what it held, except its bytes.
-    fn kill(&mut self, i: usize) {
-        let slot = self.slot(i);
+    /// Evicts the oldest QoS 0 waiting in lane `l` (which has one); returns
+    /// its length.
+    fn evict_oldest_qos0(&mut self, l: usize) -> usize {
+        let (mut prev, mut slot) = (NIL, self.lanes[l].first);
+        while let Some(e) = self.meta.get(slot) {
+            if e.qos == QoS::AtMostOnce {
+                let len = e.len;
+                self.unlink(l, prev, slot);
+                self.kill(slot);
+                self.stats.evicted += 1;
+                return len;
+            }
+            (prev, slot) = (slot, e.next);
+        }
+        0
+    }
+
+    /// Marks the entry in `slot` dead and releases what it held, except its
+    /// bytes. The caller took it out of its lane first.
+    fn kill(&mut self, slot: usize) {
         let e = self.meta[slot];
         self.meta[slot].state = State::Dead;
         self.live -= 1;
@@ -672,8 +858,7 @@ impl Spool {
         }
     }
 
-    /// Reclaims dead entries at both ends and moves the cursor onto a live
-    /// entry.
+    /// Reclaims dead entries at both ends.
     fn settle(&mut self) {
         while self.count > 0 && self.entry(0).state == State::Dead {
             let len = self.entry(0).len;
@@ -681,32 +866,29 @@ impl Spool {
             self.count -= 1;
             self.start = self.wrap(self.start + len);
             self.span -= len;
-            self.cursor = self.cursor.saturating_sub(1);
         }
         while self.count > 0 && self.entry(self.count - 1).state == State::Dead {
             self.span -= self.entry(self.count - 1).len;
             self.count -= 1;
         }
-        self.cursor = self.cursor.min(self.count);
-        while self.cursor < self.count && self.entry(self.cursor).state == State::Dead {
-            self.cursor += 1;
-        }
     }
 
     /// Moves every live message down over the holes so that they sit packed
-    /// from offset 0, and the live entries from slot 0.
+    /// from offset 0, and the live entries from slot 0; the lanes' lists
+    /// are made anew.
     fn compact(&mut self) {
         self.compactions += 1;
         self.buf.rotate_left(self.start);
         self.meta.rotate_left(self.head);
-        let (mut from, mut to, mut kept, mut cursor) = (0, 0, 0, 0);
+        let old_cur = self.slot_index(self.cur);
+        let (mut from, mut to, mut kept) = (0, 0, 0);
         for i in 0..self.count {
             let e = self.meta[i];
             if e.state != State::Dead {
                 self.buf.copy_within(from..from + e.len, to);
                 self.meta[kept] = Entry { off: to, ..e };
-                if i < self.cursor {
-                    cursor += 1;
+                if self.current && i == old_cur {
+                    self.cur = kept;
                 }
                 kept += 1;
                 to += e.len;
@@ -717,7 +899,12 @@ impl Spool {
         self.span = to;
         self.head = 0;
         self.count = kept;
-        self.cursor = cursor;
+        self.rebuild_lanes();
+    }
+
+    /// The index (from the first entry) of the entry in `slot`.
+    fn slot_index(&self, slot: usize) -> usize {
+        (slot + self.meta.len() - self.head) % self.meta.len().max(1)
     }
 
     /// Writes `bytes` into the ring at `pos`, wrapping; returns the position
@@ -799,22 +986,23 @@ mod tests {
         let cap = s.buf.len();
         assert!(s.count <= s.meta.len());
         assert!(s.span <= cap);
-        assert!(s.cursor <= s.count);
         let (mut pos, mut sum, mut live, mut bytes, mut inflight) = (s.start, 0, 0, 0, 0);
         let mut held = [0u64; ID_WORDS];
+        // Per lane: the queued entries (not the current one) in ring order.
+        let mut want: Vec<Vec<usize>> = vec![Vec::new(); s.lanes.len()];
         for i in 0..s.count {
+            let slot = s.slot(i);
             let e = s.entry(i);
             assert_eq!(e.off, pos, "entry {i} is not adjacent to the previous one");
             assert!(e.len > 0);
+            assert!(e.lane < s.lanes.len());
             pos = s.wrap(pos + e.len);
             sum += e.len;
             match e.state {
                 State::Dead => {}
-                State::Inflight => {
-                    assert!(i < s.cursor, "entry {i} in flight after the cursor");
-                    inflight += 1;
-                }
-                State::Queued => assert!(i >= s.cursor, "entry {i} queued before the cursor"),
+                State::Inflight => inflight += 1,
+                State::Queued if s.current && slot == s.cur => {}
+                State::Queued => want[e.lane].push(slot),
             }
             if e.state != State::Dead {
                 live += 1;
@@ -827,13 +1015,36 @@ mod tests {
                 }
             }
         }
+        for (l, lane) in s.lanes.iter().enumerate() {
+            let mut got = Vec::new();
+            let mut slot = lane.first;
+            while slot != NIL {
+                assert!(got.len() <= s.count, "lane {l} loops");
+                got.push(slot);
+                slot = s.meta[slot].next;
+            }
+            assert_eq!(
+                got, want[l],
+                "lane {l}: its list is its queued entries in ring order"
+            );
+            assert_eq!(lane.last, got.last().copied().unwrap_or(NIL));
+            let of = |q: Option<QoS>| {
+                let es = got.iter().map(|&i| s.meta[i]);
+                let es: Vec<_> = es.filter(|e| q.map_or(true, |q| e.qos == q)).collect();
+                (es.len(), es.iter().map(|e| e.len).sum::<usize>())
+            };
+            assert_eq!((lane.waiting, lane.waiting_bytes), of(None), "lane {l}");
+            assert_eq!((lane.qos0, lane.qos0_bytes), of(Some(Q0)), "lane {l}");
+        }
+        assert_eq!(
+            s.lanes[s.lanes.len() - 1].pid,
+            0,
+            "the shared lane is nobody's"
+        );
         assert_eq!(sum, s.span);
         if s.count > 0 {
             assert_ne!(s.entry(0).state, State::Dead);
             assert_ne!(s.entry(s.count - 1).state, State::Dead);
-        }
-        if s.cursor < s.count {
-            assert_ne!(s.entry(s.cursor).state, State::Dead);
         }
         assert_eq!((live, bytes, inflight), (s.live, s.live_bytes, s.inflight));
         assert_eq!(&held[..], &s.ids[..], "packet id bitmap");
@@ -845,8 +1056,10 @@ mod tests {
             assert_eq!((s.struck_id, s.strikes), (0, 0));
         }
         if s.current {
-            assert!(s.cursor < s.count);
-            assert!(s.written < s.entry(s.cursor).len);
+            let e = &s.meta[s.cur];
+            assert_eq!(e.state, State::Queued, "the current message is live");
+            assert!((0..s.count).any(|i| s.slot(i) == s.cur));
+            assert!(s.written < e.len);
         } else {
             assert_eq!(s.written, 0);
         }
@@ -900,7 +1113,7 @@ mod tests {
     }
 
     fn push(s: &mut Spool, topic: &str, payload: &[u8], qos: QoS) -> Result<Pushed, PushError> {
-        let r = s.push(Instant::default(), topic, payload, qos, false);
+        let r = s.push(Instant::default(), 1, topic, payload, qos, false);
         check(s);
         r
     }
@@ -915,10 +1128,11 @@ mod tests {
     #[test]
     fn pushed_qos0_and_qos1_messages_encode_as_publishes_with_the_assigned_id() {
         let mut s = Spool::new(1024, 4);
-        s.push(Instant::default(), "a/b", b"zero", Q0, true)
+        s.push(Instant::default(), 1, "a/b", b"zero", Q0, true)
             .unwrap();
         s.push(
             Instant::default(),
+            1,
             "$aws/things/t/shadow/update",
             b"{\"one\":1}",
             Q1,
@@ -926,7 +1140,7 @@ mod tests {
         )
         .unwrap();
         let big = vec![0xA5; 300]; // two-byte remaining length
-        s.push(Instant::default(), "c", &big, Q1, true).unwrap();
+        s.push(Instant::default(), 1, "c", &big, Q1, true).unwrap();
         check(&s);
         assert_eq!(s.len(), 3);
 
@@ -1352,8 +1566,8 @@ mod tests {
         let mut s = Spool::new(1024, 16);
         let t = Instant::from_millis;
         assert_eq!(s.oldest_age(t(5_000)), Duration::ZERO);
-        s.push(t(1_000), "t", b"a", Q0, false).unwrap();
-        s.push(t(2_000), "t", b"b", Q1, false).unwrap();
+        s.push(t(1_000), 1, "t", b"a", Q0, false).unwrap();
+        s.push(t(2_000), 1, "t", b"b", Q1, false).unwrap();
         assert_eq!(s.oldest_age(t(5_000)), Duration::from_millis(4_000));
         // Sent, the QoS 0 is gone; the QoS 1 waits for its PUBACK.
         send_all(&mut s, 4);
@@ -1409,18 +1623,19 @@ mod tests {
         let mut s = Spool::new(1024, 16);
         let topic = "a".repeat(65_536);
         assert_eq!(
-            s.push(Instant::default(), &topic, b"", Q0, false),
+            s.push(Instant::default(), 1, &topic, b"", Q0, false),
             Err(PushError::TooLong)
         );
         // Zeroed allocations are lazy; the push refuses before reading it.
         let payload = vec![0u8; MAX_REMAINING_LEN];
         assert_eq!(
-            s.push(Instant::default(), "t", &payload, Q1, false),
+            s.push(Instant::default(), 1, "t", &payload, Q1, false),
             Err(PushError::TooLong)
         );
         assert_eq!(
             s.push(
                 Instant::default(),
+                1,
                 "t",
                 &payload[..MAX_REMAINING_LEN - 3],
                 Q0,
@@ -1447,7 +1662,7 @@ mod tests {
         for (bytes, msgs) in [(0, 0), (0, 4), (1024, 0), (3, 3)] {
             let mut s = Spool::new(bytes, msgs);
             assert_eq!(
-                s.push(Instant::default(), "t", b"", Q0, false),
+                s.push(Instant::default(), 1, "t", b"", Q0, false),
                 Err(PushError::Busy)
             );
             assert!(s.next(4, true).is_none());
@@ -1625,6 +1840,164 @@ mod tests {
         assert_eq!(s.inflight(), 0);
     }
 
+    // ---- lanes [bus-iso-5] -------------------------------------------------
+
+    /// Pushes a message from process `pid` whose payload names it.
+    fn push_from(s: &mut Spool, pid: u32, payload: &str, qos: QoS) -> Result<Pushed, PushError> {
+        let r = s.push(Instant::default(), pid, "t", payload.as_bytes(), qos, false);
+        check(s);
+        r
+    }
+
+    fn sent_payloads(s: &mut Spool, limit: usize) -> Vec<String> {
+        payloads(&send_all(s, limit))
+            .into_iter()
+            .map(|p| String::from_utf8(p).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn processes_are_served_in_turn_and_each_in_its_own_order() {
+        let mut s = Spool::new(4096, 16);
+        for i in 1..=6 {
+            push_from(&mut s, 100, &format!("flood{i}"), Q0).unwrap();
+        }
+        push_from(&mut s, 200, "quiet1", Q0).unwrap();
+        push_from(&mut s, 200, "quiet2", Q1).unwrap();
+        assert_eq!(
+            sent_payloads(&mut s, 10),
+            ["flood1", "quiet1", "flood2", "quiet2", "flood3", "flood4", "flood5", "flood6"]
+        );
+    }
+
+    #[test]
+    fn a_message_pushed_behind_a_flood_is_next_but_one() {
+        // The quiet process's message does not wait for the flood ahead of
+        // it: at 100 messages a second it leaves within a second.
+        let mut s = Spool::new(16_384, 16);
+        for i in 0..12 {
+            push_from(&mut s, 100, &format!("f{i}"), Q0).unwrap();
+        }
+        send(&mut s, 10).unwrap(); // the flood's lane just had its turn
+        push_from(&mut s, 200, "quiet", Q0).unwrap();
+        assert_eq!(sent_payloads(&mut s, 10)[..2], ["quiet", "f1"]);
+    }
+
+    #[test]
+    fn a_qos1_held_by_the_inflight_window_lets_another_lanes_qos0_go() {
+        let mut s = Spool::new(4096, 16);
+        push_from(&mut s, 100, "a1", Q1).unwrap();
+        push_from(&mut s, 100, "a2", Q1).unwrap();
+        push_from(&mut s, 200, "b1", Q0).unwrap();
+        push_from(&mut s, 200, "b2", Q0).unwrap();
+        // A window of one: a1 goes, a2 must wait for its PUBACK.
+        assert_eq!(sent_payloads(&mut s, 1), ["a1", "b1", "b2"]);
+        assert!(s.ack(1));
+        assert_eq!(sent_payloads(&mut s, 1), ["a2"]);
+    }
+
+    #[test]
+    fn a_full_spool_evicts_the_oldest_qos0_of_the_longest_lane() {
+        let mut s = Spool::new(16_384, 8);
+        push_from(&mut s, 200, "quiet1", Q0).unwrap();
+        for i in 1..=6 {
+            push_from(&mut s, 100, &format!("flood{i}"), Q0).unwrap();
+        }
+        push_from(&mut s, 200, "quiet2", Q0).unwrap();
+        // Full. Whoever pushes, the flood pays, oldest first.
+        assert_eq!(
+            push_from(&mut s, 200, "quiet3", Q0),
+            Ok(Pushed { evicted: 1 })
+        );
+        assert_eq!(
+            push_from(&mut s, 100, "flood7", Q0),
+            Ok(Pushed { evicted: 1 })
+        );
+        assert_eq!(s.stats().evicted, 2);
+        assert_eq!(
+            sent_payloads(&mut s, 10),
+            ["quiet1", "flood3", "quiet2", "flood4", "quiet3", "flood5", "flood6", "flood7"]
+        );
+    }
+
+    #[test]
+    fn the_longest_lane_without_a_qos0_is_passed_over_for_eviction() {
+        let mut s = Spool::new(16_384, 6);
+        for i in 1..=4 {
+            push_from(&mut s, 100, &format!("q1-{i}"), Q1).unwrap();
+        }
+        push_from(&mut s, 200, "b1", Q0).unwrap();
+        push_from(&mut s, 200, "b2", Q0).unwrap();
+        assert_eq!(
+            push_from(&mut s, 100, "q1-5", Q1),
+            Ok(Pushed { evicted: 1 })
+        );
+        let sent = sent_payloads(&mut s, 10);
+        assert!(!sent.contains(&"b1".to_owned()), "{sent:?}");
+        assert!(sent.contains(&"b2".to_owned()), "{sent:?}");
+    }
+
+    #[test]
+    fn processes_beyond_the_lanes_share_the_last_one_in_order() {
+        // consts::PUBLISH_LANES is 3 in unit tests.
+        let mut s = Spool::new(16_384, 16);
+        for pid in 1..=5 {
+            push_from(&mut s, pid, &format!("p{pid}a"), Q0).unwrap();
+        }
+        push_from(&mut s, 5, "p5b", Q0).unwrap();
+        push_from(&mut s, 4, "p4b", Q0).unwrap();
+        assert_eq!(s.lanes[3].waiting, 4, "p4 and p5 share the last lane");
+        // A message whose pid is unknown waits in the shared lane too.
+        push_from(&mut s, 0, "nobody", Q0).unwrap();
+        assert_eq!(
+            sent_payloads(&mut s, 10),
+            ["p1a", "p2a", "p3a", "p4a", "p5a", "p5b", "p4b", "nobody"]
+        );
+        // Lanes nobody waits in are given to whoever comes next.
+        for pid in 6..=8 {
+            push_from(&mut s, pid, &format!("p{pid}"), Q0).unwrap();
+        }
+        assert_eq!(
+            s.lanes.iter().map(|l| l.pid).collect::<Vec<_>>(),
+            [6, 7, 8, 0]
+        );
+    }
+
+    #[test]
+    fn a_process_in_the_shared_lane_gets_no_lane_of_its_own_until_it_empties() {
+        let mut s = Spool::new(16_384, 16);
+        for pid in 1..=3 {
+            push_from(&mut s, pid, "x", Q0).unwrap();
+        }
+        push_from(&mut s, 4, "p4-1", Q0).unwrap(); // shared
+        send(&mut s, 10).unwrap(); // lane 0 (pid 1) is free now
+        push_from(&mut s, 4, "p4-2", Q0).unwrap();
+        assert_eq!(s.lanes[3].waiting, 2, "p4's messages stay together");
+        let sent = sent_payloads(&mut s, 10);
+        let p4: Vec<_> = sent.iter().filter(|p| p.starts_with("p4")).collect();
+        assert_eq!(p4, ["p4-1", "p4-2"]);
+    }
+
+    #[test]
+    fn unacknowledged_messages_of_every_lane_are_resent_before_anything_new() {
+        let mut s = Spool::new(16_384, 16);
+        push_from(&mut s, 100, "a1", Q1).unwrap();
+        push_from(&mut s, 200, "b1", Q1).unwrap();
+        assert_eq!(sent_payloads(&mut s, 10), ["a1", "b1"]);
+        push_from(&mut s, 100, "a2", Q0).unwrap();
+        push_from(&mut s, 200, "b2", Q0).unwrap();
+        assert_eq!(s.reset_inflight(), None);
+        // One at a time while probing [bus-iso-2], then the rest in turn.
+        let resent = send_all(&mut s, 10);
+        assert_eq!(payloads(&resent), [b"a1".to_vec()]);
+        assert!(publish_of(&resent[0]).dup);
+        assert!(s.ack(1));
+        assert_eq!(sent_payloads(&mut s, 10), ["b1"]);
+        assert!(s.ack(2));
+        let rest = sent_payloads(&mut s, 10);
+        assert_eq!(rest.len(), 2, "{rest:?}");
+    }
+
     // ---- model -------------------------------------------------------------
 
     use crate::test_rng::XorShift;
@@ -1636,6 +2009,8 @@ mod tests {
     }
 
     struct Msg {
+        serial: u32,
+        lane: usize,
         topic: String,
         payload: Vec<u8>,
         qos: QoS,
@@ -1664,17 +2039,22 @@ mod tests {
         }
     }
 
-    /// The spool's rules over a plain deque of live messages: no ring, no
-    /// holes, no compaction.
+    /// The spool's rules over a plain deque of live messages in push order:
+    /// no ring, no holes, no compaction, no lists; a lane is a number on
+    /// each message and its queue is found by looking.
     struct Model {
         q: VecDeque<Msg>,
-        current: bool,
+        /// The started message's serial.
+        current: Option<u32>,
         written: usize,
         next_id: u16,
         stats: Stats,
         cap_bytes: usize,
         cap_msgs: usize,
         struck: (u16, u8),
+        /// Whose each lane is (the last one is shared, nobody's).
+        owners: Vec<u32>,
+        turn: usize,
     }
 
     impl Model {
@@ -1682,8 +2062,21 @@ mod tests {
             self.q.iter().any(|m| m.suspect)
         }
 
-        fn first_queued(&self) -> Option<usize> {
-            self.q.iter().position(|m| m.state == MState::Queued)
+        /// Index of the message with this serial.
+        fn at(&self, serial: u32) -> usize {
+            self.q.iter().position(|m| m.serial == serial).unwrap()
+        }
+
+        /// Whether message `i` waits in its lane: queued, not started.
+        fn waits(&self, i: usize) -> bool {
+            self.q[i].state == MState::Queued && Some(self.q[i].serial) != self.current
+        }
+
+        /// The messages waiting in lane `l`, oldest first.
+        fn lane(&self, l: usize) -> Vec<usize> {
+            (0..self.q.len())
+                .filter(|&i| self.waits(i) && self.q[i].lane == l)
+                .collect()
         }
 
         fn inflight(&self) -> usize {
@@ -1697,54 +2090,81 @@ mod tests {
             self.q.iter().map(Msg::len).sum()
         }
 
-        fn push(&mut self, m: Msg) -> Result<Pushed, PushError> {
-            let len = m.len();
-            let current = if self.current {
-                self.first_queued()
-            } else {
-                None
-            };
-            let mut victims = Vec::new();
-            let (mut n, mut bytes) = (self.q.len() + 1, self.bytes() + len);
-            for (i, v) in self.q.iter().enumerate() {
-                if n <= self.cap_msgs && bytes <= self.cap_bytes {
-                    break;
-                }
-                if v.qos == Q0 && v.state == MState::Queued && Some(i) != current {
-                    victims.push(i);
-                    n -= 1;
-                    bytes -= v.len();
-                }
+        fn lane_of(&mut self, pid: u32) -> usize {
+            let shared = self.owners.len() - 1;
+            if pid == 0 {
+                return shared;
             }
-            if len > self.cap_bytes || n > self.cap_msgs || bytes > self.cap_bytes {
+            if let Some(l) = self.owners[..shared].iter().position(|&o| o == pid) {
+                return l;
+            }
+            if !self.lane(shared).is_empty() {
+                return shared;
+            }
+            match (0..shared).find(|&l| self.lane(l).is_empty()) {
+                Some(l) => {
+                    self.owners[l] = pid;
+                    l
+                }
+                None => shared,
+            }
+        }
+
+        fn push(&mut self, pid: u32, mut m: Msg) -> Result<Pushed, PushError> {
+            let len = m.len();
+            let evictable: Vec<usize> = (0..self.q.len())
+                .filter(|&i| self.waits(i) && self.q[i].qos == Q0)
+                .collect();
+            let freed: usize = evictable.iter().map(|&i| self.q[i].len()).sum();
+            let (n, bytes) = (self.q.len() + 1, self.bytes() + len);
+            if len > self.cap_bytes
+                || n - evictable.len() > self.cap_msgs
+                || bytes - freed > self.cap_bytes
+            {
                 self.stats.busy += 1;
                 return Err(PushError::Busy);
             }
-            for &i in victims.iter().rev() {
+            let mut evicted = 0;
+            while self.q.len() + 1 > self.cap_msgs || self.bytes() + len > self.cap_bytes {
+                // The longest lane with a QoS 0 (by messages, then bytes,
+                // then the first), loses its oldest QoS 0.
+                let l = (0..self.owners.len())
+                    .filter(|&l| self.lane(l).iter().any(|&i| self.q[i].qos == Q0))
+                    .max_by_key(|&l| {
+                        let w = self.lane(l);
+                        let b: usize = w.iter().map(|&i| self.q[i].len()).sum();
+                        (w.len(), b, core::cmp::Reverse(l))
+                    })
+                    .unwrap();
+                let i = *self.lane(l).iter().find(|&&i| self.q[i].qos == Q0).unwrap();
                 self.q.remove(i);
+                evicted += 1;
             }
-            self.stats.evicted += u64::try_from(victims.len()).unwrap();
+            self.stats.evicted += u64::try_from(evicted).unwrap();
             self.stats.published += 1;
+            m.lane = self.lane_of(pid);
             self.q.push_back(m);
-            Ok(Pushed {
-                evicted: victims.len(),
-            })
+            Ok(Pushed { evicted })
         }
 
+        /// The message `next` would start.
         fn startable(&self, limit: usize) -> Option<usize> {
-            if self.current || (self.probing() && self.inflight() > 0) {
+            if self.current.is_some() || (self.probing() && self.inflight() > 0) {
                 return None;
             }
-            let i = self.first_queued()?;
-            if self.q[i].qos == Q1 && self.inflight() >= limit {
-                return None;
-            }
-            Some(i)
+            let n = self.owners.len();
+            (0..n).find_map(|k| {
+                let i = *self.lane((self.turn + k) % n).first()?;
+                let m = &self.q[i];
+                let may =
+                    (!self.probing() || m.id != 0) && (m.qos == Q0 || self.inflight() < limit);
+                may.then_some(i)
+            })
         }
 
         /// (bytes still to write, started, written, packet id)
         fn next(&mut self, limit: usize, may_start: bool) -> Option<(Vec<u8>, bool, usize, u16)> {
-            let started = !self.current;
+            let started = self.current.is_none();
             if started {
                 if !may_start {
                     return None;
@@ -1758,9 +2178,10 @@ mod tests {
                     self.next_id = if id == IDS.last { 1 } else { id + 1 };
                     self.q[i].id = id;
                 }
-                self.current = true;
+                self.current = Some(self.q[i].serial);
+                self.turn = (self.q[i].lane + 1) % self.owners.len();
             }
-            let m = &self.q[self.first_queued()?];
+            let m = &self.q[self.at(self.current?)];
             Some((
                 m.bytes()[self.written..].to_vec(),
                 started,
@@ -1770,15 +2191,15 @@ mod tests {
         }
 
         fn advance(&mut self, n: usize) -> bool {
-            if !self.current {
+            let Some(serial) = self.current else {
                 return false;
-            }
-            let i = self.first_queued().unwrap();
+            };
+            let i = self.at(serial);
             self.written = (self.written + n).min(self.q[i].len());
             if self.written < self.q[i].len() {
                 return false;
             }
-            self.current = false;
+            self.current = None;
             self.written = 0;
             if self.q[i].sent_before {
                 self.stats.resent += 1;
@@ -1812,13 +2233,9 @@ mod tests {
         fn reset(&mut self) -> Option<(String, usize)> {
             let mut quarantined = None;
             if self.probing() {
-                let current = if self.current {
-                    self.first_queued()
-                } else {
-                    None
-                };
-                let probe = self.q.iter().enumerate().position(|(i, m)| {
-                    m.id != 0 && (m.state == MState::Inflight || Some(i) == current)
+                let current = self.current;
+                let probe = self.q.iter().position(|m| {
+                    m.id != 0 && (m.state == MState::Inflight || Some(m.serial) == current)
                 });
                 if let Some(i) = probe {
                     let id = self.q[i].id;
@@ -1845,7 +2262,7 @@ mod tests {
             if !self.probing() {
                 self.struck = (0, 0);
             }
-            self.current = false;
+            self.current = None;
             self.written = 0;
             quarantined
         }
@@ -1859,15 +2276,20 @@ mod tests {
         let mut s = Spool::new(cap_bytes, cap_msgs);
         let mut m = Model {
             q: VecDeque::new(),
-            current: false,
+            current: None,
             written: 0,
             next_id: 1,
             stats: Stats::default(),
             cap_bytes,
             cap_msgs,
             struck: (0, 0),
+            owners: vec![0; consts::PUBLISH_LANES + 1],
+            turn: 0,
         };
         let mut serial = 0u32;
+        // More processes than lanes, so that the shared one is used; 0 is
+        // a process whose pid could not be had.
+        let processes = 1 + rng.below(2 * consts::PUBLISH_LANES);
         for step in 0..steps {
             let limit = rng.below(6);
             match rng.below(20) {
@@ -1876,7 +2298,6 @@ mod tests {
                         .map(|_| char::from(b'a' + u8::try_from(rng.below(26)).unwrap()))
                         .collect();
                     let mut payload = serial.to_le_bytes().to_vec();
-                    serial += 1;
                     let extra = if rng.below(10) == 0 {
                         rng.below(600)
                     } else {
@@ -1885,19 +2306,26 @@ mod tests {
                     payload.extend((0..extra).map(|_| u8::try_from(rng.below(256)).unwrap()));
                     let qos = if rng.below(100) < q1_share { Q1 } else { Q0 };
                     let retain = rng.below(2) == 0;
-                    let got = s.push(Instant::default(), &topic, &payload, qos, retain);
-                    let want = m.push(Msg {
-                        topic,
-                        payload,
-                        qos,
-                        retain,
-                        state: MState::Queued,
-                        id: 0,
-                        dup: false,
-                        sent_before: false,
-                        suspect: false,
-                    });
+                    let pid = u32::try_from(rng.below(processes + 1)).unwrap();
+                    let got = s.push(Instant::default(), pid, &topic, &payload, qos, retain);
+                    let want = m.push(
+                        pid,
+                        Msg {
+                            serial,
+                            lane: 0,
+                            topic,
+                            payload,
+                            qos,
+                            retain,
+                            state: MState::Queued,
+                            id: 0,
+                            dup: false,
+                            sent_before: false,
+                            suspect: false,
+                        },
+                    );
                     assert_eq!(got, want, "seed {seed} step {step}: push");
+                    serial += 1;
                 }
                 7..=14 => {
                     let may_start = rng.below(4) != 0;

@@ -14,6 +14,7 @@
 //! connection is doing, in the service's terms), reset with the slot, so a
 //! connection's state has one owner.
 
+use std::cell::Cell;
 use std::fmt;
 use std::io::{self, IoSlice, Read, Write};
 use std::os::fd::AsRawFd;
@@ -106,9 +107,9 @@ pub struct Slot<S> {
     /// The caller's state of this connection; `S::default()` when free.
     state: S,
     /// The peer's pid (`SO_PEERCRED`), asked only when a rule needs it
-    /// (`Server::pid`): `None` until then; 0 for our own outbound
-    /// connections or when the kernel gave none.
-    pid: Option<u32>,
+    /// (`Slot::peer_pid`) and kept: `None` until then; 0 for our own
+    /// outbound connections or when the kernel gave none.
+    pid: Cell<Option<u32>>,
     /// When the peer last sent anything (or connected).
     last_active: Instant,
     /// When the first byte of the frame being received arrived.
@@ -147,7 +148,7 @@ impl<S: Copy + Default> Slot<S> {
         Self {
             stream: None,
             state: S::default(),
-            pid: None,
+            pid: Cell::new(None),
             last_active: Instant::default(),
             frame_since: None,
             stall_since: None,
@@ -173,7 +174,7 @@ impl<S: Copy + Default> Slot<S> {
         self.stream = None;
         self.state = S::default();
         self.closing_since = None;
-        self.pid = None;
+        self.pid.set(None);
         self.frame_since = None;
         self.stall_since = None;
         self.behind = false;
@@ -204,15 +205,20 @@ impl<S: Copy + Default> Slot<S> {
         self.state
     }
 
-    /// The peer's pid: the one kept by `Server::pid`, else asked of the
-    /// kernel now (`SO_PEERCRED`, not kept); 0 if it gives none.
+    /// The peer's pid: the one kept, else asked of the kernel now
+    /// (`SO_PEERCRED`) and kept for the connection's life; 0 if it gives
+    /// none.
     pub fn peer_pid(&self) -> u32 {
-        self.pid
-            .or_else(|| {
-                let fd = self.stream.as_ref()?.as_raw_fd();
-                crate::sys::peer_pid(fd)
-            })
-            .unwrap_or(0)
+        if let Some(pid) = self.pid.get() {
+            return pid;
+        }
+        let pid = self
+            .stream
+            .as_ref()
+            .and_then(|s| crate::sys::peer_pid(s.as_raw_fd()))
+            .unwrap_or(0);
+        self.pid.set(Some(pid));
+        pid
     }
 
     /// When a frame begun but not complete must be complete, else the
@@ -411,11 +417,8 @@ impl<S: Copy + Default> Server<S> {
 
     /// The pid of slot `i`'s peer (`SO_PEERCRED`, asked once and kept); 0
     /// if the kernel gives none, or for our own outbound connections.
-    pub fn pid(&mut self, i: usize) -> u32 {
-        let slot = &mut self.slots[i];
-        let pid = slot.peer_pid();
-        slot.pid = Some(pid);
-        pid
+    pub fn pid(&self, i: usize) -> u32 {
+        self.slots[i].peer_pid()
     }
 
     /// Sets the caller's state of slot `i`'s connection.
@@ -629,7 +632,7 @@ impl<S: Copy + Default> Server<S> {
         slot.generation = slot.generation.wrapping_add(1);
         slot.stream = Some(stream);
         slot.peer = peer;
-        slot.pid = pid;
+        slot.pid.set(pid);
         slot.last_active = now;
         slot.readable = true;
         Some(i)

@@ -467,8 +467,8 @@ impl EventLoop {
                 endpoint_reachable: &|name| self.clients.bus.endpoint_reachable(name),
             };
             let slot = self.clients.bus.slot(i);
-            // Asked only by a request that needs it (a subscribe): one
-            // getsockopt, not one per publish.
+            // Asked only by a request that needs it (publish, subscribe),
+            // once per connection.
             let pid = || slot.peer_pid();
             let caller = Caller {
                 slot: i,

@@ -79,9 +79,9 @@ pub struct Caller<'a> {
     pub slot: usize,
     /// The slot's generation (a stream subscription names both).
     pub generation: u32,
-    /// The peer's pid, for the per-process quotas (0: unknown): asked
-    /// only by the requests those apply to, as it costs the loop a call
-    /// to the kernel.
+    /// The peer's pid, for the per-process quotas and publish lanes (0:
+    /// unknown): asked only by the requests those apply to, as it costs
+    /// the loop a call to the kernel (once per connection).
     pub pid: &'a dyn Fn() -> u32,
 }
 
@@ -218,7 +218,12 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
                 Ok(p) => p,
                 Err(code) => return refuse(out, code, "bad parameters"),
             };
-            match ctx.spool.push(ctx.now, p.topic, p.payload, p.qos, p.retain) {
+            // Each process queues in a lane of its own [bus-iso-5].
+            let pid = (caller.pid)();
+            match ctx
+                .spool
+                .push(ctx.now, pid, p.topic, p.payload, p.qos, p.retain)
+            {
                 Ok(pushed) => Reply {
                     evicted: pushed.evicted,
                     ..done(out, answer::null)

@@ -35,6 +35,7 @@ mod net;
 mod pki;
 mod process;
 mod proxy;
+mod publisher;
 
 use std::sync::{Mutex, MutexGuard};
 use std::thread;
@@ -53,6 +54,7 @@ pub use self::{
     pki::Pki,
     process::{Logged, TestDir},
     proxy::{Cut, Proxy},
+    publisher::LinePublisher,
 };
 
 /// How long a process gets between SIGTERM and SIGKILL.
