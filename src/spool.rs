@@ -393,8 +393,8 @@ impl Spool {
         self.suspects == 0 && self.inflight == 0 && !self.current
     }
 
-    /// Encodes a PUBLISH from process `pid` (0: unknown) into the spool, in
-    /// that process's lane, evicting queued QoS 0 messages from the longest
+    /// Encodes a PUBLISH from process `pid` (0: unknown, see `lane_of`)
+    /// into the spool, in that process's lane, evicting queued QoS 0 messages from the longest
     /// lanes if that is what it takes to fit. The topic and payload are the
     /// caller's to validate.
     pub fn push(
@@ -694,9 +694,19 @@ impl Spool {
     /// lane nobody is waiting in, else the shared one. A process whose
     /// messages may wait in the shared lane gets no lane of its own until
     /// that lane is empty, so its messages keep their order.
+    ///
+    /// Pid 0 (unknown) goes to the shared lane, except into an empty spool:
+    /// there the message is the next to start whatever lane holds it, so it
+    /// takes the first lane with the turn on it, and whatever its process
+    /// pushes next cannot overtake it. (So the caller need not ask the
+    /// kernel for the pid of a publish into an empty spool.)
     fn lane_of(&mut self, pid: u32) -> usize {
         let shared = self.lanes.len() - 1;
         if pid == 0 {
+            if self.live == 0 {
+                self.turn = 0;
+                return 0;
+            }
             return shared;
         }
         let own = &self.lanes[..shared];
@@ -1979,6 +1989,28 @@ mod tests {
     }
 
     #[test]
+    fn a_message_of_unknown_pid_into_an_empty_spool_is_not_overtaken_by_its_process() {
+        // The service does not ask for the pid of a publish into an empty
+        // spool; the next message of the same process, with its pid, must
+        // still leave after it.
+        let mut s = Spool::new(4096, 16);
+        push_from(&mut s, 300, "x", Q0).unwrap(); // pid 300: lane 0
+        push_from(&mut s, 100, "p0", Q0).unwrap(); // pid 100: lane 1
+        assert_eq!(sent_payloads(&mut s, 10), ["x", "p0"]);
+        push_from(&mut s, 300, "x", Q0).unwrap();
+        send(&mut s, 10).unwrap(); // the turn is on lane 1 now
+        assert!(s.is_empty());
+        push_from(&mut s, 0, "a", Q1).unwrap(); // pid 100, not asked
+        push_from(&mut s, 100, "b", Q0).unwrap();
+        assert_eq!(sent_payloads(&mut s, 10), ["a", "b"]);
+        // Into a spool that is not empty, an unknown pid shares the last
+        // lane.
+        push_from(&mut s, 100, "c", Q0).unwrap();
+        push_from(&mut s, 0, "d", Q0).unwrap();
+        assert_eq!(s.lanes[3].waiting, 1);
+    }
+
+    #[test]
     fn unacknowledged_messages_of_every_lane_are_resent_before_anything_new() {
         let mut s = Spool::new(16_384, 16);
         push_from(&mut s, 100, "a1", Q1).unwrap();
@@ -2092,6 +2124,10 @@ mod tests {
 
         fn lane_of(&mut self, pid: u32) -> usize {
             let shared = self.owners.len() - 1;
+            if pid == 0 && self.q.is_empty() {
+                self.turn = 0;
+                return 0;
+            }
             if pid == 0 {
                 return shared;
             }

@@ -131,6 +131,10 @@ pub struct Slot<S> {
     /// Input after a subscribe is read and thrown away [bus-req-4.2].
     ignore_input: bool,
     read_closed: bool,
+    /// Registered for writability too: only once output had to wait
+    /// (a backlog, a refused frame) or for an outbound connect, so that a
+    /// client whose answers fit the socket costs no writable wake-ups.
+    write_interest: bool,
     /// More input may be waiting (edge-triggered readiness).
     readable: bool,
     tx: &'static mut [u8],
@@ -162,6 +166,7 @@ impl<S: Copy + Default> Slot<S> {
             ignore_input: false,
             read_closed: false,
             readable: false,
+            write_interest: false,
             tx,
             tx_head: 0,
             tx_len: 0,
@@ -183,6 +188,7 @@ impl<S: Copy + Default> Slot<S> {
         self.discard = None;
         self.ignore_input = false;
         self.read_closed = false;
+        self.write_interest = false;
         self.readable = false;
         self.tx_head = 0;
         self.tx_len = 0;
@@ -348,6 +354,9 @@ impl<S: Copy + Default> Slot<S> {
 /// state.
 pub struct Server<S> {
     listener: UnixListener,
+    /// The loop's registry (a clone), to add writable interest to a slot
+    /// whose output has to wait; set by `register`.
+    registry: Option<Registry>,
     path: Option<PathBuf>,
     socket_dir: PathBuf,
     slots: Vec<Slot<S>>,
@@ -392,6 +401,7 @@ impl<S: Copy + Default> Server<S> {
         };
         Ok(Self {
             listener,
+            registry: None,
             path: owned_path,
             socket_dir: socket_dir.to_path_buf(),
             slots: slot_table(),
@@ -402,6 +412,7 @@ impl<S: Copy + Default> Server<S> {
 
     /// Registers the listener.
     pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
+        self.registry = Some(registry.try_clone()?);
         registry.register(&mut self.listener, token, Interest::READABLE)
     }
 
@@ -621,14 +632,22 @@ impl<S: Copy + Default> Server<S> {
     ) -> Option<usize> {
         let i = self.slots.iter().position(|s| !s.is_open())?;
         let token = Token(CLIENT_TOKEN_BASE + i);
-        if let Err(e) =
-            registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)
-        {
+        // A client's answers usually fit the socket: writability is asked
+        // for only once one has to wait (`want_writable`). An outbound
+        // connect completes by becoming writable.
+        let write_interest = !matches!(peer, Peer::Client);
+        let interest = if write_interest {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        if let Err(e) = registry.register(&mut stream, token, interest) {
             log::warn!("bus: cannot register a connection: {e}");
             return None;
         }
         let slot = &mut self.slots[i];
         slot.reset();
+        slot.write_interest = write_interest;
         slot.generation = slot.generation.wrapping_add(1);
         slot.stream = Some(stream);
         slot.peer = peer;
@@ -819,6 +838,7 @@ impl<S: Copy + Default> Server<S> {
                 slot.close_after_flush = true;
             }
             slot.behind = true;
+            self.want_writable(i);
             return Err(SendError::Full);
         }
         let mut skip = written;
@@ -830,7 +850,29 @@ impl<S: Copy + Default> Server<S> {
             slot.push_tx(&part[skip..]);
             skip = 0;
         }
+        if written < total {
+            self.want_writable(i);
+        }
         Ok(())
+    }
+
+    /// Asks for slot `i`'s writable edges from now on (kept until it
+    /// closes): its output has to wait for the peer to read.
+    fn want_writable(&mut self, i: usize) {
+        let slot = &mut self.slots[i];
+        if slot.write_interest {
+            return;
+        }
+        let (Some(registry), Some(stream)) = (self.registry.as_ref(), slot.stream.as_mut()) else {
+            return;
+        };
+        let token = Token(CLIENT_TOKEN_BASE + i);
+        match registry.reregister(stream, token, Interest::READABLE | Interest::WRITABLE) {
+            Ok(()) => slot.write_interest = true,
+            // The backlog then waits for the next readable event, and a
+            // peer that reads nothing meets the stall timeout.
+            Err(e) => log::warn!("bus: slot {i}: cannot ask for writability: {e}"),
+        }
     }
 
     /// Writes slot `i`'s backlog until the kernel stops taking it. Returns
@@ -1020,6 +1062,39 @@ mod tests {
         for (k, frame) in got.chunks(ERROR_FRAME_LEN).enumerate() {
             assert_eq!(frame, error_frame(codes[k % 3]), "frame {k}");
         }
+    }
+
+    /// The events of slot `i` that arrive within 100 ms: (readable,
+    /// writable) of each.
+    fn events_of(f: &mut Fixture, i: usize) -> Vec<(bool, bool)> {
+        let mut events = mio::Events::with_capacity(16);
+        f.poll
+            .poll(&mut events, Some(Duration::from_millis(100)))
+            .unwrap();
+        events
+            .iter()
+            .filter(|e| e.token() == Token(CLIENT_TOKEN_BASE + i))
+            .map(|e| (e.is_readable(), e.is_writable()))
+            .collect()
+    }
+
+    #[test]
+    fn a_client_is_woken_for_writability_only_once_its_output_waits() {
+        let mut f = fixture("wr-interest");
+        let (mut client, i) = f.connect();
+        // An answer the socket takes whole: reading it wakes nobody.
+        f.server.send(i, &[&error_frame(ErrorCode::Busy)]).unwrap();
+        assert_eq!(read_n(&mut client, ERROR_FRAME_LEN).len(), ERROR_FRAME_LEN);
+        assert_eq!(events_of(&mut f, i), []);
+        // Output that has to wait: the peer reading it is an event, so the
+        // backlog can be written.
+        while f.server.send(i, &[&error_frame(ErrorCode::Busy)]) == Ok(()) {}
+        assert!(f.server.slot(i).has_backlog());
+        let _ = events_of(&mut f, i); // the edge of asking, if any
+        let mut buf = [0u8; 65536];
+        client.read(&mut buf).unwrap();
+        let woken = events_of(&mut f, i);
+        assert!(woken.iter().any(|&(_, w)| w), "{woken:?}");
     }
 
     #[test]

@@ -208,7 +208,15 @@ impl EventLoop {
                     Token(t) if t >= server::CLIENT_TOKEN_BASE => {
                         let i = t - server::CLIENT_TOKEN_BASE;
                         if i < self.clients.bus.capacity() {
-                            self.clients.bus.set_readable(i);
+                            // A writable-only edge (the peer read part of a
+                            // backlog) brings no input: no read is tried.
+                            if event.is_readable()
+                                || event.is_read_closed()
+                                || event.is_error()
+                                || !event.is_writable()
+                            {
+                                self.clients.bus.set_readable(i);
+                            }
                             if event.is_writable() {
                                 self.clients.bus.set_writable(i);
                             }
