@@ -1859,6 +1859,19 @@ mod tests {
         r
     }
 
+    /// Pushes `<prefix><i>` for each `i` of `range` from process `pid`.
+    fn push_many(
+        s: &mut Spool,
+        pid: u32,
+        prefix: &str,
+        range: impl Iterator<Item = u32>,
+        qos: QoS,
+    ) {
+        for i in range {
+            push_from(s, pid, &format!("{prefix}{i}"), qos).unwrap();
+        }
+    }
+
     fn sent_payloads(s: &mut Spool, limit: usize) -> Vec<String> {
         payloads(&send_all(s, limit))
             .into_iter()
@@ -1869,9 +1882,7 @@ mod tests {
     #[test]
     fn processes_are_served_in_turn_and_each_in_its_own_order() {
         let mut s = Spool::new(4096, 16);
-        for i in 1..=6 {
-            push_from(&mut s, 100, &format!("flood{i}"), Q0).unwrap();
-        }
+        push_many(&mut s, 100, "flood", 1..=6, Q0);
         push_from(&mut s, 200, "quiet1", Q0).unwrap();
         push_from(&mut s, 200, "quiet2", Q1).unwrap();
         assert_eq!(
@@ -1885,9 +1896,7 @@ mod tests {
         // The quiet process's message does not wait for the flood ahead of
         // it: at 100 messages a second it leaves within a second.
         let mut s = Spool::new(16_384, 16);
-        for i in 0..12 {
-            push_from(&mut s, 100, &format!("f{i}"), Q0).unwrap();
-        }
+        push_many(&mut s, 100, "f", 0..12, Q0);
         send(&mut s, 10).unwrap(); // the flood's lane just had its turn
         push_from(&mut s, 200, "quiet", Q0).unwrap();
         assert_eq!(sent_payloads(&mut s, 10)[..2], ["quiet", "f1"]);
@@ -1910,9 +1919,7 @@ mod tests {
     fn a_full_spool_evicts_the_oldest_qos0_of_the_longest_lane() {
         let mut s = Spool::new(16_384, 8);
         push_from(&mut s, 200, "quiet1", Q0).unwrap();
-        for i in 1..=6 {
-            push_from(&mut s, 100, &format!("flood{i}"), Q0).unwrap();
-        }
+        push_many(&mut s, 100, "flood", 1..=6, Q0);
         push_from(&mut s, 200, "quiet2", Q0).unwrap();
         // Full. Whoever pushes, the flood pays, oldest first.
         assert_eq!(
@@ -1933,9 +1940,7 @@ mod tests {
     #[test]
     fn the_longest_lane_without_a_qos0_is_passed_over_for_eviction() {
         let mut s = Spool::new(16_384, 6);
-        for i in 1..=4 {
-            push_from(&mut s, 100, &format!("q1-{i}"), Q1).unwrap();
-        }
+        push_many(&mut s, 100, "q1-", 1..=4, Q1);
         push_from(&mut s, 200, "b1", Q0).unwrap();
         push_from(&mut s, 200, "b2", Q0).unwrap();
         assert_eq!(
