@@ -354,8 +354,9 @@ impl<S: Copy + Default> Slot<S> {
 /// state.
 pub struct Server<S> {
     listener: UnixListener,
-    /// The loop's registry (a clone), to add writable interest to a slot
-    /// whose output has to wait; set by `register`.
+    /// The loop's registry (a clone), where connections are registered and
+    /// a slot whose output has to wait asks for writability; set by
+    /// `register`.
     registry: Option<Registry>,
     path: Option<PathBuf>,
     socket_dir: PathBuf,
@@ -410,7 +411,7 @@ impl<S: Copy + Default> Server<S> {
         })
     }
 
-    /// Registers the listener.
+    /// Registers the listener, and keeps `registry` for the connections.
     pub fn register(&mut self, registry: &Registry, token: Token) -> io::Result<()> {
         self.registry = Some(registry.try_clone()?);
         registry.register(&mut self.listener, token, Interest::READABLE)
@@ -508,7 +509,6 @@ impl<S: Copy + Default> Server<S> {
     /// at most once a second. Returns the slots that were filled.
     pub fn accept(
         &mut self,
-        registry: &Registry,
         now: Instant,
         evictable: impl Fn(S) -> bool,
     ) -> heapless::Vec<usize, 16> {
@@ -566,7 +566,7 @@ impl<S: Copy + Default> Server<S> {
                     }
                 }
             }
-            match self.install(registry, stream, Peer::Client, pid, now) {
+            match self.install(stream, Peer::Client, pid, now) {
                 Some(i) => {
                     log::debug!("bus: client connected (slot {i})");
                     // `filled` has room: checked by the loop condition.
@@ -608,23 +608,16 @@ impl<S: Copy + Default> Server<S> {
     }
 
     /// Opens a connection to `<socket-dir>/<endpoint>` in a free slot.
-    pub fn connect_endpoint(&mut self, registry: &Registry, endpoint: &str) -> io::Result<usize> {
+    pub fn connect_endpoint(&mut self, endpoint: &str) -> io::Result<usize> {
         let name = heapless::String::try_from(endpoint)
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "endpoint name too long"))?;
         let stream = UnixStream::connect(self.socket_dir.join(endpoint))?;
-        self.install(
-            registry,
-            stream,
-            Peer::Endpoint(name),
-            Some(0),
-            Instant::default(),
-        )
-        .ok_or_else(|| io::Error::other("no free bus slot"))
+        self.install(stream, Peer::Endpoint(name), Some(0), Instant::default())
+            .ok_or_else(|| io::Error::other("no free bus slot"))
     }
 
     fn install(
         &mut self,
-        registry: &Registry,
         mut stream: UnixStream,
         peer: Peer,
         pid: Option<u32>,
@@ -641,7 +634,11 @@ impl<S: Copy + Default> Server<S> {
         } else {
             Interest::READABLE
         };
-        if let Err(e) = registry.register(&mut stream, token, interest) {
+        let registered = match &self.registry {
+            Some(registry) => registry.register(&mut stream, token, interest),
+            None => Err(io::Error::other("the server is not registered")),
+        };
+        if let Err(e) = registered {
             log::warn!("bus: cannot register a connection: {e}");
             return None;
         }
@@ -1012,7 +1009,7 @@ mod tests {
             client
                 .set_read_timeout(Some(Duration::from_secs(5)))
                 .unwrap();
-            let filled = self.server.accept(self.poll.registry(), t(0), |s| s == 0);
+            let filled = self.server.accept(t(0), |s| s == 0);
             assert_eq!(filled.len(), 1);
             (client, filled[0])
         }
@@ -1265,10 +1262,7 @@ mod tests {
         extra
             .set_read_timeout(Some(Duration::from_secs(5)))
             .unwrap();
-        assert!(f
-            .server
-            .accept(f.poll.registry(), t(0), |_| true)
-            .is_empty());
+        assert!(f.server.accept(t(0), |_| true).is_empty());
         assert_eq!(f.server.refused(), 1);
         let mut buf = [0u8; 1];
         assert_eq!(extra.read(&mut buf).unwrap(), 0, "closed at once");

@@ -17,8 +17,6 @@
 //! has taken nothing for `STALL_TIMEOUT` while output waits is
 //! disconnected (logged), so it sees the end of its stream.
 
-use mio::Registry;
-
 use super::EventLoop;
 use crate::bus::server::{Input, Overdue, SendError, Server, PARTIAL_TIMEOUT, STALL_TIMEOUT};
 use crate::consts;
@@ -177,7 +175,6 @@ impl Clients {
     /// after one notify, so a reused connection would lose what follows it.
     pub(super) fn deliver(
         &mut self,
-        registry: &Registry,
         router: &mut Router,
         topic: &str,
         payload: &[u8],
@@ -232,7 +229,7 @@ impl Clients {
                     dropped += 1;
                     return;
                 };
-                let sent = match bus.connect_endpoint(registry, name) {
+                let sent = match bus.connect_endpoint(name) {
                     Ok(i) => {
                         bus.set_state(i, Mode::Outbound);
                         bus.ignore_input(i);
@@ -352,10 +349,7 @@ impl EventLoop {
         loop {
             // A connection serving requests with none in progress holds
             // nothing: it may make room for a new one [bus-iso-3].
-            let filled = self
-                .clients
-                .bus
-                .accept(self.poll.registry(), now, Mode::serves_requests);
+            let filled = self.clients.bus.accept(now, Mode::serves_requests);
             let more = filled.is_full();
             for i in filled {
                 self.drive_client(i, now);

@@ -826,13 +826,8 @@ impl EventLoop {
                         "connection {i}: PUBLISH on {topic} ({} bytes)",
                         payload.len()
                     );
-                    self.counters.dropped += self.clients.deliver(
-                        self.poll.registry(),
-                        &mut self.router,
-                        topic,
-                        payload,
-                        now,
-                    );
+                    self.counters.dropped +=
+                        self.clients.deliver(&mut self.router, topic, payload, now);
                 }
                 Ok(Some(Event::Puback { packet_id })) => {
                     if i != PUBLISHING || !self.spool.ack(packet_id) {
