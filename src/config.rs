@@ -47,6 +47,9 @@ pub struct Config {
     pub persistent_session: bool,
     /// The longest wait between reconnect attempts, in seconds.
     pub max_backoff: u16,
+    /// How long SIGTERM waits for queued messages to be sent before the
+    /// daemon stops, in seconds (0..=3600) [spool-1].
+    pub drain: u16,
 }
 
 impl Config {
@@ -109,6 +112,9 @@ Options:
       --max-backoff SECONDS   longest wait between reconnect attempts, 1-3600 [default: 120]
       --persistent-session    ask the broker to keep our session (MQTT clean session 0):
                               subscriptions and QoS 1 messages survive a disconnect
+      --drain SECONDS         on SIGTERM, keep sending queued messages for up to this
+                              long while connected, 0-3600 [default: 2]; what is still
+                              queued then is discarded (and logged)
   -h, --help                  print this help
   -V, --version               print the version
 
@@ -136,6 +142,7 @@ where
     let mut socket_dir = PathBuf::from("/run/greengrass");
     let mut persistent_session = false;
     let mut max_backoff: u16 = 120;
+    let mut drain: u16 = 2;
 
     let mut parser = lexopt::Parser::from_args(args);
     while let Some(arg) = parser.next()? {
@@ -153,6 +160,7 @@ where
             Long("socket-dir") => socket_dir = PathBuf::from(parser.value()?),
             Long("persistent-session") => persistent_session = true,
             Long("max-backoff") => max_backoff = number(&mut parser, "max-backoff", 1)?,
+            Long("drain") => drain = number(&mut parser, "drain", 0)?,
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
             _ => return Err(arg.unexpected().into()),
@@ -171,6 +179,7 @@ where
         socket_dir,
         persistent_session,
         max_backoff,
+        drain,
     };
     validate(&config)?;
     Ok(Command::Run(config))
@@ -212,6 +221,12 @@ fn validate(config: &Config) -> Result<(), UsageError> {
         return fail(format!(
             "--max-backoff: {} is not a whole number from 1 to 3600",
             config.max_backoff
+        ));
+    }
+    if config.drain > 3600 {
+        return fail(format!(
+            "--drain: {} is not a whole number from 0 to 3600",
+            config.drain
         ));
     }
     let id = &config.client_id;

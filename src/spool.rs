@@ -366,6 +366,18 @@ impl Spool {
         self.inflight
     }
 
+    /// The messages waiting now (queued or in flight), QoS 0 and QoS 1:
+    /// what stopping now would discard [spool-1]. One pass over the queue.
+    pub fn waiting_by_qos(&self) -> (usize, usize) {
+        (0..self.count)
+            .map(|i| self.entry(i))
+            .filter(|e| e.state != State::Dead)
+            .fold((0, 0), |(q0, q1), e| match e.qos {
+                QoS::AtMostOnce => (q0 + 1, q1),
+                QoS::AtLeastOnce => (q0, q1 + 1),
+            })
+    }
+
     /// How long the oldest message waiting (queued or in flight) has
     /// waited; zero when none does.
     pub fn oldest_age(&self, now: Instant) -> core::time::Duration {

@@ -86,6 +86,10 @@ pub struct EventLoop {
     /// When the next `WATCHDOG=1` is due.
     watchdog_at: Option<Instant>,
     epoch: std::time::Instant,
+    /// SIGTERM came while messages were queued and the link was up: they
+    /// are sent until this deadline [spool-1].
+    draining: Option<Instant>,
+    /// Closing the links; the loop ends at this deadline at the latest.
     stopping: Option<Instant>,
 }
 
@@ -134,6 +138,7 @@ impl EventLoop {
             notifier,
             watchdog_at: None,
             epoch: std::time::Instant::now(),
+            draining: None,
             stopping: None,
             config,
         })
@@ -167,6 +172,13 @@ impl EventLoop {
             }
             if let Err(exit) = self.run_timers(now) {
                 return exit;
+            }
+            if let Some(deadline) = self.draining {
+                let done = self.spool.is_empty() || !self.links[PUBLISHING].is_connected();
+                if done || now >= deadline {
+                    self.draining = None;
+                    self.begin_stop(now);
+                }
             }
             if let Some(deadline) = self.stopping {
                 if now >= deadline || self.all_closed() {
@@ -243,15 +255,15 @@ impl EventLoop {
 
     /// The earliest deadline of any link, session, bus slot or the shutdown.
     fn next_deadline(&self, now: Instant) -> Option<Instant> {
-        let mut next = match (self.stopping, self.watchdog_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
+        let mut next = None;
         let mut consider = |d: Option<Instant>| {
             if let Some(d) = d {
-                next = Some(next.map_or(d, |n| n.min(d)));
+                next = Some(next.map_or(d, |n: Instant| n.min(d)));
             }
         };
+        consider(self.stopping);
+        consider(self.draining);
+        consider(self.watchdog_at);
         for link in &self.links {
             consider(link.deadline());
         }
@@ -261,7 +273,7 @@ impl EventLoop {
 
     fn take_signals(&mut self, now: Instant) {
         while let Some(signo) = self.signals.read() {
-            if self.stopping.is_some() {
+            if self.stopping.is_some() || self.draining.is_some() {
                 continue;
             }
             let name = if signo == libc::SIGINT {
@@ -269,12 +281,35 @@ impl EventLoop {
             } else {
                 "SIGTERM"
             };
-            log::info!("{name}: disconnecting and stopping");
             self.notifier.notify("STOPPING=1\nSTATUS=stopping");
-            self.stopping = Some(now + SHUTDOWN_GRACE);
-            for i in 0..self.links.len() {
-                self.close_link(i, now);
+            let drain = Duration::from_secs(u64::from(self.config.drain));
+            let queued = self.spool.len();
+            if queued > 0 && !drain.is_zero() && self.links[PUBLISHING].is_connected() {
+                // [spool-1] What is queued is sent first, for a while.
+                log::info!(
+                    "{name}: sending the {queued} queued message(s) for up to {} s, then stopping",
+                    drain.as_secs()
+                );
+                self.draining = Some(now + drain);
+            } else {
+                log::info!("{name}: disconnecting and stopping");
+                self.begin_stop(now);
             }
+        }
+    }
+
+    /// Closes every link (DISCONNECT, close_notify), and says what the
+    /// spool still holds: it ends with the process [spool-1].
+    fn begin_stop(&mut self, now: Instant) {
+        let (qos0, qos1) = self.spool.waiting_by_qos();
+        if qos0 + qos1 > 0 {
+            log::warn!(
+                "stopping with messages not sent: discarding {qos0} QoS 0 and {qos1} QoS 1 message(s) (QoS 1 ones may have reached the broker unacknowledged)"
+            );
+        }
+        self.stopping = Some(now + SHUTDOWN_GRACE);
+        for i in 0..self.links.len() {
+            self.close_link(i, now);
         }
     }
 
