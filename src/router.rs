@@ -35,6 +35,12 @@
 //! `holds_publishes` asks the loop to start no PUBLISH on it, so a close
 //! is never blamed on the wrong packet.
 //!
+//! After a reconnect [spool-9]: until the filters owed at `link_up` are
+//! answered (at most `RESTORE_HOLD`), `restoring` asks the loop to start
+//! no new PUBLISH, so a message queued while the link was down cannot
+//! reach the broker before the subscription of a local client that wants
+//! it back.
+//!
 //! Tables are allocated once in `new`; nothing allocates afterwards.
 
 use core::fmt;
@@ -368,6 +374,9 @@ struct Link {
     suspects: usize,
     /// The packet id of the probe SUBSCRIBE in flight.
     probe: Option<u16>,
+    /// Until when the filters owed at the last `link_up` hold new
+    /// publishes back, if some still are [spool-9].
+    restoring: Option<Instant>,
 }
 
 impl Link {
@@ -378,8 +387,13 @@ impl Link {
         dirty: false,
         suspects: 0,
         probe: None,
+        restoring: None,
     };
 }
+
+/// How long a link's restored subscriptions may hold new publishes back:
+/// a broker that never answers a SUBSCRIBE must not stop them for ever.
+pub const RESTORE_HOLD: core::time::Duration = core::time::Duration::from_secs(10);
 
 /// The router: broker filters, links and local subscriptions.
 #[derive(Debug)]
@@ -710,10 +724,12 @@ impl Router {
 
     // ---- links and the broker -----------------------------------------------
 
-    /// Link `link` completed CONNACK. Without a session every filter of it
-    /// is subscribed again; with one, granted filters stay granted and
-    /// UNSUBSCRIBEs owed from before are sent.
-    pub fn link_up(&mut self, link: usize, session_present: bool) {
+    /// Link `link` completed CONNACK at `now`. Without a session every
+    /// filter of it is subscribed again; with one, granted filters stay
+    /// granted and UNSUBSCRIBEs owed from before are sent. Until the
+    /// filters owed now are answered (or `RESTORE_HOLD` passes),
+    /// `restoring` holds new publishes back [spool-9].
+    pub fn link_up(&mut self, link: usize, session_present: bool, now: Instant) {
         if self.links.get(link).is_some_and(|l| l.up) {
             self.link_down(link);
         }
@@ -730,6 +746,28 @@ impl Router {
                 self.refresh(i);
             }
         }
+        let owed = self.owes_subscribe(link);
+        if let Some(l) = self.links.get_mut(link) {
+            l.restoring = owed.then_some(now + RESTORE_HOLD);
+        }
+    }
+
+    /// Whether new publishes should wait [spool-9]: a link that came up is
+    /// still subscribing again to its filters, so a message published
+    /// while it was down, to a topic a local client subscribes to, would
+    /// reach the broker before the subscription that brings it back.
+    pub fn restoring(&self, now: Instant) -> bool {
+        (0..self.links.len()).any(|link| {
+            let l = &self.links[link];
+            l.up && l.restoring.is_some_and(|until| now < until) && self.owes_subscribe(link)
+        })
+    }
+
+    /// Whether some filter on `link` with broker users is not granted yet.
+    fn owes_subscribe(&self, link: usize) -> bool {
+        self.entries
+            .iter()
+            .any(|e| e.on(link) && e.broker_users() > 0 && !matches!(e.broker, Broker::Granted(_)))
     }
 
     /// Link `link` was lost: outstanding requests are forgotten, and
@@ -747,6 +785,7 @@ impl Router {
         }
         l.up = false;
         l.probe = None;
+        l.restoring = None;
         let mut poison: Vec<usize, MAX_FILTERS_PER_PACKET> = Vec::new();
         for i in 0..self.entries.len() {
             let Some(e) = self.entries.get_mut(i).filter(|e| e.on(link)) else {
@@ -918,6 +957,11 @@ impl Router {
         }
         for &i in &batch {
             self.refresh(i);
+        }
+        if !self.owes_subscribe(link) {
+            if let Some(l) = self.links.get_mut(link) {
+                l.restoring = None; // restored: a later subscribe holds nothing
+            }
         }
         self.check_pending();
         true
@@ -1384,7 +1428,7 @@ mod tests {
     #[test]
     fn two_local_subscribers_to_one_filter_share_one_broker_subscription() {
         let mut r = Router::new();
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let a = sub(&mut r, stream(1), &["t/1"], Q0);
         let first = next(&mut r, 0).unwrap();
         assert_eq!(first.kind, RequestKind::Subscribe);
@@ -1416,6 +1460,45 @@ mod tests {
     }
 
     #[test]
+    fn publishes_wait_while_a_link_that_came_up_subscribes_again() {
+        // [spool-9]
+        let t0 = Instant::from_millis(1_000);
+        let mut r = Router::new();
+        let a = sub(&mut r, stream(1), &["t/1", "t/2"], Q1);
+        assert!(!r.restoring(t0), "no link was up: nothing to wait for");
+        r.link_up(0, false, t0);
+        assert!(r.restoring(t0));
+        let req = next(&mut r, 0).unwrap();
+        assert!(r.restoring(t0), "until the SUBACK");
+        assert!(r.on_suback(0, req.id, [GRANTED, GRANTED]));
+        assert!(!r.restoring(t0));
+        assert_eq!(settled(&mut r), [(a, Outcome::Accepted)]);
+        // A later subscribe on the link that is up holds nothing.
+        sub(&mut r, stream(2), &["t/3"], Q0);
+        assert!(!r.restoring(t0));
+        // Lost and back: every filter is owed again.
+        r.link_down(0);
+        assert!(!r.restoring(t0));
+        r.link_up(0, false, t0);
+        assert!(r.restoring(t0));
+        // A broker that never answers holds publishes for RESTORE_HOLD only.
+        let _ = next(&mut r, 0).unwrap();
+        assert!(r.restoring(t0 + RESTORE_HOLD - core::time::Duration::from_millis(1)));
+        assert!(!r.restoring(t0 + RESTORE_HOLD));
+    }
+
+    #[test]
+    fn a_session_the_broker_kept_holds_no_publishes() {
+        let mut r = Router::new();
+        r.link_up(0, false, Instant::default());
+        sub(&mut r, stream(1), &["t/1"], Q0);
+        exchange(&mut r, 0, &[]);
+        r.link_down(0);
+        r.link_up(0, true, Instant::default());
+        assert!(!r.restoring(Instant::default()));
+    }
+
+    #[test]
     fn overlapping_filters_of_one_subscription_deliver_once() {
         let mut r = Router::new();
         let a = sub(&mut r, stream(1), &["a/+", "a/#", "a/b", "#"], Q0);
@@ -1430,7 +1513,7 @@ mod tests {
     #[test]
     fn a_subscription_is_routed_only_after_its_answer_was_taken() {
         let mut r = Router::new();
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let a = sub(&mut r, stream(1), &["x"], Q0);
         assert_eq!(r.state(a), Some(SubState::Pending));
         exchange(&mut r, 0, &[]);
@@ -1443,7 +1526,7 @@ mod tests {
     #[test]
     fn virtual_subscriptions_match_without_a_broker_filter() {
         let mut r = Router::new();
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let v = r.subscribe(stream(1), &["v/#"], Q0, true).unwrap();
         assert_eq!(settled(&mut r), [(v, Outcome::Accepted)]);
         assert_eq!(next(&mut r, 0), None);
@@ -1478,7 +1561,7 @@ mod tests {
     #[test]
     fn subscribe_packets_carry_at_most_eight_filters() {
         let mut r = Router::with_link_capacity(12);
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let names: StdVec<StdString> = (0..12).map(|i| format!("f/{i}")).collect();
         let filters: StdVec<&str> = names.iter().map(StdString::as_str).collect();
         let a = sub(&mut r, stream(1), &filters, Q1);
@@ -1507,7 +1590,7 @@ mod tests {
     #[test]
     fn a_suback_refusal_fails_the_subscription_and_releases_its_other_filters() {
         let mut r = Router::new();
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let a = sub(&mut r, stream(1), &["ok/1", "bad/1", "ok/2"], Q0);
         let b = sub(&mut r, stream(2), &["ok/1"], Q0);
         let req = next(&mut r, 0).unwrap();
@@ -1532,7 +1615,7 @@ mod tests {
     #[test]
     fn a_missing_suback_code_counts_as_a_refusal() {
         let mut r = Router::new();
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let a = sub(&mut r, stream(1), &["x"], Q0);
         let b = sub(&mut r, stream(2), &["y"], Q0);
         let req = next(&mut r, 0).unwrap();
@@ -1553,14 +1636,14 @@ mod tests {
     #[test]
     fn unknown_packet_ids_and_links_are_ignored() {
         let mut r = Router::new();
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let a = sub(&mut r, stream(1), &["x"], Q0);
         let req = next(&mut r, 0).unwrap();
         assert!(!r.on_suback(0, req.id.wrapping_add(1), [GRANTED]));
         assert!(!r.on_unsuback(0, req.id));
         assert!(!r.on_suback(1, req.id, [GRANTED]));
         assert!(!r.on_suback(99, req.id, [GRANTED]));
-        r.link_up(99, true);
+        r.link_up(99, true, Instant::default());
         r.link_down(99);
         assert_eq!(r.next_request(99, Traffic::Quiet), None);
         assert_eq!(r.link_stats(99), None);
@@ -1573,8 +1656,8 @@ mod tests {
     #[test]
     fn packet_ids_are_in_the_upper_half_and_unique_per_link() {
         let mut r = Router::new();
-        r.link_up(0, false);
-        r.link_up(1, false);
+        r.link_up(0, false, Instant::default());
+        r.link_up(1, false, Instant::default());
         let mut ids = BTreeSet::new();
         for f in ["a", "b", "c", "d"] {
             sub(&mut r, stream(1), &[f], Q0);
@@ -1610,7 +1693,7 @@ mod tests {
     #[test]
     fn a_packet_id_still_outstanding_is_skipped() {
         let mut r = Router::new();
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         sub(&mut r, stream(1), &["a"], Q0);
         let first = next(&mut r, 0).unwrap();
         assert_eq!(first.id, IDS.first);
@@ -1622,7 +1705,7 @@ mod tests {
     #[test]
     fn a_qos_upgrade_resubscribes_the_filter() {
         let mut r = Router::new();
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let a = sub(&mut r, stream(1), &["q"], Q0);
         let first = exchange(&mut r, 0, &[]);
         assert_eq!(first[0].filters, [("q".into(), Q0)]);
@@ -1645,7 +1728,7 @@ mod tests {
     #[test]
     fn a_new_user_during_an_unsubscribe_resubscribes_after_the_unsuback() {
         let mut r = Router::new();
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let a = sub(&mut r, stream(1), &["x"], Q0);
         exchange(&mut r, 0, &[]);
         r.unsubscribe(a);
@@ -1732,13 +1815,13 @@ mod tests {
     #[test]
     fn an_extra_link_stays_wanted_until_its_unsubscribes_are_answered() {
         let mut r = Router::new();
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         sub(&mut r, stream(1), &["a", "b", "c", "d"], Q0);
         let e = sub(&mut r, stream(1), &["e"], Q0);
         assert_eq!(link_filters(&r), [4, 1, 0]);
         assert!(r.link_wanted(1));
         assert_eq!(r.state(e), Some(SubState::Active), "link 1 is down");
-        r.link_up(1, false);
+        r.link_up(1, false, Instant::default());
         exchange(&mut r, 1, &[]);
         r.unsubscribe(e);
         assert!(r.link_wanted(1));
@@ -1757,7 +1840,7 @@ mod tests {
         let a = sub(&mut r, stream(1), &["x", "y"], Q1);
         assert_eq!(settled(&mut r), [(a, Outcome::Accepted)]);
         assert_eq!(next(&mut r, 0), None);
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let sent = exchange(&mut r, 0, &[]);
         assert_eq!(sent.len(), 1);
         assert_eq!(sent[0].filters, [("x".into(), Q1), ("y".into(), Q1)]);
@@ -1774,7 +1857,7 @@ mod tests {
             settled(&mut r),
             [(a, Outcome::Accepted), (b, Outcome::Accepted)]
         );
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         exchange(&mut r, 0, &["deny"]);
         let out = settled(&mut r);
         assert_eq!(out, [(a, Outcome::Dropped)]);
@@ -1785,27 +1868,27 @@ mod tests {
     #[test]
     fn a_pending_subscription_is_accepted_when_its_link_goes_down() {
         let mut r = Router::new();
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let a = sub(&mut r, stream(1), &["x"], Q0);
         let req = next(&mut r, 0).unwrap();
         r.link_down(0);
         assert_eq!(settled(&mut r), [(a, Outcome::Accepted)]);
         assert!(!r.on_suback(0, req.id, [GRANTED]), "forgotten");
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         assert_eq!(exchange(&mut r, 0, &[])[0].names(), ["x"]);
     }
 
     #[test]
     fn link_down_and_up_resubscribes_every_filter_without_a_session() {
         let mut r = Router::new();
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let a = sub(&mut r, stream(1), &["a", "b"], Q0);
         let b = sub(&mut r, stream(2), &["c"], Q1);
         exchange(&mut r, 0, &[]);
         settled(&mut r);
         r.link_down(0);
         assert_eq!(next(&mut r, 0), None);
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let sent = exchange(&mut r, 0, &[]);
         assert_eq!(sent.len(), 1);
         assert_eq!(
@@ -1817,7 +1900,7 @@ mod tests {
         assert_eq!(r.state(b), Some(SubState::Active));
         // A refusal after a reconnect drops the subscriptions using it.
         r.link_down(0);
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         exchange(&mut r, 0, &["c"]);
         assert_eq!(settled(&mut r), [(b, Outcome::Dropped)]);
     }
@@ -1825,17 +1908,17 @@ mod tests {
     #[test]
     fn a_present_session_keeps_granted_filters_and_resends_uncertain_ones() {
         let mut r = Router::new();
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         sub(&mut r, stream(1), &["a", "b"], Q0);
         exchange(&mut r, 0, &[]);
         r.link_down(0);
-        r.link_up(0, true);
+        r.link_up(0, true, Instant::default());
         assert_eq!(next(&mut r, 0), None);
         // A SUBSCRIBE lost with the link is sent again.
         sub(&mut r, stream(1), &["c"], Q0);
         let lost = next(&mut r, 0).unwrap();
         r.link_down(0);
-        r.link_up(0, true);
+        r.link_up(0, true, Instant::default());
         let again = next(&mut r, 0).unwrap();
         assert_eq!(again.names(), ["c"]);
         assert_eq!(again.id, lost.id.wrapping_add(1));
@@ -1846,13 +1929,13 @@ mod tests {
     fn a_filter_left_offline_is_unsubscribed_only_if_the_session_persists() {
         for session_present in [false, true] {
             let mut r = Router::new();
-            r.link_up(0, false);
+            r.link_up(0, false, Instant::default());
             let a = sub(&mut r, stream(1), &["x"], Q0);
             exchange(&mut r, 0, &[]);
             r.link_down(0);
             r.unsubscribe(a);
             assert_eq!(link_filters(&r), [1, 0, 0], "the broker may hold it");
-            r.link_up(0, session_present);
+            r.link_up(0, session_present, Instant::default());
             let sent = exchange(&mut r, 0, &[]);
             if session_present {
                 assert_eq!(sent.len(), 1);
@@ -1872,7 +1955,7 @@ mod tests {
         let a = sub(&mut r, stream(1), &["x"], Q0);
         r.unsubscribe(a);
         assert_eq!(r.filters(), 0);
-        r.link_up(0, true);
+        r.link_up(0, true, Instant::default());
         assert_eq!(next(&mut r, 0), None);
     }
 
@@ -1883,7 +1966,7 @@ mod tests {
     #[test]
     fn a_filter_lost_twice_in_a_row_alone_is_dropped_and_the_others_carry_on() {
         let mut r = Router::new();
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let a = sub(&mut r, stream(1), &["ok/1", "bad"], Q0);
         let b = sub(&mut r, stream(2), &["ok/2"], Q0);
         // t0: one SUBSCRIBE of three filters; the broker closes.
@@ -1898,7 +1981,7 @@ mod tests {
         assert!(!r.holds_publishes(0, true), "a publish probe goes first");
         // t1: reconnected. Suspects go alone, and not while publishes are
         // in flight on the link.
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         assert_eq!(r.next_request(0, Traffic::Busy), None);
         let p1 = next(&mut r, 0).unwrap();
         assert_eq!(p1.names(), ["ok/1"]);
@@ -1912,7 +1995,7 @@ mod tests {
         assert_eq!(settled(&mut r), [(a, Outcome::Quarantined)]);
         assert_eq!(r.state(a), None);
         // t2: ok/2 is still a suspect (one strike): probed alone, granted.
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let p3 = next(&mut r, 0).unwrap();
         assert_eq!(p3.names(), ["ok/2"]);
         assert!(r.on_suback(0, p3.id, [GRANTED]));
@@ -1930,14 +2013,14 @@ mod tests {
     #[test]
     fn a_single_close_is_forgiven_by_the_next_suback() {
         let mut r = Router::new();
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let a = sub(&mut r, stream(1), &["x", "y"], Q0);
         // t0: x and y in flight, the link is cut: one strike each.
         next(&mut r, 0).unwrap();
         r.link_down(0);
         assert_eq!(settled(&mut r), [(a, Outcome::Accepted)]);
         // t1: each probe is answered, granted or refused: both cleared.
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let px = next(&mut r, 0).unwrap();
         assert!(r.on_suback(0, px.id, [GRANTED]));
         let py = next(&mut r, 0).unwrap();
@@ -1955,7 +2038,7 @@ mod tests {
     #[test]
     fn no_subscribe_goes_while_the_caller_probes_a_publish() {
         let mut r = Router::new();
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let a = sub(&mut r, stream(1), &["old"], Q0);
         exchange(&mut r, 0, &[]);
         r.unsubscribe(a);
@@ -1977,10 +2060,10 @@ mod tests {
         sub(&mut r, stream(1), &["a", "b", "c", "d"], Q0);
         let e = sub(&mut r, stream(1), &["e"], Q0);
         settled(&mut r);
-        r.link_up(1, false);
+        r.link_up(1, false, Instant::default());
         assert_eq!(next(&mut r, 1).unwrap().names(), ["e"]);
         r.link_down(1);
-        r.link_up(1, false);
+        r.link_up(1, false, Instant::default());
         assert!(r.holds_publishes(1, false) && !r.holds_publishes(0, false));
         assert_eq!(next(&mut r, 1).unwrap().names(), ["e"]);
         r.link_down(1);
@@ -2136,7 +2219,7 @@ mod tests {
     #[test]
     fn a_subscription_removed_before_its_refusal_is_reported_is_not_reported() {
         let mut r = Router::new();
-        r.link_up(0, false);
+        r.link_up(0, false, Instant::default());
         let a = sub(&mut r, stream(1), &["deny"], Q0);
         exchange(&mut r, 0, &["deny"]);
         assert_eq!(r.state(a), Some(SubState::Failed));
@@ -2389,7 +2472,7 @@ mod tests {
             b.session[link] = Some(BTreeMap::new());
         }
         b.up[link] = true;
-        r.link_up(link, present);
+        r.link_up(link, present, Instant::default());
     }
 
     #[test]

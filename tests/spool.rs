@@ -388,3 +388,46 @@ fn offline_sigterm_does_not_wait_and_says_what_it_discards() {
     assert!(t0.elapsed() < SECS(10));
     assert_eq!(discarded(&d.log()), Some((3, 2)), "{}", d.log());
 }
+
+#[test]
+fn a_message_published_offline_reaches_a_local_subscriber_after_the_reconnect() {
+    // [spool-9] Without a session the broker forgets our subscription with
+    // the connection; the messages queued meanwhile must not reach it
+    // before the SUBSCRIBE that brings the subscription back.
+    let broker = Mosquitto::start();
+    let proxy = Proxy::start(broker.port());
+    let (d, sock) = start(proxy.port(), "gw-restore", &["--max-backoff", "2"]);
+    assert!(
+        d.wait_log("connected (session present", SECS(10)),
+        "{}",
+        d.log()
+    );
+    let mut sub = BusClient::connect(&sock);
+    sub.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["back/#"], 1),
+    );
+    assert_eq!(sub.read(), Some(Reply::Accepted));
+    proxy.refuse(true);
+    proxy.cut(Cut::Rst);
+    assert!(
+        d.wait_log("connection attempt failed", SECS(10)),
+        "{}",
+        d.log()
+    );
+    let mut c = BusClient::connect(&sock);
+    for i in 0..5 {
+        let payload = format!("m{i}");
+        let answer = c.call("publish", &publish_params("back/x", payload.as_bytes(), 1));
+        assert!(is_null(&answer), "{answer:?}");
+    }
+    proxy.refuse(false);
+    assert!(d.wait_log("reconnected", SECS(15)), "{}", d.log());
+    sub.timeout(SECS(10));
+    let got: Vec<String> = (0..5)
+        .map_while(|_| sub.read())
+        .map(|r| String::from_utf8(r.message().1).unwrap())
+        .collect();
+    assert_eq!(got, ["m0", "m1", "m2", "m3", "m4"], "{}", d.log());
+}

@@ -713,7 +713,13 @@ impl EventLoop {
                 }
                 // 3. A new PUBLISH, when the rate limit allows it
                 // [iotcored-bus-publish-4.1]: waiting is never an error.
-                if !carries_publishes || self.router.holds_publishes(i, self.spool.probing()) {
+                // Resends of a lost connection's messages go first; new ones
+                // wait until the subscriptions are back [spool-9].
+                let probing = self.spool.probing();
+                if !carries_publishes
+                    || self.router.holds_publishes(i, probing)
+                    || (!probing && self.router.restoring(now))
+                {
                     break 'fill false;
                 }
                 let Some(len) = self.spool.peek_next_len(consts::MAX_INFLIGHT) else {
@@ -816,7 +822,7 @@ impl EventLoop {
                         "connection {i} ({}): {again} (session present: {session_present})",
                         link.client_id
                     );
-                    self.link_established(i, session_present);
+                    self.link_established(i, session_present, now);
                 }
                 Ok(Some(Event::Publish(p))) => {
                     self.counters.received += 1;
@@ -870,8 +876,8 @@ impl EventLoop {
     }
 
     /// Link `i` got its CONNACK.
-    fn link_established(&mut self, i: usize, session_present: bool) {
-        self.router.link_up(i, session_present);
+    fn link_established(&mut self, i: usize, session_present: bool, now: Instant) {
+        self.router.link_up(i, session_present, now);
         if i == PUBLISHING {
             self.notifier.notify(&format!(
                 "STATUS=connected to {}:{}",

@@ -774,7 +774,7 @@ mod tests {
     /// SUBACK.
     fn refused(endpoint: Option<&[u8]>, kind: RequestType) -> (World, Reply) {
         let mut w = World::new();
-        w.router.link_up(0, false);
+        w.router.link_up(0, false, Instant::default());
         let (reply, _) = w.call(&request(
             "subscribe",
             kind,
@@ -818,7 +818,7 @@ mod tests {
     fn a_quarantined_filter_ends_even_an_answered_stream_with_remote() {
         // [bus-iso-2]: the error frame, then the connection closes.
         let mut w = World::new();
-        w.router.link_up(0, false);
+        w.router.link_up(0, false, Instant::default());
         let (reply, _) = w.call(&subscribe(RequestType::Subscribe, b"bad/#", None));
         w.router
             .next_request(0, Traffic::Quiet)
@@ -827,7 +827,7 @@ mod tests {
         let (settled, answer) = w.settle(reply.mode);
         assert_eq!(answer, hex(ACCEPTED));
         let mode = settled.unwrap().mode;
-        w.router.link_up(0, false);
+        w.router.link_up(0, false, Instant::default());
         w.router.next_request(0, Traffic::Quiet).expect("the probe");
         w.router.link_down(0); // second close, the filter alone
         let (settled, answer) = w.settle(mode);
@@ -835,7 +835,7 @@ mod tests {
         assert_eq!(settled, Some(closed(answer.len())));
         // An endpoint call waiting for its answer gets REMOTE too.
         let mut w = World::new();
-        w.router.link_up(0, false);
+        w.router.link_up(0, false, Instant::default());
         let bytes = subscribe(RequestType::Call, b"bad/#", Some(b"sink"));
         let (reply, _) = w.call(&bytes);
         for _ in 0..2 {
@@ -843,7 +843,7 @@ mod tests {
                 .next_request(0, Traffic::Quiet)
                 .expect("a SUBSCRIBE");
             w.router.link_down(0);
-            w.router.link_up(0, false);
+            w.router.link_up(0, false, Instant::default());
         }
         let (settled, answer) = w.settle(reply.mode);
         assert_eq!(answer, hex(REMOTE));
