@@ -7,7 +7,9 @@
 pub mod bus;
 pub mod config;
 pub mod consts;
+pub mod crc32c;
 pub mod event_loop;
+pub mod journal;
 pub mod limits;
 pub mod mqtt;
 pub mod router;
