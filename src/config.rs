@@ -50,6 +50,12 @@ pub struct Config {
     /// How long SIGTERM waits for queued messages to be sent before the
     /// daemon stops, in seconds (0..=3600) [spool-1].
     pub drain: u16,
+    /// The disk spool's directory, if any [spool-2].
+    pub spool_dir: Option<PathBuf>,
+    /// The disk spool file's size, bytes (1 MiB..=4 GiB).
+    pub spool_size: u64,
+    /// The longest time between `fsync`s of the disk spool, ms.
+    pub spool_sync_ms: u32,
 }
 
 impl Config {
@@ -68,7 +74,7 @@ impl Config {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     /// Run the daemon.
-    Run(Config),
+    Run(Box<Config>),
     /// Print the help text and exit 0.
     Help,
     /// Print the version and exit 0.
@@ -115,6 +121,12 @@ Options:
       --drain SECONDS         on SIGTERM, keep sending queued messages for up to this
                               long while connected, 0-3600 [default: 2]; what is still
                               queued then is discarded (and logged)
+      --spool-dir DIR         keep QoS 1 messages in a file in DIR until the broker
+                              acknowledges them: they survive the end of the process
+      --spool-size SIZE       the file's size, allocated at start-up: 1M-4G, suffix
+                              K, M or G [default: 16M]
+      --spool-sync MS         the longest time between syncs of the file to disk,
+                              1-60000 [default: 100]
   -h, --help                  print this help
   -V, --version               print the version
 
@@ -143,6 +155,9 @@ where
     let mut persistent_session = false;
     let mut max_backoff: u16 = 120;
     let mut drain: u16 = 2;
+    let mut spool_dir = None;
+    let mut spool_size: u64 = 16 << 20;
+    let mut spool_sync_ms: u32 = 100;
 
     let mut parser = lexopt::Parser::from_args(args);
     while let Some(arg) = parser.next()? {
@@ -161,6 +176,11 @@ where
             Long("persistent-session") => persistent_session = true,
             Long("max-backoff") => max_backoff = number(&mut parser, "max-backoff", 1)?,
             Long("drain") => drain = number(&mut parser, "drain", 0)?,
+            Long("spool-dir") => spool_dir = Some(PathBuf::from(parser.value()?)),
+            Long("spool-size") => spool_size = size(&mut parser, "spool-size")?,
+            Long("spool-sync") => {
+                spool_sync_ms = u32::from(number(&mut parser, "spool-sync", 1)?);
+            }
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
             _ => return Err(arg.unexpected().into()),
@@ -180,9 +200,12 @@ where
         persistent_session,
         max_backoff,
         drain,
+        spool_dir,
+        spool_size,
+        spool_sync_ms,
     };
     validate(&config)?;
-    Ok(Command::Run(config))
+    Ok(Command::Run(Box::new(config)))
 }
 
 fn required<T>(value: Option<T>, long: &str, short: char) -> Result<T, UsageError> {
@@ -206,6 +229,24 @@ fn number(parser: &mut lexopt::Parser, name: &str, min: u16) -> Result<u16, Usag
     }
 }
 
+/// A size: a whole number of bytes, or with a suffix K, M or G (powers of
+/// 1024), from 1 MiB to 4 GiB.
+fn size(parser: &mut lexopt::Parser, name: &str) -> Result<u64, UsageError> {
+    let text = string(parser, name)?;
+    let (digits, unit) = match text.char_indices().last() {
+        Some((i, 'K' | 'k')) => (&text[..i], 1u64 << 10),
+        Some((i, 'M' | 'm')) => (&text[..i], 1 << 20),
+        Some((i, 'G' | 'g')) => (&text[..i], 1 << 30),
+        _ => (text.as_str(), 1),
+    };
+    match digits.parse::<u64>().ok().and_then(|n| n.checked_mul(unit)) {
+        Some(v) if (1 << 20..=4 << 30).contains(&v) => Ok(v),
+        _ => Err(UsageError(format!(
+            "--{name}: {text:?} is not a size from 1M to 4G (bytes, or with K, M or G)"
+        ))),
+    }
+}
+
 fn validate(config: &Config) -> Result<(), UsageError> {
     let fail = |msg: String| Err(UsageError(msg));
     if config.endpoint.is_empty() {
@@ -221,6 +262,12 @@ fn validate(config: &Config) -> Result<(), UsageError> {
         return fail(format!(
             "--max-backoff: {} is not a whole number from 1 to 3600",
             config.max_backoff
+        ));
+    }
+    if config.spool_sync_ms > 60_000 {
+        return fail(format!(
+            "--spool-sync: {} is not a whole number from 1 to 60000",
+            config.spool_sync_ms
         ));
     }
     if config.drain > 3600 {
@@ -295,7 +342,7 @@ mod tests {
 
     fn config(extra: &[&str]) -> Config {
         match parse_with(extra) {
-            Ok(Command::Run(c)) => c,
+            Ok(Command::Run(c)) => *c,
             other => panic!("expected a config, got {other:?}"),
         }
     }

@@ -447,6 +447,11 @@ impl<S: Storage> Journal<S> {
         self.tail_seq - self.head_seq
     }
 
+    /// The sequence number the next record gets.
+    pub fn tail_seq(&self) -> u64 {
+        self.tail_seq
+    }
+
     /// Bytes of the ring in use, from the durable head to the tail.
     pub fn used(&self) -> u64 {
         self.ring_distance(self.durable_head, self.tail)

@@ -24,7 +24,7 @@ const EXIT_UNTRUSTED: u8 = 4;
 
 fn main() -> ExitCode {
     let config = match config::parse(std::env::args_os().skip(1)) {
-        Ok(Command::Run(config)) => config,
+        Ok(Command::Run(config)) => *config,
         Ok(Command::Help) => {
             print!("{}", config::HELP);
             return ExitCode::SUCCESS;

@@ -146,6 +146,8 @@ pub struct Quarantined {
     pub topic: heapless::String<MAX_TOPIC_LEN>,
     /// The whole PUBLISH packet's length.
     pub len: usize,
+    /// Its record in the disk spool, 0 for none: to be released.
+    pub stored: u64,
 }
 
 /// The bytes of the current message still to write: `first`, then `second`
@@ -209,6 +211,11 @@ struct Entry {
     /// The metadata slot of the next message waiting in the same lane, or
     /// `NIL`; meaningful only while this one waits in its lane.
     next: usize,
+    /// Its record in the disk spool (`journal`), 0 for none.
+    stored: u64,
+    /// Loaded from the disk spool at start-up and not yet started: it
+    /// goes before anything new [spool-6].
+    restored: bool,
 }
 
 const EMPTY: Entry = Entry {
@@ -222,6 +229,8 @@ const EMPTY: Entry = Entry {
     queued_at: Instant::from_millis(0),
     lane: 0,
     next: NIL,
+    stored: 0,
+    restored: false,
 };
 
 /// One publishing process's share of the queue [bus-iso-5]: its messages
@@ -291,6 +300,9 @@ pub struct Spool {
     /// QoS 1 messages unacknowledged at the last loss and still live; while
     /// non-zero, only they start, and only while nothing is in flight.
     suspects: usize,
+    /// Messages restored from the disk spool not yet started; while
+    /// non-zero, only they start [spool-6].
+    restored: usize,
     /// The packet id of the suspect with strikes (0: none), and how many.
     struck_id: u16,
     strikes: u8,
@@ -339,6 +351,7 @@ impl Spool {
             ids: vec![0; ID_WORDS].into_boxed_slice(),
             next_id: 1,
             suspects: 0,
+            restored: 0,
             struck_id: 0,
             strikes: 0,
             stats: Stats::default(),
@@ -460,6 +473,8 @@ impl Spool {
             queued_at: now,
             lane,
             next: NIL,
+            stored: 0,
+            restored: false,
         };
         self.count += 1;
         self.span += len;
@@ -500,6 +515,10 @@ impl Spool {
                 self.meta[slot].packet_id = id;
             }
             self.dequeue(lane);
+            if self.meta[slot].restored {
+                self.meta[slot].restored = false;
+                self.restored -= 1;
+            }
             self.turn = if lane + 1 == self.lanes.len() {
                 0
             } else {
@@ -556,12 +575,35 @@ impl Spool {
         true
     }
 
-    /// A PUBACK: releases the in-flight QoS 1 with this id. False, and
-    /// nothing changes, when no message in flight has it (also for a message
-    /// put back in the queue by `reset_inflight`).
-    pub fn ack(&mut self, packet_id: u16) -> bool {
+    /// Records that the message `push` took last is record `seq` of the
+    /// disk spool, to be released when it is done.
+    pub fn store_last(&mut self, seq: u64) {
+        if self.count > 0 {
+            let slot = self.slot(self.count - 1);
+            self.meta[slot].stored = seq;
+        }
+    }
+
+    /// Marks the message `push` took last as restored from the disk spool
+    /// after a restart: restored messages start before any other
+    /// [spool-6].
+    pub fn restored_last(&mut self) {
+        if self.count > 0 {
+            let slot = self.slot(self.count - 1);
+            if !self.meta[slot].restored {
+                self.meta[slot].restored = true;
+                self.restored += 1;
+            }
+        }
+    }
+
+    /// A PUBACK: releases the in-flight QoS 1 with this id, and says its
+    /// disk-spool record (0: none). `None`, and nothing changes, when no
+    /// message in flight has it (also for a message put back in the queue
+    /// by `reset_inflight`).
+    pub fn ack(&mut self, packet_id: u16) -> Option<u64> {
         if !IDS.contains(packet_id) || !self.id_held(packet_id) {
-            return false;
+            return None;
         }
         // Messages in flight are mostly the oldest: search from the front.
         for i in 0..self.count {
@@ -572,10 +614,10 @@ impl Spool {
                 self.inflight -= 1;
                 self.stats.acked += 1;
                 self.settle();
-                return true;
+                return Some(e.stored);
             }
         }
-        false
+        None
     }
 
     /// The connection dropped: every unacknowledged QoS 1 goes back to the
@@ -638,6 +680,7 @@ impl Spool {
         let q = Quarantined {
             topic: self.topic_of(&e),
             len: e.len,
+            stored: e.stored,
         };
         if e.state == State::Inflight {
             self.inflight -= 1;
@@ -698,6 +741,7 @@ impl Spool {
                     return false; // NIL: nothing waits in this lane
                 };
                 (self.suspects == 0 || e.packet_id != 0)
+                    && (self.restored == 0 || e.restored)
                     && (e.qos == QoS::AtMostOnce || self.inflight < limit)
             })
     }
@@ -1069,6 +1113,9 @@ mod tests {
             assert_ne!(s.entry(s.count - 1).state, State::Dead);
         }
         assert_eq!((live, bytes, inflight), (s.live, s.live_bytes, s.inflight));
+        let restored = (0..s.count).map(|i| s.entry(i)).filter(|e| e.restored);
+        assert!(restored.clone().all(|e| e.state == State::Queued));
+        assert_eq!(restored.count(), s.restored, "restored, not yet started");
         assert_eq!(&held[..], &s.ids[..], "packet id bitmap");
         if s.suspects > 0 {
             let with_ids = held.iter().map(|w| w.count_ones() as usize).sum::<usize>();
@@ -1194,7 +1241,7 @@ mod tests {
 
         assert_eq!(s.inflight(), 2);
         assert_eq!(s.len(), 2); // QoS 1 stay until acked
-        assert!(s.ack(1) && s.ack(2));
+        assert!(s.ack(1).is_some() && s.ack(2).is_some());
         assert!(s.is_empty());
         assert_eq!(s.bytes(), 0);
         check(&s);
@@ -1258,7 +1305,7 @@ mod tests {
             }
             expected.extend(encoded("one/byte", &payload, qos, false, id, false));
             if qos == Q1 {
-                assert!(s.ack(id));
+                assert!(s.ack(id).is_some());
             }
         }
         assert_eq!(wire, expected);
@@ -1334,7 +1381,7 @@ mod tests {
         // Nothing was lost: the queued messages still go out, in order.
         let got = payloads(&send_all(&mut s, 4));
         assert_eq!(got, vec![vec![2; 10], vec![3; 3]]);
-        assert!(s.ack(1) && s.ack(2));
+        assert!(s.ack(1).is_some() && s.ack(2).is_some());
         assert!(s.is_empty());
     }
 
@@ -1385,7 +1432,7 @@ mod tests {
         let again = send(&mut s, 4).unwrap();
         assert_eq!(again, encoded("t", b"AAAAAAAAAA", Q1, false, 1, true));
         assert_eq!(again[1..], a[1..]);
-        assert!(s.ack(1));
+        assert!(s.ack(1).is_some());
         let got = payloads(&send_all(&mut s, 4));
         assert_eq!(
             got,
@@ -1480,9 +1527,9 @@ mod tests {
         );
         assert_eq!(s.peek_next_len(3), Some(packet::publish_len(1, 1, Q1)));
         assert!(s.next(0, true).is_none());
-        assert!(s.ack(2));
+        assert!(s.ack(2).is_some());
         assert_eq!(payloads(&send_all(&mut s, 2)), vec![vec![2]]);
-        assert!(s.ack(1));
+        assert!(s.ack(1).is_some());
         assert_eq!(payloads(&send_all(&mut s, 2)), vec![vec![3], vec![9]]);
         assert_eq!(s.inflight(), 2);
     }
@@ -1495,16 +1542,16 @@ mod tests {
         send(&mut s, 4).unwrap();
         let (len, stats) = (s.len(), s.stats());
         for id in [0, 2, 3, 32_767, 32_768, 65_535] {
-            assert!(!s.ack(id), "id {id}");
+            assert!(s.ack(id).is_none(), "id {id}");
         }
         assert_eq!((s.len(), s.inflight(), s.stats()), (len, 1, stats));
-        assert!(s.ack(1));
-        assert!(!s.ack(1), "a second ack of the same id");
+        assert!(s.ack(1).is_some());
+        assert!(s.ack(1).is_none(), "a second ack of the same id");
         check(&s);
         // An id held by a QoS 1 queued for resending is not in flight.
         send(&mut s, 4).unwrap();
         s.reset_inflight();
-        assert!(!s.ack(2));
+        assert!(s.ack(2).is_none());
         assert_eq!(s.len(), 1);
     }
 
@@ -1527,12 +1574,12 @@ mod tests {
         // A second drop resends again, still with the same id.
         assert_eq!(s.reset_inflight(), None);
         assert_eq!(send_all(&mut s, 10), [dup_a]);
-        assert!(s.ack(1));
+        assert!(s.ack(1).is_some());
         assert_eq!(
             send_all(&mut s, 10),
             [encoded("t", b"b", Q1, false, 2, true)]
         );
-        assert!(s.ack(2));
+        assert!(s.ack(2).is_some());
         assert_eq!(
             send_all(&mut s, 10),
             [
@@ -1542,7 +1589,7 @@ mod tests {
         );
         let st = s.stats();
         assert_eq!((st.sent, st.resent), (5, 3));
-        assert!(s.ack(3));
+        assert!(s.ack(3).is_some());
         assert!(s.is_empty());
     }
 
@@ -1571,7 +1618,7 @@ mod tests {
             1,
             "its first complete write is a first send"
         );
-        assert!(s.ack(1));
+        assert!(s.ack(1).is_some());
         s.next(4, true).unwrap();
         s.advance(2);
         s.reset_inflight();
@@ -1595,7 +1642,7 @@ mod tests {
         send_all(&mut s, 4);
         assert_eq!(s.oldest_age(t(5_000)), Duration::from_millis(3_000));
         let id = s.entry(0).packet_id;
-        assert!(s.ack(id));
+        assert!(s.ack(id).is_some());
         assert_eq!(s.oldest_age(t(5_000)), Duration::ZERO);
     }
 
@@ -1619,9 +1666,9 @@ mod tests {
             push(&mut s, "t", b"x", Q1).unwrap();
             let id = publish_of(&send(&mut s, 4).unwrap()).packet_id.unwrap();
             assert_eq!(id, expected);
-            assert!(s.ack(id));
+            assert!(s.ack(id).is_some());
         }
-        assert!(s.ack(1));
+        assert!(s.ack(1).is_some());
         push(&mut s, "t", b"x", Q1).unwrap();
         push(&mut s, "t", b"y", Q1).unwrap();
         assert_eq!(
@@ -1688,7 +1735,7 @@ mod tests {
                 Err(PushError::Busy)
             );
             assert!(s.next(4, true).is_none());
-            assert!(!s.advance(1) && !s.ack(1));
+            assert!(!s.advance(1) && s.ack(1).is_none());
             s.reset_inflight();
             check(&s);
         }
@@ -1727,7 +1774,7 @@ mod tests {
             let bytes = rest(&out);
             assert_eq!(bytes, encoded("t/x", b"abcdef", Q1, false, 1, false));
             s.advance(bytes.len());
-            assert!(s.ack(1));
+            assert!(s.ack(1).is_some());
             check(&s);
         }
     }
@@ -1764,13 +1811,13 @@ mod tests {
         // t1: reconnected. m0 alone, then nothing until its PUBACK.
         assert_eq!(texts(&send_all(&mut s, 10)), ["m0"]);
         assert_eq!(s.peek_next_len(10), None);
-        assert!(s.ack(1));
+        assert!(s.ack(1).is_some());
         assert_eq!(texts(&send_all(&mut s, 10)), ["m1"]);
-        assert!(s.ack(2));
+        assert!(s.ack(2).is_some());
         // m2 is the last suspect: even the QoS 0 behind it waits.
         assert_eq!(texts(&send_all(&mut s, 10)), ["m2"]);
         assert_eq!(s.peek_next_len(10), None);
-        assert!(s.ack(3));
+        assert!(s.ack(3).is_some());
         assert!(!s.probing());
         // t2: pipelining again.
         assert_eq!(texts(&send_all(&mut s, 10)), ["m3", "m4"]);
@@ -1800,7 +1847,7 @@ mod tests {
         let sent = send_all(&mut s, 10);
         assert_eq!(texts(&sent), ["m1"]);
         assert!(publish_of(&sent[0]).dup);
-        assert!(s.ack(2));
+        assert!(s.ack(2).is_some());
         assert!(!s.probing());
         assert_eq!(texts(&send_all(&mut s, 10)), ["m2"]);
         assert_eq!(s.stats().quarantined, 1);
@@ -1814,12 +1861,12 @@ mod tests {
         send_all(&mut s, 10);
         assert_eq!(s.reset_inflight(), None);
         send_all(&mut s, 10);
-        assert!(s.ack(1));
+        assert!(s.ack(1).is_some());
         // m1 probes, is cut once: its own first strike, not m0's second.
         assert_eq!(texts(&send_all(&mut s, 10)), ["m1"]);
         assert_eq!(s.reset_inflight(), None);
         assert_eq!(texts(&send_all(&mut s, 10)), ["m1"]);
-        assert!(s.ack(2));
+        assert!(s.ack(2).is_some());
         assert!(s.is_empty());
         assert_eq!(s.stats().quarantined, 0);
     }
@@ -1923,7 +1970,7 @@ mod tests {
         push_from(&mut s, 200, "b2", Q0).unwrap();
         // A window of one: a1 goes, a2 must wait for its PUBACK.
         assert_eq!(sent_payloads(&mut s, 1), ["a1", "b1", "b2"]);
-        assert!(s.ack(1));
+        assert!(s.ack(1).is_some());
         assert_eq!(sent_payloads(&mut s, 1), ["a2"]);
     }
 
@@ -2028,6 +2075,23 @@ mod tests {
     }
 
     #[test]
+    fn messages_restored_from_disk_start_before_anything_new() {
+        // [spool-6] Restored at start-up (in their lanes), then new ones
+        // from other processes, which would otherwise take turns.
+        let mut s = Spool::new(4096, 16);
+        for (pid, p) in [(100, "r1"), (200, "r2"), (100, "r3")] {
+            push_from(&mut s, pid, p, Q1).unwrap();
+            s.restored_last();
+        }
+        push_from(&mut s, 300, "new1", Q0).unwrap();
+        push_from(&mut s, 400, "new2", Q1).unwrap();
+        check(&s);
+        let sent = sent_payloads(&mut s, 10);
+        assert_eq!(sent[..3], ["r1", "r2", "r3"]);
+        assert_eq!(sent.len(), 5);
+    }
+
+    #[test]
     fn unacknowledged_messages_of_every_lane_are_resent_before_anything_new() {
         let mut s = Spool::new(16_384, 16);
         push_from(&mut s, 100, "a1", Q1).unwrap();
@@ -2040,9 +2104,9 @@ mod tests {
         let resent = send_all(&mut s, 10);
         assert_eq!(payloads(&resent), [b"a1".to_vec()]);
         assert!(publish_of(&resent[0]).dup);
-        assert!(s.ack(1));
+        assert!(s.ack(1).is_some());
         assert_eq!(sent_payloads(&mut s, 10), ["b1"]);
-        assert!(s.ack(2));
+        assert!(s.ack(2).is_some());
         let rest = sent_payloads(&mut s, 10);
         assert_eq!(rest.len(), 2, "{rest:?}");
     }
@@ -2419,7 +2483,11 @@ mod tests {
                     } else {
                         u16::try_from(rng.below(65_536)).unwrap()
                     };
-                    assert_eq!(s.ack(id), m.ack(id), "seed {seed} step {step}: ack {id}");
+                    assert_eq!(
+                        s.ack(id).is_some(),
+                        m.ack(id),
+                        "seed {seed} step {step}: ack {id}"
+                    );
                 }
                 18 => {
                     let got = s

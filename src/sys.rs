@@ -203,3 +203,29 @@ pub fn unread_bytes(fd: RawFd) -> usize {
     }
     usize::try_from(n).unwrap_or(0)
 }
+
+/// Takes an exclusive, non-blocking `flock` on `fd`: held until the file
+/// is closed, so a second daemon on the same spool directory is refused.
+pub fn lock_exclusive(fd: RawFd) -> io::Result<()> {
+    // SAFETY: flock takes a descriptor and flags; the result is checked.
+    let rc = unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Allocates `len` bytes of `fd`'s file on disk now (`fallocate`), so a
+/// full disk is found here, not at a later write.
+pub fn allocate(fd: RawFd, len: u64) -> io::Result<()> {
+    // The 64-bit call, so 32-bit ARM takes sizes up to 4 GiB too.
+    let len = libc::off64_t::try_from(len)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "size too large"))?;
+    // SAFETY: fallocate64 takes a descriptor, mode 0 and a range; the
+    // result is checked.
+    let rc = unsafe { libc::fallocate64(fd, 0, 0, len) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

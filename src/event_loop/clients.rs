@@ -459,6 +459,10 @@ impl EventLoop {
                 counters: self.counters,
                 now,
                 endpoint_reachable: &|name| self.clients.bus.endpoint_reachable(name),
+                store: self
+                    .disk
+                    .as_mut()
+                    .map(|d| d as &mut dyn crate::service::Store),
             };
             let slot = self.clients.bus.slot(i);
             // Asked only by a request that needs it (publish, subscribe),

@@ -384,7 +384,7 @@ impl EventLoop {
         link.forget_connection();
         if was_up {
             link.note_disconnect(&"closed by iotcored");
-            self.link_lost(i);
+            self.link_lost(i, now);
         }
     }
 
@@ -836,8 +836,11 @@ impl EventLoop {
                         self.clients.deliver(&mut self.router, topic, payload, now);
                 }
                 Ok(Some(Event::Puback { packet_id })) => {
-                    if i != PUBLISHING || !self.spool.ack(packet_id) {
-                        log::warn!("connection {i}: PUBACK for unknown packet id {packet_id}");
+                    match self.spool.ack(packet_id).filter(|_| i == PUBLISHING) {
+                        Some(stored) => self.released(stored, now),
+                        None => {
+                            log::warn!("connection {i}: PUBACK for unknown packet id {packet_id}");
+                        }
                     }
                 }
                 Ok(Some(Event::Suback(suback))) => {
@@ -887,11 +890,22 @@ impl EventLoop {
         }
     }
 
+    /// A message left the memory spool for good (acknowledged,
+    /// quarantined): its disk record goes too, and a stored one not yet in
+    /// memory may take its place.
+    fn released(&mut self, stored: u64, now: Instant) {
+        if let Some(disk) = self.disk.as_mut() {
+            crate::service::Store::release(disk, stored);
+            disk.load(&mut self.spool, now);
+        }
+    }
+
     /// Link `i`, which was connected, is gone.
-    fn link_lost(&mut self, i: usize) {
+    fn link_lost(&mut self, i: usize, now: Instant) {
         self.router.link_down(i);
         if i == PUBLISHING {
             if let Some(q) = self.spool.reset_inflight() {
+                self.released(q.stored, now);
                 log::warn!(
                     "connection {i}: lost {} times in a row while a {}-byte QoS 1 message \
                      on {:?} was the only one in flight: quarantined, it will not be sent again",
@@ -917,7 +931,7 @@ impl EventLoop {
         link.forget_connection();
         if was_up {
             link.note_disconnect(&failure);
-            self.link_lost(i);
+            self.link_lost(i, now);
         }
 
         let link = &mut self.links[i];

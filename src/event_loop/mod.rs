@@ -12,6 +12,7 @@
 //! every matching subscriber.
 
 mod clients;
+mod disk;
 mod links;
 mod resolver;
 
@@ -79,6 +80,8 @@ pub struct EventLoop {
     clients: Clients,
     router: Router,
     spool: Spool,
+    /// The disk spool, with `--spool-dir` (`disk.rs`).
+    disk: Option<disk::DiskSpool>,
     /// Counters kept by the loop (the spool keeps its own).
     counters: Counters,
     /// systemd notifications (READY, STATUS, WATCHDOG, STOPPING).
@@ -123,6 +126,18 @@ impl EventLoop {
         let links = (0..consts::MAX_CONNECTIONS)
             .map(|index| Link::new(index, &config, seed))
             .collect();
+        let start = Instant::from_millis(0);
+        let mut spool = Spool::new(consts::SPOOL_BYTES, consts::SPOOL_MESSAGES);
+        let disk = match &config.spool_dir {
+            Some(dir) => {
+                let mut disk =
+                    disk::DiskSpool::open(dir, config.spool_size, config.spool_sync_ms, start)?;
+                // Stored messages are queued before anything new [spool-6].
+                disk.load(&mut spool, start);
+                Some(disk)
+            }
+            None => None,
+        };
         Ok(Self {
             server_name,
             tls_config,
@@ -133,7 +148,8 @@ impl EventLoop {
             links,
             clients: Clients::new(bus),
             router: Router::new(),
-            spool: Spool::new(consts::SPOOL_BYTES, consts::SPOOL_MESSAGES),
+            spool,
+            disk,
             counters: Counters::default(),
             notifier,
             watchdog_at: None,
@@ -172,6 +188,9 @@ impl EventLoop {
             }
             if let Err(exit) = self.run_timers(now) {
                 return exit;
+            }
+            if let Some(disk) = self.disk.as_mut() {
+                disk.sync_if_due(now);
             }
             if let Some(deadline) = self.draining {
                 let done = self.spool.is_empty() || !self.links[PUBLISHING].is_connected();
@@ -263,6 +282,7 @@ impl EventLoop {
         };
         consider(self.stopping);
         consider(self.draining);
+        consider(self.disk.as_ref().and_then(disk::DiskSpool::deadline));
         consider(self.watchdog_at);
         for link in &self.links {
             consider(link.deadline());
@@ -302,7 +322,15 @@ impl EventLoop {
     /// spool still holds: it ends with the process [spool-1].
     fn begin_stop(&mut self, now: Instant) {
         let (qos0, qos1) = self.spool.waiting_by_qos();
-        if qos0 + qos1 > 0 {
+        if let Some(disk) = self.disk.as_mut() {
+            // QoS 1 stays in the file, sent after the next start.
+            disk.sync(now);
+            if qos0 > 0 {
+                log::warn!(
+                    "stopping with messages not sent: discarding {qos0} QoS 0 message(s); {qos1} QoS 1 message(s) kept in the disk spool"
+                );
+            }
+        } else if qos0 + qos1 > 0 {
             log::warn!(
                 "stopping with messages not sent: discarding {qos0} QoS 0 and {qos1} QoS 1 message(s) (QoS 1 ones may have reached the broker unacknowledged)"
             );

@@ -90,12 +90,16 @@ pub struct Stats<'a> {
     pub quarantined: u64,
     /// How long the oldest message waiting in the spool has waited, ms.
     pub oldest_ms: u64,
+    /// The disk spool's messages and bytes now, and the damaged records it
+    /// skipped (zeros without one).
+    pub stored: (u64, u64, u64),
     /// Why connection 0 last went down; empty if it never did.
     pub last_disconnect: &'a str,
 }
 
 /// The `stats` call result: the counters in core-bus.md section 6's order,
-/// then `connections`, `quarantined`, `oldest_ms` and `last_disconnect`
+/// then `connections`, `quarantined`, `oldest_ms`, `stored`,
+/// `stored_bytes`, `corrupt` and `last_disconnect`
 /// (the spec's keys this daemon has, in the spec's order).
 pub fn stats(buf: &mut [u8], s: &Stats<'_>) -> usize {
     let int = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
@@ -115,7 +119,7 @@ pub fn stats(buf: &mut [u8], s: &Stats<'_>) -> usize {
     ];
     let encode = |buf: &mut [u8]| -> Option<usize> {
         let mut e = Encoder::new(buf);
-        e.map(counters.len() + 4).ok()?;
+        e.map(counters.len() + 7).ok()?;
         for (k, v) in counters {
             e.key(k).ok()?.i64(v).ok()?;
         }
@@ -132,6 +136,9 @@ pub fn stats(buf: &mut [u8], s: &Stats<'_>) -> usize {
         }
         e.key(b"quarantined").ok()?.i64(int(s.quarantined)).ok()?;
         e.key(b"oldest_ms").ok()?.i64(int(s.oldest_ms)).ok()?;
+        e.key(b"stored").ok()?.i64(int(s.stored.0)).ok()?;
+        e.key(b"stored_bytes").ok()?.i64(int(s.stored.1)).ok()?;
+        e.key(b"corrupt").ok()?.i64(int(s.stored.2)).ok()?;
         e.key(b"last_disconnect")
             .ok()?
             .buf(s.last_disconnect.as_bytes())

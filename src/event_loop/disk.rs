@@ -1,0 +1,277 @@
+//! The disk spool as the loop owns it [spool-2] [spool-3]: the directory
+//! and its lock, the file (`journal`), the periodic sync, and the loading
+//! of stored records into the memory spool after a restart.
+//!
+//! A QoS 1 publish is written to the file (the kernel's page cache) before
+//! it is answered, so the end of the process loses nothing answered; a sync
+//! every `--spool-sync` ms makes it survive a power cut. The broker's
+//! PUBACK (or a quarantine) releases its record. The file holds at most
+//! what the memory spool holds: a publish goes to both or to neither.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::journal::{self, Cursor, FileStorage, Journal, Read, Recovered, MAX_RECORD};
+use crate::mqtt::packet::QoS;
+use crate::service::Store;
+use crate::spool::Spool;
+use crate::sys;
+use crate::time::Instant;
+
+/// The file's name in the spool directory, and its lock's.
+const FILE: &str = "spool";
+const LOCK: &str = "lock";
+/// A record: version, retain, pid, topic length, topic, payload.
+const RECORD_VERSION: u8 = 1;
+const RECORD_HEAD: usize = 8;
+
+/// The disk spool: open for the daemon's life.
+pub struct DiskSpool {
+    journal: Journal<FileStorage>,
+    /// Held for the daemon's life: the `flock` on the lock file.
+    _lock: File,
+    every: Duration,
+    /// When the last sync was; a sync is due `every` after it once
+    /// something changed.
+    last_sync: Instant,
+    dirty: bool,
+    /// Records found at start-up not yet in the memory spool, and where
+    /// they end (what was appended since is in memory already).
+    unloaded: Option<(Cursor, u64)>,
+    scratch: Box<[u8]>,
+}
+
+impl DiskSpool {
+    /// Opens (creating, allocating, recovering) the spool in `dir`. The
+    /// error names the directory and the cause.
+    pub fn open(dir: &Path, size: u64, sync_ms: u32, now: Instant) -> Result<DiskSpool, String> {
+        let shown = dir.display();
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("spool directory {shown}: cannot create it: {e}"))?;
+        let lock = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(dir.join(LOCK))
+            .map_err(|e| format!("spool directory {shown}: cannot write in it: {e}"))?;
+        sys::lock_exclusive(lock.as_raw_fd()).map_err(|e| {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                format!("spool directory {shown} is in use by another iotcored")
+            } else {
+                format!("spool directory {shown}: cannot lock it: {e}")
+            }
+        })?;
+        let path = dir.join(FILE);
+        let (journal, recovered) = match open_file(&path, size)? {
+            Ok(opened) => opened,
+            Err(why) => {
+                // Moved aside, never deleted [spool-5].
+                let secs = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let aside = dir.join(format!("{FILE}.corrupt-{secs}"));
+                fs::rename(&path, &aside).map_err(|e| {
+                    format!(
+                        "spool file {}: {why}, and it cannot be moved aside: {e}",
+                        path.display()
+                    )
+                })?;
+                log::error!(
+                    "spool file {}: {why}; moved aside to {} and started anew",
+                    path.display(),
+                    aside.display()
+                );
+                open_file(&path, size)?
+                    .map_err(|why| format!("spool file {}: {why}", path.display()))?
+            }
+        };
+        let pending = journal.pending();
+        log::info!(
+            "disk spool {}: {} bytes, {pending} stored message(s) ({} found after the last checkpoint, {} damaged record(s) skipped)",
+            path.display(),
+            journal.capacity(),
+            recovered.since_checkpoint,
+            recovered.corrupt
+        );
+        let unloaded = (pending > 0).then(|| (journal.cursor(), journal.tail_seq()));
+        Ok(DiskSpool {
+            journal,
+            _lock: lock,
+            every: Duration::from_millis(u64::from(sync_ms)),
+            last_sync: now,
+            dirty: false,
+            unloaded,
+            scratch: vec![0; MAX_RECORD].into_boxed_slice(),
+        })
+    }
+
+    /// Moves stored records into the memory spool while it has room, in
+    /// their order; returns how many. Done once every stored record is in.
+    pub fn load(&mut self, spool: &mut Spool, now: Instant) -> usize {
+        let mut moved = 0;
+        while let Some((mut cur, end)) = self.unloaded {
+            let before = cur;
+            let (seq, len) = match self.journal.read(&mut cur, &mut self.scratch) {
+                Ok(Read::Record { seq, len }) if seq < end => (seq, len),
+                Ok(_) => {
+                    self.unloaded = None;
+                    break;
+                }
+                Err(e) => {
+                    log::error!("disk spool: cannot read: {e}");
+                    self.unloaded = None;
+                    break;
+                }
+            };
+            let Some((pid, retain, topic, payload)) = decode(&self.scratch[..len]) else {
+                log::warn!("disk spool: record {seq} is not a message; dropped");
+                self.release(seq);
+                self.unloaded = Some((cur, end));
+                continue;
+            };
+            match spool.push(now, pid, topic, payload, QoS::AtLeastOnce, retain) {
+                Ok(_) => {
+                    spool.store_last(seq);
+                    spool.restored_last();
+                    moved += 1;
+                    self.unloaded = Some((cur, end));
+                }
+                Err(_) => {
+                    // No room now: again once messages leave.
+                    self.unloaded = Some((before, end));
+                    break;
+                }
+            }
+        }
+        moved
+    }
+
+    /// When the next sync is due, if one is.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.dirty.then(|| self.last_sync + self.every)
+    }
+
+    /// Syncs if one is due.
+    pub fn sync_if_due(&mut self, now: Instant) {
+        if self.deadline().is_some_and(|at| now >= at) {
+            self.sync(now);
+        }
+    }
+
+    /// Syncs now (at a deadline, and when stopping).
+    pub fn sync(&mut self, now: Instant) {
+        if let Err(e) = self.journal.sync() {
+            log::error!("disk spool: sync failed: {e}");
+        }
+        self.last_sync = now;
+        self.dirty = false;
+    }
+}
+
+impl Store for DiskSpool {
+    fn append(&mut self, pid: u32, topic: &str, payload: &[u8], retain: bool) -> Option<u64> {
+        let total = RECORD_HEAD + topic.len() + payload.len();
+        let (Some(record), Ok(topic_len)) =
+            (self.scratch.get_mut(..total), u16::try_from(topic.len()))
+        else {
+            return None;
+        };
+        record[0] = RECORD_VERSION;
+        record[1] = u8::from(retain);
+        record[2..6].copy_from_slice(&pid.to_le_bytes());
+        record[6..8].copy_from_slice(&topic_len.to_le_bytes());
+        record[8..8 + topic.len()].copy_from_slice(topic.as_bytes());
+        record[8 + topic.len()..].copy_from_slice(payload);
+        match self.journal.append(record) {
+            Ok(seq) => {
+                self.dirty = true;
+                Some(seq)
+            }
+            Err(journal::Error::Full) => None,
+            Err(e) => {
+                log::error!("disk spool: cannot store a message: {e}");
+                None
+            }
+        }
+    }
+
+    fn stats(&self) -> (u64, u64, u64) {
+        (
+            self.journal.pending(),
+            self.journal.used(),
+            self.journal.corrupt(),
+        )
+    }
+
+    fn release(&mut self, seq: u64) {
+        if seq == 0 {
+            return;
+        }
+        if let Err(e) = self.journal.release(seq) {
+            log::error!("disk spool: cannot release record {seq}: {e}");
+        }
+        self.dirty = true;
+    }
+}
+
+/// A record's fields: pid, retain, topic, payload.
+fn decode(record: &[u8]) -> Option<(u32, bool, &str, &[u8])> {
+    if record.len() < RECORD_HEAD || record[0] != RECORD_VERSION {
+        return None;
+    }
+    let mut pid = [0u8; 4];
+    pid.copy_from_slice(&record[2..6]);
+    let topic_len = usize::from(u16::from_le_bytes([record[6], record[7]]));
+    let rest = &record[RECORD_HEAD..];
+    let topic = core::str::from_utf8(rest.get(..topic_len)?).ok()?;
+    Some((
+        u32::from_le_bytes(pid),
+        record[1] != 0,
+        topic,
+        &rest[topic_len..],
+    ))
+}
+
+/// Opens `path` as a journal, creating and allocating it if it is new.
+/// The outer error is fatal (I/O, no space); the inner one means the file
+/// is not a usable spool and should be moved aside.
+#[allow(clippy::type_complexity)]
+fn open_file(
+    path: &PathBuf,
+    size: u64,
+) -> Result<Result<(Journal<FileStorage>, Recovered), String>, String> {
+    let shown = path.display();
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| format!("spool file {shown}: cannot open it: {e}"))?;
+    let mut len = file
+        .metadata()
+        .map_err(|e| format!("spool file {shown}: {e}"))?
+        .len();
+    if len == 0 {
+        sys::allocate(file.as_raw_fd(), size)
+            .map_err(|e| format!("spool file {shown}: cannot allocate {size} bytes: {e}"))?;
+        len = size;
+    } else if len != size {
+        log::warn!(
+            "spool file {shown} is {len} bytes: kept at that size (--spool-size {size} applies to a new file)"
+        );
+    }
+    Ok(match Journal::open(FileStorage::new(file, len)) {
+        Ok(opened) => Ok(opened),
+        Err(journal::Error::Io(e)) => return Err(format!("spool file {shown}: {e}")),
+        Err(e) => Err(e.to_string()),
+    })
+}

@@ -1,0 +1,167 @@
+//! End to end: the disk spool (`spool.md` [spool-2] [spool-3]) through the
+//! real daemon and a real mosquitto: QoS 1 messages answered before a
+//! SIGKILL are sent after the restart; a spool directory has one daemon;
+//! one that cannot be made is exit 1 naming it.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use common::bus::*;
+use common::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_iotcored");
+const SECS: fn(u64) -> Duration = Duration::from_secs;
+
+/// The daemon on `port` with its disk spool in `spool`.
+fn start(port: u16, id: &str, spool: &Path, extra: &[&str]) -> (Daemon, PathBuf) {
+    let dir = spool.display().to_string();
+    let mut args = vec!["--spool-dir", dir.as_str()];
+    args.extend(extra);
+    start_with_bus(BIN.as_ref(), port, id, &args)
+}
+
+#[test]
+fn sigkill_at_random_moments_loses_no_answered_qos1_message() {
+    // [spool-3] 50 times: a publisher sends QoS 1 messages as fast as they
+    // are answered, the daemon is killed (SIGKILL) at a random moment and
+    // started again on the same spool. Every message answered null must
+    // reach the broker; duplicates are allowed (at least once).
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(&broker, "kill/#", 1);
+    let spool = TestDir::new("spool");
+    let answered = Arc::new(Mutex::new(BTreeSet::new()));
+    let mut rng = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = 0u64;
+    for round in 0..50 {
+        let (mut d, sock) = start(broker.port(), "gw-kill", spool.path(), &[]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let publisher = {
+            let (stop, answered) = (Arc::clone(&stop), Arc::clone(&answered));
+            let first = next;
+            thread::spawn(move || {
+                let Some(mut c) = BusClient::try_connect(&sock) else {
+                    return first;
+                };
+                c.timeout(SECS(5));
+                let mut n = first;
+                while !stop.load(Ordering::Relaxed) {
+                    let payload = n.to_string();
+                    c.send(
+                        "publish",
+                        iotcored::bus::frame::RequestType::Call,
+                        &publish_params("kill/a", payload.as_bytes(), 1),
+                    );
+                    n += 1;
+                    if !is_null(&c.read()) {
+                        break; // killed, or BUSY
+                    }
+                    answered.lock().unwrap().insert(n - 1);
+                }
+                n
+            })
+        };
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        thread::sleep(Duration::from_millis(20 + rng % 400));
+        d.signal(libc::SIGKILL);
+        assert!(d.wait_exit(SECS(5)).is_some(), "round {round}: not killed");
+        stop.store(true, Ordering::Relaxed);
+        next = publisher.join().expect("publisher");
+    }
+    // One last start delivers what is left.
+    let (d, sock) = start(broker.port(), "gw-kill", spool.path(), &[]);
+    let want = answered.lock().unwrap().clone();
+    assert!(want.len() > 100, "only {} answered", want.len());
+    let seen = || -> BTreeSet<u64> {
+        sub.lines()
+            .iter()
+            .filter_map(|l| l.strip_prefix("kill/a ")?.parse().ok())
+            .collect()
+    };
+    assert!(
+        wait_until(SECS(60), || want.is_subset(&seen())),
+        "lost: {:?}\nstats {:?}\n{}",
+        want.difference(&seen()).take(20).collect::<Vec<_>>(),
+        stats(&sock),
+        d.log()
+    );
+    assert!(
+        wait_until(SECS(10), || stats(&sock)["stored"] == 0),
+        "{:?}",
+        stats(&sock)
+    );
+}
+
+#[test]
+fn a_stored_message_is_sent_after_a_restart_and_counted_in_stats() {
+    // [spool-3] Offline: the message waits; SIGKILL; back with a broker.
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(&broker, "later/#", 1);
+    let spool = TestDir::new("spool");
+    let (mut d, sock) = start(free_port(), "gw-later", spool.path(), &[]);
+    let mut c = BusClient::connect(&sock);
+    for i in 0..3 {
+        let payload = format!("m{i}");
+        assert!(is_null(&c.call(
+            "publish",
+            &publish_params("later/x", payload.as_bytes(), 1)
+        )));
+    }
+    assert!(is_null(
+        &c.call("publish", &publish_params("later/x", b"q0", 0))
+    ));
+    let st = stats(&sock);
+    assert_eq!((st["stored"], st["spooled"]), (3, 4), "{st:?}");
+    assert!(st["stored_bytes"] > 0);
+    d.signal(libc::SIGKILL);
+    assert!(d.wait_exit(SECS(5)).is_some());
+    let (d, sock) = start(broker.port(), "gw-later", spool.path(), &[]);
+    assert!(
+        sub.wait_lines(3, SECS(10)),
+        "{:?}\n{}",
+        sub.lines(),
+        d.log()
+    );
+    assert_eq!(sub.lines(), ["later/x m0", "later/x m1", "later/x m2"]);
+    assert!(wait_until(SECS(5), || stats(&sock)["stored"] == 0));
+    assert_eq!(stats(&sock)["corrupt"], 0);
+}
+
+#[test]
+fn a_second_daemon_on_the_same_spool_directory_exits_1() {
+    let spool = TestDir::new("spool");
+    let (_d, _sock) = start(free_port(), "gw-first", spool.path(), &[]);
+    let mut args = iotcored_args(Pki::get(), free_port(), "gw-second");
+    args.extend(["--socket-dir".into(), ".".into(), "--spool-dir".into()]);
+    args.push(spool.path().display().to_string());
+    let mut second = Daemon::start(BIN, &args);
+    let status = second.wait_exit(SECS(5)).expect("exits");
+    assert_eq!(status.code(), Some(1), "{}", second.log());
+    assert!(
+        second.log().contains("in use by another iotcored"),
+        "{}",
+        second.log()
+    );
+}
+
+#[test]
+fn a_spool_directory_that_cannot_be_made_exits_1_naming_it() {
+    let spool = TestDir::new("spool");
+    let file = spool.join("a-file");
+    std::fs::write(&file, b"not a directory").unwrap();
+    let dir = file.join("spool");
+    let mut args = iotcored_args(Pki::get(), free_port(), "gw-nodir");
+    args.extend(["--socket-dir".into(), ".".into(), "--spool-dir".into()]);
+    args.push(dir.display().to_string());
+    let mut d = Daemon::start(BIN, &args);
+    let status = d.wait_exit(SECS(5)).expect("exits");
+    assert_eq!(status.code(), Some(1), "{}", d.log());
+    assert!(d.log().contains(&dir.display().to_string()), "{}", d.log());
+}
