@@ -148,6 +148,17 @@ pub struct Quarantined {
     pub len: usize,
     /// Its record in the disk spool, 0 for none: to be released.
     pub stored: u64,
+    /// Its ticket (`last_ticket` when it was pushed).
+    pub ticket: u64,
+}
+
+/// A message the broker acknowledged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Acked {
+    /// Its record in the disk spool, 0 for none: to be released.
+    pub stored: u64,
+    /// Its ticket (`last_ticket` when it was pushed).
+    pub ticket: u64,
 }
 
 /// The bytes of the current message still to write: `first`, then `second`
@@ -216,6 +227,9 @@ struct Entry {
     /// Loaded from the disk spool at start-up and not yet started: it
     /// goes before anything new [spool-6].
     restored: bool,
+    /// Its number among the messages pushed (1, 2, ...): what a call
+    /// waiting for its PUBACK waits on.
+    ticket: u64,
 }
 
 const EMPTY: Entry = Entry {
@@ -231,6 +245,7 @@ const EMPTY: Entry = Entry {
     next: NIL,
     stored: 0,
     restored: false,
+    ticket: 0,
 };
 
 /// One publishing process's share of the queue [bus-iso-5]: its messages
@@ -475,6 +490,7 @@ impl Spool {
             next: NIL,
             stored: 0,
             restored: false,
+            ticket: self.stats.published + 1,
         };
         self.count += 1;
         self.span += len;
@@ -575,6 +591,11 @@ impl Spool {
         true
     }
 
+    /// The ticket of the message `push` took last.
+    pub fn last_ticket(&self) -> u64 {
+        self.stats.published
+    }
+
     /// Records that the message `push` took last is record `seq` of the
     /// disk spool, to be released when it is done.
     pub fn store_last(&mut self, seq: u64) {
@@ -597,11 +618,11 @@ impl Spool {
         }
     }
 
-    /// A PUBACK: releases the in-flight QoS 1 with this id, and says its
-    /// disk-spool record (0: none). `None`, and nothing changes, when no
+    /// A PUBACK: releases the in-flight QoS 1 with this id, and says which
+    /// message it was. `None`, and nothing changes, when no
     /// message in flight has it (also for a message put back in the queue
     /// by `reset_inflight`).
-    pub fn ack(&mut self, packet_id: u16) -> Option<u64> {
+    pub fn ack(&mut self, packet_id: u16) -> Option<Acked> {
         if !IDS.contains(packet_id) || !self.id_held(packet_id) {
             return None;
         }
@@ -614,7 +635,10 @@ impl Spool {
                 self.inflight -= 1;
                 self.stats.acked += 1;
                 self.settle();
-                return Some(e.stored);
+                return Some(Acked {
+                    stored: e.stored,
+                    ticket: e.ticket,
+                });
             }
         }
         None
@@ -681,6 +705,7 @@ impl Spool {
             topic: self.topic_of(&e),
             len: e.len,
             stored: e.stored,
+            ticket: e.ticket,
         };
         if e.state == State::Inflight {
             self.inflight -= 1;

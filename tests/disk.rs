@@ -165,3 +165,81 @@ fn a_spool_directory_that_cannot_be_made_exits_1_naming_it() {
     assert_eq!(status.code(), Some(1), "{}", d.log());
     assert!(d.log().contains(&dir.display().to_string()), "{}", d.log());
 }
+
+/// A publish of `payload` on `topic` at QoS 1 asking `confirm`.
+fn confirmed(topic: &str, payload: &[u8], confirm: &str) -> Vec<u8> {
+    params(&[
+        ("topic", V::Buf(topic.as_bytes())),
+        ("payload", V::Buf(payload)),
+        ("qos", V::I64(1)),
+        ("confirm", V::Buf(confirm.as_bytes())),
+    ])
+}
+
+#[test]
+fn confirm_stored_is_answered_once_the_message_is_synced() {
+    // [bus-confirm-1] [spool-3] With syncs a minute apart, the call still
+    // gets its answer at once: it asks for the sync.
+    let spool = TestDir::new("spool");
+    let (_d, sock) = start(
+        free_port(),
+        "gw-stored",
+        spool.path(),
+        &["--spool-sync", "60000"],
+    );
+    let mut c = BusClient::connect(&sock);
+    c.timeout(SECS(5));
+    let t0 = std::time::Instant::now();
+    assert!(is_null(
+        &c.call("publish", &confirmed("s/x", b"a", "stored"))
+    ));
+    assert!(t0.elapsed() < SECS(5));
+    assert_eq!(stats(&sock)["stored"], 1);
+    // Without a disk spool there is nothing to wait for.
+    let (_d2, sock2) = start_with_bus(BIN.as_ref(), free_port(), "gw-nodisk", &[]);
+    let mut c2 = BusClient::connect(&sock2);
+    assert_eq!(
+        c2.call("publish", &confirmed("s/x", b"a", "stored")),
+        Some(Reply::Error(code::UNSUPPORTED))
+    );
+}
+
+#[test]
+fn confirm_acked_is_answered_after_the_puback_and_holds_the_calls_behind_it() {
+    // [bus-confirm-1] [bus-req-4] The link is down: nothing is answered
+    // until the broker has the message; then both answers, in order.
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(&broker, "ack/#", 1);
+    let proxy = Proxy::start(broker.port());
+    proxy.refuse(true);
+    let (d, sock) = start_with_bus(
+        BIN.as_ref(),
+        proxy.port(),
+        "gw-acked",
+        &["--max-backoff", "1"],
+    );
+    let mut c = BusClient::connect(&sock);
+    c.send(
+        "publish",
+        iotcored::bus::frame::RequestType::Call,
+        &confirmed("ack/x", b"first", "acked"),
+    );
+    c.send(
+        "publish",
+        iotcored::bus::frame::RequestType::Call,
+        &publish_params("ack/x", b"second", 0),
+    );
+    c.timeout(Duration::from_millis(1500));
+    assert_eq!(c.read(), None, "answered before the broker had it");
+    proxy.refuse(false);
+    c.timeout(SECS(15));
+    assert!(is_null(&c.read()), "{}", d.log());
+    assert!(is_null(&c.read()));
+    assert!(
+        sub.wait_lines(2, SECS(5)),
+        "{:?} {:?}\n{}",
+        sub.lines(),
+        stats(&sock),
+        d.log()
+    );
+}

@@ -18,6 +18,7 @@
 //! disconnected (logged), so it sees the end of its stream.
 
 use super::EventLoop;
+use crate::bus::frame::ErrorCode;
 use crate::bus::server::{Input, Overdue, SendError, Server, PARTIAL_TIMEOUT, STALL_TIMEOUT};
 use crate::consts;
 use crate::router::{Dest, Router, SubId, ENDPOINT_TIMEOUT};
@@ -312,6 +313,27 @@ impl Clients {
         dropped
     }
 
+    /// Answers every call whose slot waits in a mode `waits_on` picks
+    /// [bus-confirm-1]: null, or the error `code`; the slot then serves
+    /// its pipelined requests again (from the loop).
+    pub(super) fn answer_waiting(
+        &mut self,
+        router: &mut Router,
+        waits_on: impl Fn(Mode) -> bool,
+        code: Option<ErrorCode>,
+    ) {
+        for i in 0..self.bus.capacity() {
+            if self.bus.slot(i).is_open() && waits_on(self.bus.slot(i).state()) {
+                let len = match code {
+                    Some(code) => answer::error(&mut self.scratch, code),
+                    None => answer::null(&mut self.scratch),
+                };
+                self.apply(i, &Reply::answer(len, Mode::Requests));
+                self.flush(router, i);
+            }
+        }
+    }
+
     /// Tells every `connection_status` subscriber the new state.
     pub(super) fn notify_status(&mut self, router: &mut Router, connected: bool) {
         for i in 0..self.bus.capacity() {
@@ -363,10 +385,11 @@ impl EventLoop {
     /// Serves slots that still have input buffered (pipelined requests that
     /// waited for an earlier answer), ends overdue discards, and closes
     /// slots whose peer has not taken their last bytes in time.
-    /// Returns whether the router changed (a probe removed an endpoint's
-    /// subscription): the caller then pumps before the loop sleeps.
+    /// Returns whether the router or the spool may have changed (a probe
+    /// removed an endpoint's subscription, requests were served): the
+    /// caller then pumps before the loop sleeps.
     pub(super) fn drive_pending_clients(&mut self, now: Instant) -> bool {
-        let changed = self.clients.probe_endpoints(&mut self.router, now);
+        let mut changed = self.clients.probe_endpoints(&mut self.router, now);
         for i in 0..self.clients.bus.capacity() {
             if let Some(why) = self.clients.bus.overdue(i, now) {
                 let pid = self.clients.bus.pid(i);
@@ -392,6 +415,9 @@ impl EventLoop {
                 .is_some_and(|d| now >= d);
             if discarding || self.clients.ready(i) {
                 self.drive_client(i, now);
+                // Requests served here (pipelined behind an answer that
+                // waited) may have queued publishes or subscriptions.
+                changed = true;
             }
         }
         changed

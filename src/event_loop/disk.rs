@@ -39,6 +39,8 @@ pub struct DiskSpool {
     /// something changed.
     last_sync: Instant,
     dirty: bool,
+    /// A call waits for the next sync: it is due now.
+    urgent: bool,
     /// Records found at start-up not yet in the memory spool, and where
     /// they end (what was appended since is in memory already).
     unloaded: Option<(Cursor, u64)>,
@@ -108,6 +110,7 @@ impl DiskSpool {
             every: Duration::from_millis(u64::from(sync_ms)),
             last_sync: now,
             dirty: false,
+            urgent: false,
             unloaded,
             scratch: vec![0; MAX_RECORD].into_boxed_slice(),
         })
@@ -156,23 +159,33 @@ impl DiskSpool {
 
     /// When the next sync is due, if one is.
     pub fn deadline(&self) -> Option<Instant> {
+        if self.urgent {
+            return Some(self.last_sync);
+        }
         self.dirty.then(|| self.last_sync + self.every)
     }
 
-    /// Syncs if one is due.
-    pub fn sync_if_due(&mut self, now: Instant) {
-        if self.deadline().is_some_and(|at| now >= at) {
-            self.sync(now);
-        }
+    /// Syncs if one is due; returns, if it did, the record number below
+    /// which every record is now durable.
+    pub fn sync_if_due(&mut self, now: Instant) -> Option<u64> {
+        let due = self.deadline().is_some_and(|at| now >= at);
+        due.then(|| self.sync(now))
     }
 
-    /// Syncs now (at a deadline, and when stopping).
-    pub fn sync(&mut self, now: Instant) {
-        if let Err(e) = self.journal.sync() {
-            log::error!("disk spool: sync failed: {e}");
-        }
+    /// Syncs now (at a deadline, and when stopping); returns the record
+    /// number below which every record is durable (on a failed sync, the
+    /// error is logged and nothing is claimed durable).
+    pub fn sync(&mut self, now: Instant) -> u64 {
         self.last_sync = now;
         self.dirty = false;
+        self.urgent = false;
+        match self.journal.sync() {
+            Ok(()) => self.journal.tail_seq(),
+            Err(e) => {
+                log::error!("disk spool: sync failed: {e}");
+                0
+            }
+        }
     }
 }
 
@@ -201,6 +214,10 @@ impl Store for DiskSpool {
                 None
             }
         }
+    }
+
+    fn sync_soon(&mut self) {
+        self.urgent = true;
     }
 
     fn stats(&self) -> (u64, u64, u64) {

@@ -19,13 +19,14 @@ use mio::{Interest, Token};
 
 use super::resolver::{Addrs, Lookup};
 use super::{EventLoop, Exit, LINK_BASE};
+use crate::bus::frame::ErrorCode;
 use crate::config::Config;
 use crate::consts;
 use crate::limits::{Backoff, RateLimiter, BACKOFF_MIN};
 use crate::mqtt::packet::{self, SubackCode};
 use crate::mqtt::session::{self, Event, Session};
 use crate::router::Traffic;
-use crate::service::PUBLISHING;
+use crate::service::{Mode, PUBLISHING};
 use crate::time::Instant;
 use crate::tls::{self, StreamError, TlsFailure, TlsStream};
 
@@ -837,7 +838,15 @@ impl EventLoop {
                 }
                 Ok(Some(Event::Puback { packet_id })) => {
                     match self.spool.ack(packet_id).filter(|_| i == PUBLISHING) {
-                        Some(stored) => self.released(stored, now),
+                        Some(acked) => {
+                            self.released(acked.stored, now);
+                            // [bus-confirm-1] A call waiting for it is answered.
+                            self.clients.answer_waiting(
+                                &mut self.router,
+                                |m| m == Mode::AwaitAcked(acked.ticket),
+                                None,
+                            );
+                        }
                         None => {
                             log::warn!("connection {i}: PUBACK for unknown packet id {packet_id}");
                         }
@@ -906,6 +915,11 @@ impl EventLoop {
         if i == PUBLISHING {
             if let Some(q) = self.spool.reset_inflight() {
                 self.released(q.stored, now);
+                self.clients.answer_waiting(
+                    &mut self.router,
+                    |m| m == Mode::AwaitAcked(q.ticket),
+                    Some(ErrorCode::Remote),
+                );
                 log::warn!(
                     "connection {i}: lost {} times in a row while a {}-byte QoS 1 message \
                      on {:?} was the only one in flight: quarantined, it will not be sent again",

@@ -30,7 +30,7 @@ use crate::bus::server::{self, Server};
 use crate::config::Config;
 use crate::consts;
 use crate::router::Router;
-use crate::service::{Counters, PUBLISHING};
+use crate::service::{Counters, Mode, PUBLISHING};
 use crate::spool::Spool;
 use crate::sys::{self, Notifier, SignalFd};
 use crate::time::Instant;
@@ -189,8 +189,8 @@ impl EventLoop {
             if let Err(exit) = self.run_timers(now) {
                 return exit;
             }
-            if let Some(disk) = self.disk.as_mut() {
-                disk.sync_if_due(now);
+            if let Some(synced) = self.disk.as_mut().and_then(|d| d.sync_if_due(now)) {
+                self.answer_stored(synced);
             }
             if let Some(deadline) = self.draining {
                 let done = self.spool.is_empty() || !self.links[PUBLISHING].is_connected();
@@ -318,13 +318,24 @@ impl EventLoop {
         }
     }
 
+    /// Answers the `confirm: stored` calls whose record is below `synced`,
+    /// all durable now [bus-confirm-1].
+    fn answer_stored(&mut self, synced: u64) {
+        self.clients.answer_waiting(
+            &mut self.router,
+            |m| matches!(m, Mode::AwaitStored(seq) if seq < synced),
+            None,
+        );
+    }
+
     /// Closes every link (DISCONNECT, close_notify), and says what the
     /// spool still holds: it ends with the process [spool-1].
     fn begin_stop(&mut self, now: Instant) {
         let (qos0, qos1) = self.spool.waiting_by_qos();
         if let Some(disk) = self.disk.as_mut() {
             // QoS 1 stays in the file, sent after the next start.
-            disk.sync(now);
+            let synced = disk.sync(now);
+            self.answer_stored(synced);
             if qos0 > 0 {
                 log::warn!(
                     "stopping with messages not sent: discarding {qos0} QoS 0 message(s); {qos1} QoS 1 message(s) kept in the disk spool"

@@ -22,6 +22,7 @@ use crate::mqtt::packet::QoS;
 use crate::router::{Dest, Outcome, Router, Settled, SubId};
 use crate::spool::{PushError, Spool};
 use crate::time::Instant;
+use params::Confirm;
 
 /// The publishing connection: every PUBLISH goes over connection 0 (the
 /// bare client id), so publishes leave in the order they were accepted,
@@ -46,12 +47,21 @@ pub enum Mode {
     Status,
     /// Our connection to a `response_endpoint`.
     Outbound,
+    /// A `publish` call with `confirm: stored` waits until disk-spool
+    /// record `seq` is synced; later requests wait behind it.
+    AwaitStored(u64),
+    /// A `publish` call with `confirm: acked` waits for the PUBACK of the
+    /// spool's message with this ticket; later requests wait behind it.
+    AwaitAcked(u64),
 }
 
 impl Mode {
     /// Whether reading the connection's input is useful now.
     pub fn wants_input(self) -> bool {
-        !matches!(self, Mode::AwaitCall(_))
+        !matches!(
+            self,
+            Mode::AwaitCall(_) | Mode::AwaitStored(_) | Mode::AwaitAcked(_)
+        )
     }
 
     /// Whether the connection's input is requests, to be handled in order.
@@ -137,6 +147,8 @@ pub trait Store {
     fn append(&mut self, pid: u32, topic: &str, payload: &[u8], retain: bool) -> Option<u64>;
     /// The message of record `seq` is done with (0: none).
     fn release(&mut self, seq: u64);
+    /// A call waits for the next sync: make it soon.
+    fn sync_soon(&mut self);
     /// Messages stored now, the file's bytes in use, and damaged records
     /// skipped since start-up (the `stats` keys `stored`, `stored_bytes`,
     /// `corrupt`).
@@ -246,6 +258,11 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
             };
             // With a disk spool, a QoS 1 message is stored before it is
             // answered, and stays stored until it is acknowledged.
+            // A notify is never answered, whatever it asks [bus-confirm-1].
+            let confirm = if notify { Confirm::Queued } else { p.confirm };
+            if confirm == Confirm::Stored && ctx.store.is_none() {
+                return refuse(out, ErrorCode::Unsupported, "no disk spool");
+            }
             let mut stored = 0;
             if let (Some(store), QoS::AtLeastOnce) = (ctx.store.as_deref_mut(), p.qos) {
                 match store.append(pid, p.topic, p.payload, p.retain) {
@@ -267,10 +284,27 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
                 store.release(stored);
             }
             match pushed {
-                Ok(pushed) => Reply {
-                    evicted: pushed.evicted,
-                    ..done(out, answer::null)
-                },
+                Ok(pushed) => {
+                    // The answer waits for the sync, or the PUBACK.
+                    let wait = match confirm {
+                        Confirm::Queued => None,
+                        Confirm::Stored => {
+                            if let Some(store) = ctx.store.as_deref_mut() {
+                                store.sync_soon();
+                            }
+                            Some(Mode::AwaitStored(stored))
+                        }
+                        Confirm::Acked => Some(Mode::AwaitAcked(ctx.spool.last_ticket())),
+                    };
+                    let reply = match wait {
+                        Some(mode) => Reply::answer(0, mode),
+                        None => done(out, answer::null),
+                    };
+                    Reply {
+                        evicted: pushed.evicted,
+                        ..reply
+                    }
+                }
                 Err(PushError::Busy) => Reply {
                     busy: true,
                     ..refuse(out, ErrorCode::Busy, "outgoing queue full")
@@ -665,6 +699,142 @@ mod tests {
                 .unwrap();
         });
         assert_eq!(w.call(&no_topic).1, hex(INVALID));
+    }
+
+    /// A publish of one byte on "c/t" at `qos` asking `confirm`.
+    fn confirmed(kind: RequestType, qos: i64, confirm: &'static [u8]) -> Vec<u8> {
+        request("publish", kind, move |e| {
+            e.map(3).unwrap();
+            e.key(b"topic").unwrap().buf(b"c/t").unwrap();
+            e.key(b"qos").unwrap().i64(qos).unwrap();
+            e.key(b"confirm").unwrap().buf(confirm).unwrap();
+        })
+    }
+
+    /// A minimal disk spool: records numbered from 1, synced on demand.
+    #[derive(Default)]
+    struct Disk {
+        appended: u64,
+        released: Vec<u64>,
+        soon: bool,
+    }
+
+    impl Store for Disk {
+        fn append(&mut self, _: u32, _: &str, _: &[u8], _: bool) -> Option<u64> {
+            self.appended += 1;
+            Some(self.appended)
+        }
+        fn release(&mut self, seq: u64) {
+            self.released.push(seq);
+        }
+        fn sync_soon(&mut self) {
+            self.soon = true;
+        }
+        fn stats(&self) -> (u64, u64, u64) {
+            (self.appended, 0, 0)
+        }
+    }
+
+    #[test]
+    fn confirm_says_when_a_publish_call_is_answered() {
+        // [bus-confirm-1]
+        let code = |c: ErrorCode| {
+            let mut buf = [0u8; 64];
+            let n = answer::error(&mut buf, c);
+            buf[..n].to_vec()
+        };
+        let mut w = World::new();
+        let (reply, answer) = w.call(&confirmed(RequestType::Call, 1, b"queued"));
+        assert_eq!((reply, answer), (served(hex(NULL).len()), hex(NULL)));
+        // acked: no answer now; the loop answers on the PUBACK of ticket 2.
+        let (reply, answer) = w.call(&confirmed(RequestType::Call, 1, b"acked"));
+        assert_eq!(
+            (reply, answer.len()),
+            (Reply::answer(0, Mode::AwaitAcked(2)), 0)
+        );
+        assert!(!reply.mode.wants_input(), "later calls wait behind it");
+        // stored: only with a disk spool.
+        let (_, answer) = w.call(&confirmed(RequestType::Call, 1, b"stored"));
+        assert_eq!(answer, code(ErrorCode::Unsupported));
+        assert_eq!(w.spool.len(), 2, "nothing queued");
+        // Only QoS 1 can be acknowledged or stored; unknown values.
+        for bad in [&b"acked"[..], b"stored"] {
+            let bytes = request("publish", RequestType::Call, |e| {
+                e.map(2).unwrap();
+                e.key(b"topic").unwrap().buf(b"c/t").unwrap();
+                e.key(b"confirm").unwrap().buf(bad).unwrap();
+            });
+            assert_eq!(w.call(&bytes).1, code(ErrorCode::Invalid));
+        }
+        assert_eq!(
+            w.call(&confirmed(RequestType::Call, 1, b"later")).1,
+            code(ErrorCode::Invalid)
+        );
+        // A notify is never answered, whatever it asks.
+        let (reply, answer) = w.call(&confirmed(RequestType::Notify, 1, b"acked"));
+        assert_eq!((reply, answer.len()), (served(0), 0));
+    }
+
+    #[test]
+    fn with_a_disk_spool_a_qos1_publish_is_stored_before_it_is_queued() {
+        // [spool-3] [bus-confirm-1]
+        let mut w = World::new();
+        let mut disk = Disk::default();
+        let links = [LinkState {
+            id: "gw",
+            connected: true,
+            last_disconnect: "",
+        }];
+        let call = |w: &mut World, disk: &mut Disk, bytes: &[u8]| {
+            let mut ctx = Context {
+                spool: &mut w.spool,
+                router: &mut w.router,
+                links: &links,
+                counters: Counters::default(),
+                now: Instant::default(),
+                endpoint_reachable: &|_| true,
+                store: Some(disk),
+            };
+            let caller = Caller {
+                slot: 1,
+                generation: 1,
+                pid: &|| 7,
+            };
+            let mut out = [0u8; 256];
+            handle(bytes, caller, &mut ctx, &mut out)
+        };
+        let reply = call(
+            &mut w,
+            &mut disk,
+            &confirmed(RequestType::Call, 1, b"stored"),
+        );
+        assert_eq!(reply, Reply::answer(0, Mode::AwaitStored(1)));
+        assert!(disk.soon, "a sync is asked for");
+        let reply = call(
+            &mut w,
+            &mut disk,
+            &publish(RequestType::Call, b"q/0", b"x", 0),
+        );
+        assert_eq!(reply.len, hex(NULL).len());
+        assert_eq!(disk.appended, 1, "QoS 0 is not stored");
+        // A full memory spool: the stored record is released again.
+        let mut w = World {
+            spool: Spool::new(4096, 1),
+            ..World::new()
+        };
+        let mut disk = Disk::default();
+        call(
+            &mut w,
+            &mut disk,
+            &publish(RequestType::Call, b"q/1", b"x", 1),
+        );
+        let reply = call(
+            &mut w,
+            &mut disk,
+            &publish(RequestType::Call, b"q/1", b"y", 1),
+        );
+        assert!(reply.busy);
+        assert_eq!(disk.released, [2]);
     }
 
     #[test]

@@ -69,6 +69,19 @@ pub struct Publish<'a> {
     pub qos: QoS,
     /// MQTT retain flag.
     pub retain: bool,
+    /// When the call is answered [bus-confirm-1].
+    pub confirm: Confirm,
+}
+
+/// When a `publish` call is answered [bus-confirm-1].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Confirm {
+    /// Once queued (the default).
+    Queued,
+    /// Once on disk and synced (a QoS 1 message, with a disk spool).
+    Stored,
+    /// Once the broker acknowledged it (QoS 1).
+    Acked,
 }
 
 /// A validated `subscribe`.
@@ -107,11 +120,24 @@ pub fn publish<'a>(params: &Map<'a>) -> Result<Publish<'a>, ErrorCode> {
     if payload.len() > MAX_PAYLOAD {
         return Err(ErrorCode::Range);
     }
+    let qos = qos(params)?;
+    let confirm = match params.get(b"confirm") {
+        None | Some(Object::Null) => Confirm::Queued,
+        Some(Object::Buf(b"queued")) => Confirm::Queued,
+        Some(Object::Buf(b"stored")) => Confirm::Stored,
+        Some(Object::Buf(b"acked")) => Confirm::Acked,
+        Some(_) => return Err(ErrorCode::Invalid),
+    };
+    // Only a QoS 1 message is acknowledged, or stored on disk.
+    if confirm != Confirm::Queued && qos == QoS::AtMostOnce {
+        return Err(ErrorCode::Invalid);
+    }
     Ok(Publish {
         topic,
         payload,
-        qos: qos(params)?,
+        qos,
         retain: flag(params, b"retain")?,
+        confirm,
     })
 }
 
@@ -267,7 +293,7 @@ mod tests {
     }
 
     #[test]
-    fn publish_defaults_to_qos_0_empty_payload_and_no_retain() {
+    fn publish_defaults_to_qos_0_empty_payload_no_retain_and_confirm_queued() {
         // [iotcored-bus-publish-2.2] [iotcored-bus-publish-3.2]
         with_params(&[("topic", Val::Buf(b"a/b"))], |m| {
             assert_eq!(
@@ -276,7 +302,8 @@ mod tests {
                     topic: "a/b",
                     payload: b"",
                     qos: QoS::AtMostOnce,
-                    retain: false
+                    retain: false,
+                    confirm: Confirm::Queued,
                 })
             );
         });

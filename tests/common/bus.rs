@@ -50,6 +50,7 @@ impl Reply {
 pub mod code {
     pub const BUSY: i32 = 3;
     pub const INVALID: i32 = 5;
+    pub const UNSUPPORTED: i32 = 6;
     pub const PARSE: i32 = 7;
     pub const RANGE: i32 = 8;
     pub const NOMEM: i32 = 9;
