@@ -338,13 +338,7 @@ pub(crate) fn latency(sock: &Path) -> J {
     round_trips.sort();
     answers.sort();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
-    let pct = |v: &[Duration], per_mille: usize| -> f64 {
-        if v.is_empty() {
-            return 0.0;
-        }
-        let idx = (v.len() * per_mille).div_ceil(1000).saturating_sub(1);
-        us(v[idx.min(v.len() - 1)])
-    };
+    let pct = percentile_us;
     let max = round_trips.last().copied().map_or(0.0, us);
     println!(
         "  round trip bus → daemon → TLS → mosquitto → daemon → bus, {} sequential QoS 0 \
@@ -440,4 +434,13 @@ fn one_call(sock: &Path, frame: &[u8], got: &mut [u8]) -> bool {
     s.set_read_timeout(Some(SECS(5))).is_ok()
         && s.write_all(frame).is_ok()
         && s.read_exact(got).is_ok()
+}
+
+/// The `per_mille`th of `sorted` durations, in µs (0 when empty).
+pub(crate) fn percentile_us(sorted: &[Duration], per_mille: usize) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = (sorted.len() * per_mille).div_ceil(1000).saturating_sub(1);
+    sorted[idx.min(sorted.len() - 1)].as_secs_f64() * 1e6
 }

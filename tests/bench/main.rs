@@ -162,7 +162,7 @@ fn main() -> ExitCode {
     let built_at = modified(Path::new(BIN));
     report.section("binary", "binary", binary_size);
     let unlimited = report.section(
-        "unlimited,call",
+        "unlimited,call,disk",
         "build of the rate-unlimited variant and the floor server",
         build_unlimited,
     );
@@ -191,6 +191,9 @@ fn main() -> ExitCode {
             );
             report.section("call", "C. one connection per call", |r| {
                 call_per_connection(r, broker, bin);
+            });
+            report.section("disk", "D. disk spool (rate limit off)", |r| {
+                disk_spool(r, broker, &bin.daemon);
             });
         }
     }
@@ -654,6 +657,135 @@ fn unlimited_run(r: &mut Report, broker: &Mosquitto, bin: &Path) {
         ]),
     );
     r.json("latency", lat);
+}
+
+/// D: the disk spool against the memory spool, same build and load:
+/// QoS 1 throughput and CPU, bytes written per message, `confirm: stored`
+/// from 8 concurrent publishers, and a restart with the spool as full as
+/// the memory spool lets it be.
+fn disk_spool(r: &mut Report, broker: &Mosquitto, bin: &Path) {
+    let n = TPUT_QOS1_MESSAGES;
+    let (memory, sock) = start_daemon(bin, broker.port(), "bench-mem");
+    wait_connected(&memory);
+    let m = throughput(broker, &memory, &sock, 1, n, TPUT_QOS1_MAX);
+    drop(memory);
+    let dir = TestDir::new("disk-spool");
+    let spool_arg = |d: &TestDir| vec!["--spool-dir".to_string(), d.path().display().to_string()];
+    let (disk, sock) = start_daemon_with(bin, broker.port(), "bench-disk", &spool_arg(&dir));
+    wait_connected(&disk);
+    let pid = disk.pid();
+    let io0 = io_written(pid);
+    let d = throughput(broker, &disk, &sock, 1, n, TPUT_QOS1_MAX);
+    let io1 = io_written(pid);
+    let rate = |t: &Throughput| Throughput::rate(t.published as f64, t.drain_secs);
+    let (rm, rd) = (rate(&m), rate(&d));
+    println!(
+        "  QoS 1, {TPUT_PAYLOAD} B: memory spool {rm:.0}/s, disk spool {rd:.0}/s (×{:.2}); CPU per message {:.1} µs vs {:.1} µs",
+        rd / rm.max(1.0),
+        m.cpu_us_stat.unwrap_or(f64::NAN),
+        d.cpu_us_stat.unwrap_or(f64::NAN)
+    );
+    r.target(
+        "QoS 1 throughput with the disk spool vs the memory spool",
+        format!("{rd:.0}/s vs {rm:.0}/s: ×{:.2}", rd / rm.max(1.0)),
+        "≥ ×0.8",
+        rd >= 0.8 * rm,
+        String::new(),
+    );
+    if let (Some((w0, s0)), Some((w1, s1))) = (io0, io1) {
+        let per = |a: u64, b: u64| (b - a) as f64 / d.published.max(1) as f64;
+        println!(
+            "  bytes written per {TPUT_PAYLOAD} B message: {:.0} to the page cache (write calls), {:.0} to storage (write_bytes)",
+            per(w0, w1),
+            per(s0, s1)
+        );
+        r.json(
+            "disk_bytes_per_message",
+            obj(vec![
+                ("write_calls", J::Num(per(w0, w1))),
+                ("storage", J::Num(per(s0, s1))),
+            ]),
+        );
+    }
+    // confirm: stored, 8 publishers at once, sequential calls each.
+    let latencies = Arc::new(Mutex::new(Vec::new()));
+    let t0 = Instant::now();
+    let threads: Vec<_> = (0..8)
+        .map(|k| {
+            let (sock, latencies) = (sock.clone(), Arc::clone(&latencies));
+            thread::spawn(move || {
+                let mut c = BusClient::connect(&sock);
+                let params = params(&[
+                    ("topic", V::Buf(format!("bench/stored/{k}").as_bytes())),
+                    ("payload", V::Buf(&[b's'; 100])),
+                    ("qos", V::I64(1)),
+                    ("confirm", V::Buf(b"stored")),
+                ]);
+                let mut mine = Vec::new();
+                while t0.elapsed() < SECS(2) {
+                    let t = Instant::now();
+                    if !is_null(&c.call("publish", &params)) {
+                        break;
+                    }
+                    mine.push(t.elapsed());
+                }
+                latencies.lock().unwrap().extend(mine);
+            })
+        })
+        .collect();
+    for t in threads {
+        let _ = t.join();
+    }
+    let mut lat: Vec<Duration> = latencies.lock().unwrap().clone();
+    lat.sort();
+    let pct = |per_mille| percentile_us(&lat, per_mille);
+    println!(
+        "  confirm: stored, 8 publishers: {} calls in 2 s = {:.0}/s, answered after p50 {:.0} µs, p99 {:.0} µs",
+        lat.len(),
+        lat.len() as f64 / 2.0,
+        pct(500),
+        pct(990)
+    );
+    r.json(
+        "confirm_stored",
+        obj(vec![
+            ("calls_per_s", J::Num(lat.len() as f64 / 2.0)),
+            ("p50_us", J::Num(pct(500))),
+            ("p99_us", J::Num(pct(990))),
+        ]),
+    );
+    drop(disk);
+    // A restart with the spool full: offline, QoS 1 until BUSY, SIGKILL.
+    let dir = TestDir::new("disk-full");
+    let port = free_port();
+    let (full, sock) = start_daemon_with(bin, port, "bench-full", &spool_arg(&dir));
+    let mut c = BusClient::connect(&sock);
+    let one = publish_params("bench/full", &[b'f'; SMALL_PAYLOAD], 1);
+    let mut held = 0;
+    while is_null(&c.call("publish", &one)) {
+        held += 1;
+    }
+    let rss_full = mem(full.pid()).map_or(0, |m| m.rss_kib);
+    full.signal(libc::SIGKILL);
+    drop(full);
+    let t = Instant::now();
+    let (again, sock) = start_daemon_with(bin, port, "bench-full", &spool_arg(&dir));
+    let mut c = BusClient::connect(&sock);
+    let st = stats(&mut c);
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    println!(
+        "  restart with {held} stored messages ({} KiB of the file): bus answering after {ms:.0} ms (exec included), {} restored; VmRSS before the kill {rss_full} KiB",
+        st.get("stored_bytes").copied().unwrap_or(0) / 1024,
+        st.get("stored").copied().unwrap_or(0)
+    );
+    r.target(
+        "restart with a full disk spool: bus served",
+        format!("{ms:.0} ms ({held} messages)"),
+        "≤ 200 ms",
+        ms <= 200.0,
+        String::new(),
+    );
+    drop(again);
 }
 
 /// One server's figures over the rounds of section C.

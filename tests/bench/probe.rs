@@ -7,8 +7,19 @@ use super::*;
 /// `bin` against 127.0.0.1:`port`, its bus socket in its own directory,
 /// logging at the production level (info).
 pub(crate) fn start_daemon(bin: &Path, port: u16, id: &str) -> (Daemon, PathBuf) {
+    start_daemon_with(bin, port, id, &[])
+}
+
+/// As `start_daemon`, with `extra` arguments.
+pub(crate) fn start_daemon_with(
+    bin: &Path,
+    port: u16,
+    id: &str,
+    extra: &[String],
+) -> (Daemon, PathBuf) {
     let mut args = iotcored_args(Pki::get(), port, id);
     args.extend(["--socket-dir".into(), ".".into()]);
+    args.extend(extra.iter().cloned());
     let d = Daemon::builder(bin)
         .args(args)
         .env("RUST_LOG", "info")
@@ -619,4 +630,18 @@ pub(crate) fn publish_packet_len(topic: usize, payload: usize, qos: i64) -> u64 
         _ => 4,
     };
     as_u64(1 + len_bytes + rest)
+}
+
+/// A process's I/O counters (`/proc/<pid>/io`): bytes passed to write
+/// calls (`wchar`) and bytes sent to the storage layer (`write_bytes`).
+pub(crate) fn io_written(pid: u32) -> Option<(u64, u64)> {
+    let io = fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    let field = |name: &str| -> Option<u64> {
+        io.lines()
+            .find_map(|l| l.strip_prefix(name))?
+            .trim()
+            .parse()
+            .ok()
+    };
+    Some((field("wchar:")?, field("write_bytes:")?))
 }
