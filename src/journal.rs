@@ -243,6 +243,8 @@ pub struct Journal<S: Storage> {
     max_released: u64,
     /// Records released after the head (their bits set).
     released_ahead: u64,
+    /// The record `append` wrote last.
+    last: Cursor,
     /// Something changed since the last checkpoint.
     dirty: bool,
     corrupt: u64,
@@ -284,6 +286,10 @@ impl<S: Storage> Journal<S> {
             released: vec![0; BITMAP_BYTES / 8].into_boxed_slice(),
             max_released: 0,
             released_ahead: 0,
+            last: Cursor {
+                pos: DATA_START,
+                seq: 1,
+            },
             dirty: false,
             corrupt: 0,
             slot_buf: vec![0; SLOT_BYTES].into_boxed_slice(),
@@ -354,6 +360,7 @@ impl<S: Storage> Journal<S> {
         // in it are rewritten unchanged, and none of them was synced (a
         // sync ends its block with a pad).
         self.store.write_at(self.buf_at, &self.buf[..blocks_end])?;
+        self.last = Cursor { pos, seq };
         self.tail = pos + size;
         self.tail_seq += 1;
         self.set_released(seq, false);
@@ -401,6 +408,11 @@ impl<S: Storage> Journal<S> {
         self.set_released(seq, true);
         self.dirty = true;
         self.advance_head()
+    }
+
+    /// A cursor at the record `append` wrote last.
+    pub fn last_cursor(&self) -> Cursor {
+        self.last
     }
 
     /// A cursor at the oldest record not released.

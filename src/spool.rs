@@ -501,6 +501,24 @@ impl Spool {
         Ok(Pushed { evicted })
     }
 
+    /// Whether `push` would take a message of this topic, payload length
+    /// and QoS now (evicting queued QoS 0 if need be), without pushing it
+    /// or counting a refusal.
+    pub fn fits(&self, topic: &str, payload_len: usize, qos: QoS) -> bool {
+        let header = PublishHeader {
+            dup: false,
+            qos,
+            retain: false,
+            topic,
+            packet_id: 0,
+            payload_len,
+        };
+        let Ok(header_len) = header.buffer_len() else {
+            return false;
+        };
+        self.room_needed(header_len + payload_len).is_some()
+    }
+
     /// The length of the message that `next(inflight_limit, true)` would
     /// start now, for the caller's rate limiter; `None` while a started
     /// message is unfinished (`next` continues it regardless) or when nothing
@@ -880,20 +898,9 @@ impl Spool {
     /// [bus-iso-5]; returns how many. `None`, and nothing is evicted, if
     /// evicting all of them would not make room.
     fn make_room(&mut self, len: usize) -> Option<usize> {
-        if len > self.buf.len() {
-            return None;
-        }
-        let need_msgs = (self.live + 1).saturating_sub(self.meta.len());
-        let need_bytes = (self.live_bytes + len).saturating_sub(self.buf.len());
+        let (need_msgs, need_bytes) = self.room_needed(len)?;
         if need_msgs == 0 && need_bytes == 0 {
             return Some(0);
-        }
-        let (msgs, bytes) = self
-            .lanes
-            .iter()
-            .fold((0, 0), |(m, b), l| (m + l.qos0, b + l.qos0_bytes));
-        if msgs < need_msgs || bytes < need_bytes {
-            return None;
         }
         let (mut msgs, mut bytes) = (0, 0);
         while msgs < need_msgs || bytes < need_bytes {
@@ -912,6 +919,24 @@ impl Spool {
         }
         self.settle();
         Some(msgs)
+    }
+
+    /// What must be evicted (messages, bytes) for a packet of `len` bytes
+    /// to fit; `None` if evicting every queued QoS 0 would not do.
+    fn room_needed(&self, len: usize) -> Option<(usize, usize)> {
+        if len > self.buf.len() {
+            return None;
+        }
+        let need_msgs = (self.live + 1).saturating_sub(self.meta.len());
+        let need_bytes = (self.live_bytes + len).saturating_sub(self.buf.len());
+        if need_msgs == 0 && need_bytes == 0 {
+            return Some((0, 0));
+        }
+        let (msgs, bytes) = self
+            .lanes
+            .iter()
+            .fold((0, 0), |(m, b), l| (m + l.qos0, b + l.qos0_bytes));
+        (msgs >= need_msgs && bytes >= need_bytes).then_some((need_msgs, need_bytes))
     }
 
     /// Evicts the oldest QoS 0 waiting in lane `l` (which has one); returns
@@ -2097,6 +2122,20 @@ mod tests {
         push_from(&mut s, 100, "c", Q0).unwrap();
         push_from(&mut s, 0, "d", Q0).unwrap();
         assert_eq!(s.lanes[3].waiting, 1);
+    }
+
+    #[test]
+    fn fits_says_what_push_would_do_without_doing_or_counting_it() {
+        let mut s = Spool::new(4096, 2);
+        assert!(s.fits("t", 10, Q1));
+        push_from(&mut s, 1, "a", Q0).unwrap();
+        push_from(&mut s, 1, "b", Q1).unwrap();
+        assert!(s.fits("t", 10, Q1), "the QoS 0 would be evicted");
+        assert!(!s.fits("t", 5000, Q1), "larger than the region");
+        push_from(&mut s, 1, "c", Q1).unwrap(); // evicts "a"
+        assert!(!s.fits("t", 1, Q0));
+        assert_eq!(s.stats().busy, 0);
+        assert_eq!(s.len(), 2);
     }
 
     #[test]

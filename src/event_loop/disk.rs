@@ -5,8 +5,10 @@
 //! A QoS 1 publish is written to the file (the kernel's page cache) before
 //! it is answered, so the end of the process loses nothing answered; a sync
 //! every `--spool-sync` ms makes it survive a power cut. The broker's
-//! PUBACK (or a quarantine) releases its record. The file holds at most
-//! what the memory spool holds: a publish goes to both or to neither.
+//! PUBACK (or a quarantine) releases its record. The file can hold more
+//! than the memory spool: when memory is full, QoS 1 messages wait on disk
+//! only (`unloaded`), every later one behind them, and move into memory
+//! in order as room frees (`load`, after every PUBACK and in the pump).
 
 use std::fs::{self, File, OpenOptions};
 use std::io;
@@ -41,9 +43,12 @@ pub struct DiskSpool {
     dirty: bool,
     /// A call waits for the next sync: it is due now.
     urgent: bool,
-    /// Records found at start-up not yet in the memory spool, and where
-    /// they end (what was appended since is in memory already).
-    unloaded: Option<(Cursor, u64)>,
+    /// Stored records not yet in the memory spool (found at start-up, or
+    /// kept on disk for want of room): from this cursor to the tail.
+    unloaded: Option<Cursor>,
+    /// Records below this were stored before the start: they go before
+    /// anything new [spool-6].
+    restore_below: u64,
     scratch: Box<[u8]>,
 }
 
@@ -103,7 +108,8 @@ impl DiskSpool {
             recovered.since_checkpoint,
             recovered.corrupt
         );
-        let unloaded = (pending > 0).then(|| (journal.cursor(), journal.tail_seq()));
+        let unloaded = (pending > 0).then(|| journal.cursor());
+        let restore_below = journal.tail_seq();
         Ok(DiskSpool {
             journal,
             _lock: lock,
@@ -112,6 +118,7 @@ impl DiskSpool {
             dirty: false,
             urgent: false,
             unloaded,
+            restore_below,
             scratch: vec![0; MAX_RECORD].into_boxed_slice(),
         })
     }
@@ -120,11 +127,11 @@ impl DiskSpool {
     /// their order; returns how many. Done once every stored record is in.
     pub fn load(&mut self, spool: &mut Spool, now: Instant) -> usize {
         let mut moved = 0;
-        while let Some((mut cur, end)) = self.unloaded {
+        while let Some(mut cur) = self.unloaded {
             let before = cur;
             let (seq, len) = match self.journal.read(&mut cur, &mut self.scratch) {
-                Ok(Read::Record { seq, len }) if seq < end => (seq, len),
-                Ok(_) => {
+                Ok(Read::Record { seq, len }) => (seq, len),
+                Ok(Read::End) => {
                     self.unloaded = None;
                     break;
                 }
@@ -137,19 +144,26 @@ impl DiskSpool {
             let Some((pid, retain, topic, payload)) = decode(&self.scratch[..len]) else {
                 log::warn!("disk spool: record {seq} is not a message; dropped");
                 self.release(seq);
-                self.unloaded = Some((cur, end));
+                self.unloaded = Some(cur);
                 continue;
             };
+            if !spool.fits(topic, payload.len(), QoS::AtLeastOnce) {
+                // No room now: again once messages leave.
+                self.unloaded = Some(before);
+                break;
+            }
             match spool.push(now, pid, topic, payload, QoS::AtLeastOnce, retain) {
                 Ok(_) => {
                     spool.store_last(seq);
-                    spool.restored_last();
+                    if seq < self.restore_below {
+                        spool.restored_last();
+                    }
                     moved += 1;
-                    self.unloaded = Some((cur, end));
+                    self.unloaded = Some(cur);
                 }
                 Err(_) => {
                     // No room now: again once messages leave.
-                    self.unloaded = Some((before, end));
+                    self.unloaded = Some(before);
                     break;
                 }
             }
@@ -218,6 +232,19 @@ impl Store for DiskSpool {
 
     fn sync_soon(&mut self) {
         self.urgent = true;
+    }
+
+    fn backlogged(&self) -> bool {
+        self.unloaded.is_some()
+    }
+
+    fn keep_on_disk(&mut self, seq: u64) {
+        // The first one kept starts the backlog; later ones follow it.
+        if self.unloaded.is_none() {
+            let last = self.journal.last_cursor();
+            debug_assert_eq!(self.journal.tail_seq(), seq + 1);
+            self.unloaded = Some(last);
+        }
     }
 
     fn stats(&self) -> (u64, u64, u64) {

@@ -356,6 +356,10 @@ impl EventLoop {
     /// broker requests to send, extra links to open or close, and writes.
     pub(super) fn pump(&mut self, now: Instant) -> Result<(), Exit> {
         self.settle_subscriptions();
+        // Stored messages waiting on disk take the room that freed up.
+        if let Some(disk) = self.disk.as_mut() {
+            disk.load(&mut self.spool, now);
+        }
         self.sync_links(now);
         for i in 0..self.links.len() {
             self.queue_broker_requests(i);

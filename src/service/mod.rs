@@ -149,6 +149,12 @@ pub trait Store {
     fn release(&mut self, seq: u64);
     /// A call waits for the next sync: make it soon.
     fn sync_soon(&mut self);
+    /// Whether stored messages wait on disk only, for room in the memory
+    /// spool: new ones then go behind them, on disk only too.
+    fn backlogged(&self) -> bool;
+    /// The memory spool has no room for record `seq`, just stored: it
+    /// waits on disk, to be queued in order as room frees.
+    fn keep_on_disk(&mut self, seq: u64);
     /// Messages stored now, the file's bytes in use, and damaged records
     /// skipped since start-up (the `stats` keys `stored`, `stored_bytes`,
     /// `corrupt`).
@@ -265,6 +271,14 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
             }
             let mut stored = 0;
             if let (Some(store), QoS::AtLeastOnce) = (ctx.store.as_deref_mut(), p.qos) {
+                let backlogged = store.backlogged();
+                if backlogged && confirm == Confirm::Acked {
+                    // Not in memory, it has no ticket to wait on yet.
+                    return Reply {
+                        busy: true,
+                        ..refuse(out, ErrorCode::Busy, "outgoing queue full")
+                    };
+                }
                 match store.append(pid, p.topic, p.payload, p.retain) {
                     Some(seq) => stored = seq,
                     None => {
@@ -273,6 +287,13 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
                             ..refuse(out, ErrorCode::Busy, "disk spool full")
                         }
                     }
+                }
+                let room = ctx.spool.fits(p.topic, p.payload.len(), p.qos);
+                if backlogged || (!room && confirm != Confirm::Acked) {
+                    // Behind the stored ones, or for want of room in memory:
+                    // on disk only, answered [spool-6].
+                    store.keep_on_disk(stored);
+                    return stored_answer(out, confirm, stored, store, done);
                 }
             }
             let pushed = ctx
@@ -416,6 +437,22 @@ fn stats(ctx: &Context<'_>, out: &mut [u8]) -> usize {
             last_disconnect: ctx.links.get(PUBLISHING).map_or("", |l| l.last_disconnect),
         },
     )
+}
+
+/// The answer to a QoS 1 publish kept on disk only: null now, or, with
+/// `confirm: stored`, once the disk spool is synced.
+fn stored_answer(
+    out: &mut [u8],
+    confirm: Confirm,
+    seq: u64,
+    store: &mut dyn Store,
+    done: impl Fn(&mut [u8], fn(&mut [u8]) -> usize) -> Reply,
+) -> Reply {
+    if confirm == Confirm::Stored {
+        store.sync_soon();
+        return Reply::answer(0, Mode::AwaitStored(seq));
+    }
+    done(out, answer::null)
 }
 
 /// The answer a settled subscription owes the connection `waiting` on it
@@ -716,6 +753,7 @@ mod tests {
     struct Disk {
         appended: u64,
         released: Vec<u64>,
+        kept: Vec<u64>,
         soon: bool,
     }
 
@@ -729,6 +767,12 @@ mod tests {
         }
         fn sync_soon(&mut self) {
             self.soon = true;
+        }
+        fn backlogged(&self) -> bool {
+            !self.kept.is_empty()
+        }
+        fn keep_on_disk(&mut self, seq: u64) {
+            self.kept.push(seq);
         }
         fn stats(&self) -> (u64, u64, u64) {
             (self.appended, 0, 0)
@@ -817,24 +861,42 @@ mod tests {
         );
         assert_eq!(reply.len, hex(NULL).len());
         assert_eq!(disk.appended, 1, "QoS 0 is not stored");
-        // A full memory spool: the stored record is released again.
+        // A full memory spool: a message waiting for PUBACK cannot wait on
+        // disk (BUSY, its record released); any other waits there,
+        // answered, and every later one goes behind it.
         let mut w = World {
             spool: Spool::new(4096, 1),
             ..World::new()
         };
         let mut disk = Disk::default();
-        call(
+        let null = hex(NULL).len();
+        let reply = call(
             &mut w,
             &mut disk,
             &publish(RequestType::Call, b"q/1", b"x", 1),
         );
+        assert_eq!(reply.len, null);
+        let reply = call(
+            &mut w,
+            &mut disk,
+            &confirmed(RequestType::Call, 1, b"acked"),
+        );
+        assert!(reply.busy);
+        assert_eq!(disk.released, [2]);
         let reply = call(
             &mut w,
             &mut disk,
             &publish(RequestType::Call, b"q/1", b"y", 1),
         );
-        assert!(reply.busy);
-        assert_eq!(disk.released, [2]);
+        assert_eq!((reply.len, reply.busy), (null, false));
+        assert_eq!(disk.kept, [3]);
+        let reply = call(
+            &mut w,
+            &mut disk,
+            &confirmed(RequestType::Call, 1, b"stored"),
+        );
+        assert_eq!(reply, Reply::answer(0, Mode::AwaitStored(4)));
+        assert_eq!((w.spool.len(), disk.appended), (1, 4), "on disk only");
     }
 
     #[test]
