@@ -167,19 +167,19 @@ where
             Short('r') | Long("rootca") => rootca = Some(PathBuf::from(parser.value()?)),
             Short('c') | Long("cert") => cert = Some(PathBuf::from(parser.value()?)),
             Short('k') | Long("key") => key = Some(PathBuf::from(parser.value()?)),
-            Long("port") => port = number(&mut parser, "port", 1)?,
-            Long("keepalive") => keepalive = number(&mut parser, "keepalive", 1)?,
+            Long("port") => port = number(&mut parser, "port", 1, u16::MAX)?,
+            Long("keepalive") => keepalive = number(&mut parser, "keepalive", 1, u16::MAX)?,
             Short('n') | Long("interface_name") | Long("interface-name") => {
                 interface_name = string(&mut parser, "interface_name")?
             }
             Long("socket-dir") => socket_dir = PathBuf::from(parser.value()?),
             Long("persistent-session") => persistent_session = true,
-            Long("max-backoff") => max_backoff = number(&mut parser, "max-backoff", 1)?,
-            Long("drain") => drain = number(&mut parser, "drain", 0)?,
+            Long("max-backoff") => max_backoff = number(&mut parser, "max-backoff", 1, 3600)?,
+            Long("drain") => drain = number(&mut parser, "drain", 0, 3600)?,
             Long("spool-dir") => spool_dir = Some(PathBuf::from(parser.value()?)),
             Long("spool-size") => spool_size = size(&mut parser, "spool-size")?,
             Long("spool-sync") => {
-                spool_sync_ms = u32::from(number(&mut parser, "spool-sync", 1)?);
+                spool_sync_ms = u32::from(number(&mut parser, "spool-sync", 1, 60_000)?);
             }
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
@@ -219,12 +219,12 @@ fn string(parser: &mut lexopt::Parser, name: &str) -> Result<String, UsageError>
         .map_err(|_| UsageError(format!("--{name}: the value is not valid UTF-8")))
 }
 
-fn number(parser: &mut lexopt::Parser, name: &str, min: u16) -> Result<u16, UsageError> {
+fn number(parser: &mut lexopt::Parser, name: &str, min: u16, max: u16) -> Result<u16, UsageError> {
     let text = string(parser, name)?;
     match text.parse::<u16>() {
-        Ok(v) if v >= min => Ok(v),
+        Ok(v) if (min..=max).contains(&v) => Ok(v),
         _ => Err(UsageError(format!(
-            "--{name}: {text:?} is not a whole number from {min} to 65535"
+            "--{name}: {text:?} is not a whole number from {min} to {max}"
         ))),
     }
 }
@@ -256,24 +256,6 @@ fn validate(config: &Config) -> Result<(), UsageError> {
         return fail(format!(
             "--endpoint: {:?} is not a host name (give the port with --port)",
             config.endpoint
-        ));
-    }
-    if config.max_backoff > 3600 {
-        return fail(format!(
-            "--max-backoff: {} is not a whole number from 1 to 3600",
-            config.max_backoff
-        ));
-    }
-    if config.spool_sync_ms > 60_000 {
-        return fail(format!(
-            "--spool-sync: {} is not a whole number from 1 to 60000",
-            config.spool_sync_ms
-        ));
-    }
-    if config.drain > 3600 {
-        return fail(format!(
-            "--drain: {} is not a whole number from 0 to 3600",
-            config.drain
         ));
     }
     let id = &config.client_id;

@@ -41,7 +41,7 @@
 use std::fmt;
 use std::io;
 
-use crate::crc32c;
+use crate::crc::{crc32c, crc32c_extend};
 
 /// The unit of every write to the data region.
 pub const BLOCK: u64 = BLOCK_U32 as u64;
@@ -197,7 +197,7 @@ impl RecHeader {
         f[0] = kind;
         f[4..8].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
         f[8..16].copy_from_slice(&seq.to_le_bytes());
-        crc32c::extend(crc32c::of(&f), payload)
+        crc32c_extend(crc32c(&f), payload)
     }
 
     /// Bytes the record takes in the ring.
@@ -553,7 +553,7 @@ impl<S: Storage> Journal<S> {
             }
         }
         let crc_at = BITMAP_AT + bitmap_len;
-        let crc = crc32c::of(&b[..crc_at]);
+        let crc = crc32c(&b[..crc_at]);
         b[crc_at..crc_at + 4].copy_from_slice(&crc.to_le_bytes());
         let written = (crc_at + 4).div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
         let slot = cp.generation % 2;
@@ -611,7 +611,7 @@ impl<S: Storage> Journal<S> {
             return None;
         }
         let crc_at = BITMAP_AT + bitmap_len;
-        if crc32c::of(&b[..crc_at]) != le32(&b[crc_at..crc_at + 4]) {
+        if crc32c(&b[..crc_at]) != le32(&b[crc_at..crc_at + 4]) {
             return None;
         }
         let cp = Checkpoint {
@@ -776,13 +776,13 @@ impl<S: Storage> Journal<S> {
         f[0] = h.kind;
         f[4..8].copy_from_slice(&u32::try_from(h.len).unwrap_or(u32::MAX).to_le_bytes());
         f[8..16].copy_from_slice(&h.seq.to_le_bytes());
-        let mut crc = crc32c::of(&f);
+        let mut crc = crc32c(&f);
         let mut piece = [0u8; 512];
         let mut done = 0u64;
         while done < h.len {
             let n = small((h.len - done).min(piece.len() as u64));
             self.read_bytes(pos + REC_HEADER + done, &mut piece[..n])?;
-            crc = crc32c::extend(crc, &piece[..n]);
+            crc = crc32c_extend(crc, &piece[..n]);
             done += n as u64;
         }
         Ok(crc == h.crc)

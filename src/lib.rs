@@ -7,7 +7,7 @@
 pub mod bus;
 pub mod config;
 pub mod consts;
-pub mod crc32c;
+pub mod crc;
 pub mod event_loop;
 pub mod journal;
 pub mod limits;

@@ -49,36 +49,8 @@ mod field {
     pub const MESSAGE_CRC_LEN: usize = 4;
 }
 
-const CRC_TABLE: [u32; 256] = crc_table();
-
-const fn crc_table() -> [u32; 256] {
-    let mut table = [0u32; 256];
-    let mut i: u32 = 0;
-    while i < 256 {
-        let mut c = i;
-        let mut bit = 0;
-        while bit < 8 {
-            c = if c & 1 == 1 {
-                0xEDB8_8320 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            bit += 1;
-        }
-        table[i as usize] = c;
-        i += 1;
-    }
-    table
-}
-
-/// CRC-32 (IEEE, zlib) of `data` [bus-frame-1].
-pub fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc = CRC_TABLE[usize::from(crc.to_le_bytes()[0] ^ b)] ^ (crc >> 8);
-    }
-    !crc
-}
+/// CRC-32 (IEEE, zlib), the frame's checksum [bus-frame-1].
+pub use crate::crc::crc32;
 
 /// Declares `ErrorCode` from one table: variant, wire value, GGL's name
 /// (as smoltcp's `enum_with_unknown!` does for its protocol numbers).

@@ -622,6 +622,8 @@ mod tests {
         pid: u32,
         /// The clock the next requests see.
         now: Instant,
+        /// A disk spool, if the test gives one.
+        disk: Option<Disk>,
     }
 
     impl World {
@@ -634,6 +636,7 @@ mod tests {
                 counters: Counters::default(),
                 pid: 4242,
                 now: Instant::default(),
+                disk: None,
             }
         }
 
@@ -651,7 +654,7 @@ mod tests {
                 counters: self.counters,
                 now: self.now,
                 endpoint_reachable: &|name| name != "gone",
-                store: None,
+                store: self.disk.as_mut().map(|d| d as &mut dyn Store),
             };
             let pid = self.pid;
             let caller = Caller {
@@ -822,81 +825,38 @@ mod tests {
     #[test]
     fn with_a_disk_spool_a_qos1_publish_is_stored_before_it_is_queued() {
         // [spool-3] [bus-confirm-1]
-        let mut w = World::new();
-        let mut disk = Disk::default();
-        let links = [LinkState {
-            id: "gw",
-            connected: true,
-            last_disconnect: "",
-        }];
-        let call = |w: &mut World, disk: &mut Disk, bytes: &[u8]| {
-            let mut ctx = Context {
-                spool: &mut w.spool,
-                router: &mut w.router,
-                links: &links,
-                counters: Counters::default(),
-                now: Instant::default(),
-                endpoint_reachable: &|_| true,
-                store: Some(disk),
-            };
-            let caller = Caller {
-                slot: 1,
-                generation: 1,
-                pid: &|| 7,
-            };
-            let mut out = [0u8; 256];
-            handle(bytes, caller, &mut ctx, &mut out)
+        let mut w = World {
+            disk: Some(Disk::default()),
+            ..World::new()
         };
-        let reply = call(
-            &mut w,
-            &mut disk,
-            &confirmed(RequestType::Call, 1, b"stored"),
-        );
+        let (reply, _) = w.call(&confirmed(RequestType::Call, 1, b"stored"));
         assert_eq!(reply, Reply::answer(0, Mode::AwaitStored(1)));
-        assert!(disk.soon, "a sync is asked for");
-        let reply = call(
-            &mut w,
-            &mut disk,
-            &publish(RequestType::Call, b"q/0", b"x", 0),
-        );
-        assert_eq!(reply.len, hex(NULL).len());
-        assert_eq!(disk.appended, 1, "QoS 0 is not stored");
+        assert!(w.disk.as_ref().unwrap().soon, "a sync is asked for");
+        let (_, answer) = w.call(&publish(RequestType::Call, b"q/0", b"x", 0));
+        assert_eq!(answer, hex(NULL));
+        assert_eq!(w.disk.as_ref().unwrap().appended, 1, "QoS 0 is not stored");
         // A full memory spool: a message waiting for PUBACK cannot wait on
         // disk (BUSY, its record released); any other waits there,
         // answered, and every later one goes behind it.
         let mut w = World {
             spool: Spool::new(4096, 1),
+            disk: Some(Disk::default()),
             ..World::new()
         };
-        let mut disk = Disk::default();
-        let null = hex(NULL).len();
-        let reply = call(
-            &mut w,
-            &mut disk,
-            &publish(RequestType::Call, b"q/1", b"x", 1),
+        assert_eq!(
+            w.call(&publish(RequestType::Call, b"q/1", b"x", 1)).1,
+            hex(NULL)
         );
-        assert_eq!(reply.len, null);
-        let reply = call(
-            &mut w,
-            &mut disk,
-            &confirmed(RequestType::Call, 1, b"acked"),
-        );
+        let (reply, _) = w.call(&confirmed(RequestType::Call, 1, b"acked"));
         assert!(reply.busy);
-        assert_eq!(disk.released, [2]);
-        let reply = call(
-            &mut w,
-            &mut disk,
-            &publish(RequestType::Call, b"q/1", b"y", 1),
-        );
-        assert_eq!((reply.len, reply.busy), (null, false));
-        assert_eq!(disk.kept, [3]);
-        let reply = call(
-            &mut w,
-            &mut disk,
-            &confirmed(RequestType::Call, 1, b"stored"),
-        );
+        assert_eq!(w.disk.as_ref().unwrap().released, [2]);
+        let (reply, answer) = w.call(&publish(RequestType::Call, b"q/1", b"y", 1));
+        assert_eq!((answer, reply.busy), (hex(NULL), false));
+        assert_eq!(w.disk.as_ref().unwrap().kept, [3]);
+        let (reply, _) = w.call(&confirmed(RequestType::Call, 1, b"stored"));
         assert_eq!(reply, Reply::answer(0, Mode::AwaitStored(4)));
-        assert_eq!((w.spool.len(), disk.appended), (1, 4), "on disk only");
+        let appended = w.disk.as_ref().unwrap().appended;
+        assert_eq!((w.spool.len(), appended), (1, 4), "on disk only");
     }
 
     #[test]
