@@ -406,6 +406,9 @@ pub struct Router {
     settled: Deque<u32, MAX_SUBSCRIPTIONS>,
     /// Filters dropped as poison [bus-iso-2].
     quarantined: u64,
+    /// Grows whenever a subscription for a response endpoint starts or
+    /// ends: the disk spool keeps them [spool-7].
+    endpoint_changes: u64,
 }
 
 impl Default for Router {
@@ -424,6 +427,7 @@ impl Router {
             link_capacity: SUBSCRIPTIONS_PER_CONNECTION,
             settled: Deque::new(),
             quarantined: 0,
+            endpoint_changes: 0,
         }
     }
 
@@ -559,7 +563,39 @@ impl Router {
             generation: sub.generation,
         };
         self.activate_if_ready(slot);
+        if matches!(self.subs[slot].dest, Dest::Endpoint(_)) {
+            self.endpoint_changes += 1;
+        }
         Ok(id)
+    }
+
+    /// A number that changes whenever a response-endpoint subscription
+    /// starts or ends [spool-7].
+    pub fn endpoint_changes(&self) -> u64 {
+        self.endpoint_changes
+    }
+
+    /// Every live response-endpoint subscription: (endpoint, filters, QoS,
+    /// virtual), for the disk spool to keep [spool-7].
+    pub fn endpoint_subscriptions(
+        &self,
+    ) -> impl Iterator<Item = (&str, Vec<&str, MAX_FILTERS_PER_REQUEST>, QoS, bool)> {
+        self.subs.iter().filter_map(|sub| {
+            let Dest::Endpoint(name) = &sub.dest else {
+                return None;
+            };
+            if !matches!(sub.state, Some(SubState::Pending | SubState::Active)) {
+                return None;
+            }
+            let mut filters = Vec::new();
+            for &i in &sub.filters {
+                if let Some(e) = self.entries.get(i as usize) {
+                    // Cannot fail: as many as the subscription has.
+                    let _ = filters.push(e.text.as_str());
+                }
+            }
+            Some((name.as_str(), filters, sub.qos, sub.is_virtual))
+        })
     }
 
     /// Ends a local subscription; false if `id` is stale.
@@ -571,6 +607,9 @@ impl Router {
         if let Some(sub) = self.subs.get_mut(slot) {
             sub.state = None;
             sub.answered = false;
+            if matches!(sub.dest, Dest::Endpoint(_)) {
+                self.endpoint_changes += 1;
+            }
         }
         true
     }
@@ -677,6 +716,9 @@ impl Router {
                     };
                     sub.state = None;
                     sub.answered = false;
+                    if matches!(sub.dest, Dest::Endpoint(_)) {
+                        self.endpoint_changes += 1;
+                    }
                     return Some(Settled {
                         id,
                         dest: sub.dest.clone(),

@@ -294,3 +294,81 @@ fn more_than_the_memory_spool_holds_waits_on_disk_and_leaves_in_order() {
     assert_eq!(order, (0..130).collect::<Vec<_>>());
     assert!(wait_until(SECS(5), || stats(&sock)["stored"] == 0));
 }
+
+#[test]
+fn response_endpoint_subscriptions_survive_a_restart() {
+    // [spool-7] Subscribed for an endpoint, then the daemon restarts: the
+    // subscription is made at the broker again and the endpoint gets the
+    // messages, with nobody subscribing anew.
+    use std::io::Read as _;
+    use std::os::unix::net::UnixListener;
+    let broker = Mosquitto::start();
+    let spool = TestDir::new("spool");
+    let sockets = TestDir::new("sockets");
+    let listener = UnixListener::bind(sockets.join("ep")).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let got = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let sink = Arc::clone(&got);
+    let done = Arc::new(AtomicBool::new(false));
+    let stop = Arc::clone(&done);
+    let server = thread::spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut s, _)) => {
+                    s.set_nonblocking(false).unwrap();
+                    s.set_read_timeout(Some(Duration::from_millis(500)))
+                        .unwrap();
+                    let mut buf = Vec::new();
+                    let _ = s.read_to_end(&mut buf);
+                    sink.lock().unwrap().extend(buf);
+                }
+                Err(_) => thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    });
+    let daemon = || {
+        let mut args = iotcored_args(Pki::get(), broker.port(), "gw-ep");
+        args.extend([
+            "--socket-dir".into(),
+            sockets.path().display().to_string(),
+            "--spool-dir".into(),
+            spool.path().display().to_string(),
+        ]);
+        let d = Daemon::start(BIN, &args);
+        assert!(
+            d.wait_log("connected (session present", SECS(10)),
+            "{}",
+            d.log()
+        );
+        d
+    };
+    let sock = sockets.join("aws_iot_mqtt");
+    let mut d = daemon();
+    let mut c = BusClient::connect(&sock);
+    let p = params(&[
+        ("topic_filter", V::Buf(b"ep/#")),
+        ("qos", V::I64(1)),
+        ("response_endpoint", V::Buf(b"ep")),
+    ]);
+    assert!(is_null(&c.call("subscribe", &p)), "{}", d.log());
+    drop(c);
+    d.signal(libc::SIGTERM);
+    assert!(d.wait_exit(SECS(10)).is_some());
+    let d = daemon();
+    assert!(
+        d.wait_log("1 response-endpoint subscription(s) restored", SECS(5)),
+        "{}",
+        d.log()
+    );
+    assert!(
+        wait_until(SECS(10), || {
+            publish(&broker, "ep/after-restart", b"still-here", 1, false);
+            let g = got.lock().unwrap();
+            String::from_utf8_lossy(&g).contains("still-here")
+        }),
+        "{}",
+        d.log()
+    );
+    done.store(true, Ordering::Relaxed);
+    server.join().unwrap();
+}

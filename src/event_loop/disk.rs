@@ -1,6 +1,8 @@
-//! The disk spool as the loop owns it [spool-2] [spool-3]: the directory
-//! and its lock, the file (`journal`), the periodic sync, and the loading
-//! of stored records into the memory spool after a restart.
+//! The disk spool as the loop owns it [spool-2] [spool-3] [spool-7]: the
+//! directory and its lock, the file (`journal`), the periodic sync, the
+//! loading of stored records into the memory spool, and the
+//! response-endpoint subscriptions kept across a restart (`subscriptions`,
+//! a small text file replaced whole when they change).
 //!
 //! A QoS 1 publish is written to the file (the kernel's page cache) before
 //! it is answered, so the end of the process loses nothing answered; a sync
@@ -19,14 +21,17 @@ use std::time::Duration;
 
 use crate::journal::{self, Cursor, FileStorage, Journal, Read, Recovered, MAX_RECORD};
 use crate::mqtt::packet::QoS;
+use crate::router::{Dest, Router, MAX_FILTERS_PER_REQUEST};
 use crate::service::Store;
 use crate::spool::Spool;
 use crate::sys;
 use crate::time::Instant;
 
-/// The file's name in the spool directory, and its lock's.
+/// The file's name in the spool directory, its lock's, and the kept
+/// response-endpoint subscriptions' [spool-7].
 const FILE: &str = "spool";
 const LOCK: &str = "lock";
+const SUBSCRIPTIONS: &str = "subscriptions";
 /// A record: version, retain, pid, topic length, topic, payload.
 const RECORD_VERSION: u8 = 1;
 const RECORD_HEAD: usize = 8;
@@ -36,6 +41,9 @@ pub struct DiskSpool {
     journal: Journal<FileStorage>,
     /// Held for the daemon's life: the `flock` on the lock file.
     _lock: File,
+    dir: PathBuf,
+    /// `Router::endpoint_changes` when the subscriptions were last saved.
+    saved: u64,
     every: Duration,
     /// When the last sync was; a sync is due `every` after it once
     /// something changed.
@@ -113,6 +121,8 @@ impl DiskSpool {
         Ok(DiskSpool {
             journal,
             _lock: lock,
+            dir: dir.to_path_buf(),
+            saved: 0,
             every: Duration::from_millis(u64::from(sync_ms)),
             last_sync: now,
             dirty: false,
@@ -169,6 +179,77 @@ impl DiskSpool {
             }
         }
         moved
+    }
+
+    /// Subscribes again, for their response endpoints, the subscriptions
+    /// kept from before the start [spool-7]; returns how many.
+    pub fn restore_subscriptions(&mut self, router: &mut Router) -> usize {
+        let path = self.dir.join(SUBSCRIPTIONS);
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return 0,
+            Err(e) => {
+                log::error!("{}: cannot read: {e}", path.display());
+                return 0;
+            }
+        };
+        let mut restored = 0;
+        for line in text.lines() {
+            let mut fields = line.split('\t');
+            let (Some(qos), Some(virt), Some(name)) = (fields.next(), fields.next(), fields.next())
+            else {
+                continue;
+            };
+            let filters: heapless::Vec<&str, MAX_FILTERS_PER_REQUEST> =
+                fields.take(MAX_FILTERS_PER_REQUEST).collect();
+            let qos = if qos == "1" {
+                QoS::AtLeastOnce
+            } else {
+                QoS::AtMostOnce
+            };
+            let Some(dest) = Dest::endpoint(name) else {
+                continue;
+            };
+            match router.subscribe(dest, &filters, qos, virt == "1") {
+                Ok(_) => restored += 1,
+                Err(e) => log::warn!(
+                    "{}: a subscription for {name:?} not restored: {e}",
+                    path.display()
+                ),
+            }
+        }
+        self.saved = router.endpoint_changes();
+        restored
+    }
+
+    /// Saves the response-endpoint subscriptions if they changed since
+    /// the last save: a new file, synced, then renamed over the old one.
+    pub fn save_subscriptions(&mut self, router: &Router) {
+        if router.endpoint_changes() == self.saved {
+            return;
+        }
+        self.saved = router.endpoint_changes();
+        let mut text = String::new();
+        for (name, filters, qos, virt) in router.endpoint_subscriptions() {
+            let qos = u8::from(qos == QoS::AtLeastOnce);
+            text.push_str(&format!("{qos}\t{}\t{name}", u8::from(virt)));
+            for f in filters {
+                text.push('\t');
+                text.push_str(f);
+            }
+            text.push('\n');
+        }
+        let path = self.dir.join(SUBSCRIPTIONS);
+        let tmp = self.dir.join(format!("{SUBSCRIPTIONS}.new"));
+        let written = File::create(&tmp)
+            .and_then(|mut f| {
+                io::Write::write_all(&mut f, text.as_bytes())?;
+                f.sync_all()
+            })
+            .and_then(|()| fs::rename(&tmp, &path));
+        if let Err(e) = written {
+            log::error!("{}: cannot save the subscriptions: {e}", path.display());
+        }
     }
 
     /// When the next sync is due, if one is.

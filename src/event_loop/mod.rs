@@ -128,12 +128,17 @@ impl EventLoop {
             .collect();
         let start = Instant::from_millis(0);
         let mut spool = Spool::new(consts::SPOOL_BYTES, consts::SPOOL_MESSAGES);
+        let mut router = Router::new();
         let disk = match &config.spool_dir {
             Some(dir) => {
                 let mut disk =
                     disk::DiskSpool::open(dir, config.spool_size, config.spool_sync_ms, start)?;
                 // Stored messages are queued before anything new [spool-6].
                 disk.load(&mut spool, start);
+                let n = disk.restore_subscriptions(&mut router);
+                if n > 0 {
+                    log::info!("disk spool: {n} response-endpoint subscription(s) restored");
+                }
                 Some(disk)
             }
             None => None,
@@ -147,7 +152,7 @@ impl EventLoop {
             resolved_rx,
             links,
             clients: Clients::new(bus),
-            router: Router::new(),
+            router,
             spool,
             disk,
             counters: Counters::default(),
@@ -356,9 +361,11 @@ impl EventLoop {
     /// broker requests to send, extra links to open or close, and writes.
     pub(super) fn pump(&mut self, now: Instant) -> Result<(), Exit> {
         self.settle_subscriptions();
-        // Stored messages waiting on disk take the room that freed up.
+        // Stored messages waiting on disk take the room that freed up, and
+        // the response-endpoint subscriptions are kept if they changed.
         if let Some(disk) = self.disk.as_mut() {
             disk.load(&mut self.spool, now);
+            disk.save_subscriptions(&self.router);
         }
         self.sync_links(now);
         for i in 0..self.links.len() {
