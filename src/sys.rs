@@ -229,3 +229,14 @@ pub fn allocate(fd: RawFd, len: u64) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Ignores SIGXFSZ, so a write or an allocation past the file size limit
+/// (`RLIMIT_FSIZE`) fails with EFBIG, reported, instead of killing the
+/// daemon.
+pub fn ignore_file_size_signal() {
+    // SAFETY: setting a signal's disposition to SIG_IGN has no handler to
+    // run; the previous disposition is not needed.
+    unsafe {
+        libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+    }
+}

@@ -372,3 +372,28 @@ fn response_endpoint_subscriptions_survive_a_restart() {
     done.store(true, Ordering::Relaxed);
     server.join().unwrap();
 }
+
+#[test]
+fn a_spool_larger_than_the_daemon_may_write_exits_1_naming_the_size() {
+    // [spool-2] A file size limit below --spool-size stands in for a full
+    // disk: the allocation at start-up fails, and says so.
+    let spool = TestDir::new("spool");
+    let mut args = vec!["--fsize=8388608".to_string(), "--".into(), BIN.into()];
+    args.extend(iotcored_args(Pki::get(), free_port(), "gw-fsize"));
+    args.extend([
+        "--socket-dir".into(),
+        ".".into(),
+        "--spool-dir".into(),
+        spool.path().display().to_string(),
+        "--spool-size".into(),
+        "64M".into(),
+    ]);
+    let mut d = Daemon::start("prlimit", &args);
+    let status = d.wait_exit(SECS(5)).expect("exits");
+    assert_eq!(status.code(), Some(1), "{}", d.log());
+    assert!(
+        d.log().contains("cannot allocate 67108864 bytes"),
+        "{}",
+        d.log()
+    );
+}

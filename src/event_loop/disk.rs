@@ -65,6 +65,8 @@ impl DiskSpool {
     /// error names the directory and the cause.
     pub fn open(dir: &Path, size: u64, sync_ms: u32, now: Instant) -> Result<DiskSpool, String> {
         let shown = dir.display();
+        // Past RLIMIT_FSIZE, an error to report rather than a signal.
+        sys::ignore_file_size_signal();
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
