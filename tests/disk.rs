@@ -397,3 +397,30 @@ fn a_spool_larger_than_the_daemon_may_write_exits_1_naming_the_size() {
         d.log()
     );
 }
+
+#[test]
+fn a_spool_file_that_is_not_ours_is_moved_aside_not_deleted() {
+    // [spool-5] A foreign or damaged header: renamed aside, logged, and a
+    // new spool started; the old bytes are all still there.
+    let spool = TestDir::new("spool");
+    let junk: Vec<u8> = (0..(1u32 << 20))
+        .map(|i| (i.wrapping_mul(7) + 3).to_le_bytes()[0])
+        .collect();
+    std::fs::write(spool.join("spool"), &junk).unwrap();
+    let (d, sock) = start(free_port(), "gw-aside", spool.path(), &[]);
+    assert!(d.wait_log("moved aside", SECS(5)), "{}", d.log());
+    let aside: Vec<_> = std::fs::read_dir(spool.path())
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("spool.corrupt-")
+        })
+        .collect();
+    assert_eq!(aside.len(), 1, "{}", d.log());
+    assert_eq!(std::fs::read(aside[0].path()).unwrap(), junk);
+    let mut c = BusClient::connect(&sock);
+    assert!(is_null(&c.call("publish", &publish_params("a/b", b"x", 1))));
+    assert_eq!(stats(&sock)["stored"], 1);
+}
