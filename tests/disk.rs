@@ -26,6 +26,20 @@ fn start(port: u16, id: &str, spool: &Path, extra: &[&str]) -> (Daemon, PathBuf)
     start_with_bus(BIN.as_ref(), port, id, &args)
 }
 
+/// The daemon's arguments for `port`, its bus sockets in `sockets`
+/// (relative to its own directory) and its disk spool in `spool`, for a
+/// daemon started by hand (one that must fail, or share a directory).
+fn spool_args(port: u16, id: &str, sockets: &str, spool: &Path) -> Vec<String> {
+    let mut args = iotcored_args(Pki::get(), port, id);
+    args.extend([
+        "--socket-dir".into(),
+        sockets.into(),
+        "--spool-dir".into(),
+        spool.display().to_string(),
+    ]);
+    args
+}
+
 #[test]
 fn sigkill_at_random_moments_loses_no_answered_qos1_message() {
     // [spool-3] 50 times: a publisher sends QoS 1 messages as fast as they
@@ -145,9 +159,7 @@ fn a_stored_message_is_sent_after_a_restart_and_counted_in_stats() {
 fn a_second_daemon_on_the_same_spool_directory_exits_1() {
     let spool = TestDir::new("spool");
     let (_d, _sock) = start(free_port(), "gw-first", spool.path(), &[]);
-    let mut args = iotcored_args(Pki::get(), free_port(), "gw-second");
-    args.extend(["--socket-dir".into(), ".".into(), "--spool-dir".into()]);
-    args.push(spool.path().display().to_string());
+    let args = spool_args(free_port(), "gw-second", ".", spool.path());
     let mut second = Daemon::start(BIN, &args);
     let status = second.wait_exit(SECS(5)).expect("exits");
     assert_eq!(status.code(), Some(1), "{}", second.log());
@@ -164,10 +176,7 @@ fn a_spool_directory_that_cannot_be_made_exits_1_naming_it() {
     let file = spool.join("a-file");
     std::fs::write(&file, b"not a directory").unwrap();
     let dir = file.join("spool");
-    let mut args = iotcored_args(Pki::get(), free_port(), "gw-nodir");
-    args.extend(["--socket-dir".into(), ".".into(), "--spool-dir".into()]);
-    args.push(dir.display().to_string());
-    let mut d = Daemon::start(BIN, &args);
+    let mut d = Daemon::start(BIN, &spool_args(free_port(), "gw-nodir", ".", &dir));
     let status = d.wait_exit(SECS(5)).expect("exits");
     assert_eq!(status.code(), Some(1), "{}", d.log());
     assert!(d.log().contains(&dir.display().to_string()), "{}", d.log());
@@ -327,13 +336,8 @@ fn response_endpoint_subscriptions_survive_a_restart() {
         }
     });
     let daemon = || {
-        let mut args = iotcored_args(Pki::get(), broker.port(), "gw-ep");
-        args.extend([
-            "--socket-dir".into(),
-            sockets.path().display().to_string(),
-            "--spool-dir".into(),
-            spool.path().display().to_string(),
-        ]);
+        let sockets = sockets.path().display().to_string();
+        let args = spool_args(broker.port(), "gw-ep", &sockets, spool.path());
         let d = Daemon::start(BIN, &args);
         assert!(
             d.wait_log("connected (session present", SECS(10)),
@@ -379,15 +383,8 @@ fn a_spool_larger_than_the_daemon_may_write_exits_1_naming_the_size() {
     // disk: the allocation at start-up fails, and says so.
     let spool = TestDir::new("spool");
     let mut args = vec!["--fsize=8388608".to_string(), "--".into(), BIN.into()];
-    args.extend(iotcored_args(Pki::get(), free_port(), "gw-fsize"));
-    args.extend([
-        "--socket-dir".into(),
-        ".".into(),
-        "--spool-dir".into(),
-        spool.path().display().to_string(),
-        "--spool-size".into(),
-        "64M".into(),
-    ]);
+    args.extend(spool_args(free_port(), "gw-fsize", ".", spool.path()));
+    args.extend(["--spool-size".into(), "64M".into()]);
     let mut d = Daemon::start("prlimit", &args);
     let status = d.wait_exit(SECS(5)).expect("exits");
     assert_eq!(status.code(), Some(1), "{}", d.log());
