@@ -132,8 +132,6 @@ impl From<io::Error> for Error {
 pub struct Recovered {
     /// Message records written after the checkpoint and found intact.
     pub since_checkpoint: u64,
-    /// Bytes scanned after the checkpoint's tail.
-    pub scanned: u64,
     /// Damaged records skipped by the scan.
     pub corrupt: u64,
 }
@@ -193,11 +191,16 @@ impl RecHeader {
 
     /// The CRC of the fields (bytes 4..20 as emitted) and `payload`.
     fn crc_of(kind: u8, len: u64, seq: u64, payload: &[u8]) -> u32 {
+        crc32c_extend(RecHeader::fields_crc(kind, len, seq), payload)
+    }
+
+    /// The CRC of the fields alone, for a payload to extend it.
+    fn fields_crc(kind: u8, len: u64, seq: u64) -> u32 {
         let mut f = [0u8; 16];
         f[0] = kind;
         f[4..8].copy_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes());
         f[8..16].copy_from_slice(&seq.to_le_bytes());
-        crc32c_extend(crc32c(&f), payload)
+        crc32c(&f)
     }
 
     /// Bytes the record takes in the ring.
@@ -675,7 +678,6 @@ impl<S: Storage> Journal<S> {
             }
         }
         self.buf = scratch;
-        r.scanned = self.ring_distance(start, pos);
         self.tail = self.fix(pos);
         self.tail_seq = seq;
         self.corrupt += r.corrupt;
@@ -772,11 +774,7 @@ impl<S: Storage> Journal<S> {
     /// Whether the message record with header `h` at `pos` checks out,
     /// reading its payload in pieces.
     fn intact(&mut self, pos: u64, h: &RecHeader) -> Result<bool, Error> {
-        let mut f = [0u8; 16];
-        f[0] = h.kind;
-        f[4..8].copy_from_slice(&u32::try_from(h.len).unwrap_or(u32::MAX).to_le_bytes());
-        f[8..16].copy_from_slice(&h.seq.to_le_bytes());
-        let mut crc = crc32c(&f);
+        let mut crc = RecHeader::fields_crc(h.kind, h.len, h.seq);
         let mut piece = [0u8; 512];
         let mut done = 0u64;
         while done < h.len {

@@ -40,6 +40,13 @@ fn spool_args(port: u16, id: &str, sockets: &str, spool: &Path) -> Vec<String> {
     args
 }
 
+/// Waits for `d` to fail at start-up: exit 1, with `why` in its log.
+fn exits_1_saying(mut d: Daemon, why: &str) {
+    let status = d.wait_exit(SECS(5)).expect("exits");
+    assert_eq!(status.code(), Some(1), "{}", d.log());
+    assert!(d.log().contains(why), "{}", d.log());
+}
+
 #[test]
 fn sigkill_at_random_moments_loses_no_answered_qos1_message() {
     // [spool-3] 50 times: a publisher sends QoS 1 messages as fast as they
@@ -160,14 +167,7 @@ fn a_second_daemon_on_the_same_spool_directory_exits_1() {
     let spool = TestDir::new("spool");
     let (_d, _sock) = start(free_port(), "gw-first", spool.path(), &[]);
     let args = spool_args(free_port(), "gw-second", ".", spool.path());
-    let mut second = Daemon::start(BIN, &args);
-    let status = second.wait_exit(SECS(5)).expect("exits");
-    assert_eq!(status.code(), Some(1), "{}", second.log());
-    assert!(
-        second.log().contains("in use by another iotcored"),
-        "{}",
-        second.log()
-    );
+    exits_1_saying(Daemon::start(BIN, &args), "in use by another iotcored");
 }
 
 #[test]
@@ -176,10 +176,8 @@ fn a_spool_directory_that_cannot_be_made_exits_1_naming_it() {
     let file = spool.join("a-file");
     std::fs::write(&file, b"not a directory").unwrap();
     let dir = file.join("spool");
-    let mut d = Daemon::start(BIN, &spool_args(free_port(), "gw-nodir", ".", &dir));
-    let status = d.wait_exit(SECS(5)).expect("exits");
-    assert_eq!(status.code(), Some(1), "{}", d.log());
-    assert!(d.log().contains(&dir.display().to_string()), "{}", d.log());
+    let args = spool_args(free_port(), "gw-nodir", ".", &dir);
+    exits_1_saying(Daemon::start(BIN, &args), &dir.display().to_string());
 }
 
 /// A publish of `payload` on `topic` at QoS 1 asking `confirm`.
@@ -385,13 +383,9 @@ fn a_spool_larger_than_the_daemon_may_write_exits_1_naming_the_size() {
     let mut args = vec!["--fsize=8388608".to_string(), "--".into(), BIN.into()];
     args.extend(spool_args(free_port(), "gw-fsize", ".", spool.path()));
     args.extend(["--spool-size".into(), "64M".into()]);
-    let mut d = Daemon::start("prlimit", &args);
-    let status = d.wait_exit(SECS(5)).expect("exits");
-    assert_eq!(status.code(), Some(1), "{}", d.log());
-    assert!(
-        d.log().contains("cannot allocate 67108864 bytes"),
-        "{}",
-        d.log()
+    exits_1_saying(
+        Daemon::start("prlimit", &args),
+        "cannot allocate 67108864 bytes",
     );
 }
 
