@@ -251,7 +251,7 @@ impl EventLoop {
                                 || event.is_error()
                                 || !event.is_writable()
                             {
-                                self.clients.bus.set_readable(i);
+                                self.clients.bus.set_readable(i, event.is_read_closed());
                             }
                             if event.is_writable() {
                                 self.clients.bus.set_writable(i);
