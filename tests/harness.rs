@@ -421,3 +421,52 @@ fn daemon_guard_logs_signals_and_reaps() {
     assert!(echo.wait_exit(T).is_some_and(|s| s.success()));
     assert_eq!(echo.log().lines().collect::<Vec<_>>(), args);
 }
+
+/// One MQTT 5 QoS 1 publish by `mosquitto_pub -d` with `cert`/`key`
+/// (bounded by `timeout`); returns its stdout and stderr.
+fn publish_v5_debug(broker: &Mosquitto, topic: &str, cert: &str, key_file: &str) -> String {
+    let pki = Pki::get();
+    let out = Command::new("timeout")
+        .arg("10")
+        .arg("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
+        .args(["-V", "5", "-q", "1", "-d", "-t", topic, "-m", "x"])
+        .arg("--cafile")
+        .arg(pki.path("ca.pem"))
+        .arg("--cert")
+        .arg(pki.path(cert))
+        .arg("--key")
+        .arg(pki.path(key_file))
+        .output()
+        .expect("run mosquitto_pub");
+    assert!(out.status.success(), "{out:?}");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn deny_publish_refuses_matching_topics_and_allows_the_rest() {
+    let broker = Mosquitto::builder().deny_publish("forbidden/#").start();
+    let sub = Subscriber::start(&broker, "#", 1);
+
+    let denied = publish_v5_debug(&broker, "forbidden/x", "client.pem", "client.key");
+    assert!(denied.contains("PUBACK (Mid: 1, RC:135)"), "{denied}");
+    // MQTT 3.1.1 has no reason code: a plain PUBACK, the message dropped.
+    publish(&broker, "forbidden/y", "x", 1, false);
+    assert!(
+        broker.wait_log_count("Denied PUBLISH", 2, T),
+        "{}",
+        broker.log()
+    );
+
+    let allowed = publish_v5_debug(&broker, "allowed/x", "client.pem", "client.key");
+    assert!(allowed.contains("PUBACK (Mid: 1, RC:0)"), "{allowed}");
+    // Another CN of the PKI is known to the plugin too.
+    let rsa = publish_v5_debug(&broker, "allowed/y", "client-rsa.pem", "client-rsa.key");
+    assert!(rsa.contains("PUBACK (Mid: 1, RC:0)"), "{rsa}");
+    assert!(sub.wait_lines(2, T), "{:?}", sub.lines());
+    assert_eq!(sub.lines(), ["allowed/x x", "allowed/y x"]);
+}

@@ -1,6 +1,8 @@
 //! A real mosquitto broker with one TLS listener on 127.0.0.1, configured by
 //! [`MosquittoBuilder`], ready once its log says it runs and its port
-//! listens, and stopped by its own pid on drop.
+//! listens, and stopped by its own pid on drop. On request it loads the
+//! dynamic-security plugin to refuse publishes on some topics
+//! ([`MosquittoBuilder::deny_publish`]).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -21,6 +23,8 @@ pub struct MosquittoBuilder {
     server_cert: Option<(PathBuf, PathBuf)>,
     tls_version: Option<String>,
     max_packet_size: Option<usize>,
+    deny_publish: Vec<String>,
+    dynsec_clients: Vec<String>,
     extra: Vec<String>,
 }
 
@@ -34,6 +38,8 @@ impl Default for MosquittoBuilder {
             server_cert: None,
             tls_version: None,
             max_packet_size: None,
+            deny_publish: Vec::new(),
+            dynsec_clients: Vec::new(),
             extra: Vec::new(),
         }
     }
@@ -92,6 +98,35 @@ impl MosquittoBuilder {
         self
     }
 
+    /// Refuse publishes to topics matching `pattern` (a topic filter, `+`
+    /// and `#` allowed); may be called several times. Loads mosquitto's
+    /// dynamic-security plugin, which otherwise allows everything:
+    /// connecting, subscribing, receiving, publishing elsewhere.
+    ///
+    /// mosquitto drops a denied message and logs `Denied PUBLISH from
+    /// <client id>`; the connection stays open. It answers QoS 1 with PUBACK
+    /// 0x87 (not authorized) under MQTT 5 and with a plain PUBACK under
+    /// MQTT 3.1.1, QoS 2 with PUBREC 0x87 (MQTT 5) or the usual PUBREC.
+    ///
+    /// The plugin denies everything to a username it does not know, so it
+    /// knows the CNs of the PKI's client certificates
+    /// ([`DYNSEC_PKI_CLIENTS`]) and those given to
+    /// [`MosquittoBuilder::dynsec_client`]; a client without a username
+    /// (with `use_identity_as_username(false)`) gets the same rules through
+    /// the plugin's anonymous group.
+    pub fn deny_publish(mut self, pattern: &str) -> Self {
+        self.deny_publish.push(pattern.to_string());
+        self
+    }
+
+    /// Make a username (a certificate CN) outside [`DYNSEC_PKI_CLIENTS`]
+    /// known to the dynamic-security plugin, with the same rules; only
+    /// matters with [`MosquittoBuilder::deny_publish`].
+    pub fn dynsec_client(mut self, username: &str) -> Self {
+        self.dynsec_clients.push(username.to_string());
+        self
+    }
+
     /// Append a raw line to the configuration (after the listener, so
     /// listener options apply to it).
     pub fn config_line(mut self, line: &str) -> Self {
@@ -127,6 +162,13 @@ impl MosquittoBuilder {
         line("log_timestamp_format %Y-%m-%dT%H:%M:%S".into());
         if let Some(n) = self.max_packet_size {
             line(format!("max_packet_size {n}"));
+        }
+        if !self.deny_publish.is_empty() {
+            let path = dir.join("dynsec.json");
+            let json = dynsec_json(&self.deny_publish, &self.dynsec_clients);
+            fs::write(&path, json).expect("write dynsec.json");
+            line(format!("plugin {}", dynsec_plugin().display()));
+            line(format!("plugin_opt_config_file {}", path.display()));
         }
         if self.password_file {
             let pw = dir.join("passwd");
@@ -209,6 +251,91 @@ impl MosquittoBuilder {
 
 /// Stands for the port in the configuration text until a port is chosen.
 const PORT_MARK: &str = "@PORT@";
+
+/// The CNs of the client certificates `config/dev/gen-pki.sh` issues (the
+/// expired and the untrusted one never get in), which become usernames.
+const DYNSEC_PKI_CLIENTS: &[&str] = &["iotcored-test", "iotcored-test-rsa", "iotcored-test-chain"];
+
+/// Where Debian and Ubuntu install the dynamic-security plugin.
+const DYNSEC_PLUGIN_DIRS: &[&str] = &[
+    "/usr/lib/x86_64-linux-gnu",
+    "/usr/lib/aarch64-linux-gnu",
+    "/usr/lib",
+    "/usr/local/lib",
+];
+
+/// The dynamic-security plugin's path; panics if it is not installed.
+fn dynsec_plugin() -> PathBuf {
+    DYNSEC_PLUGIN_DIRS
+        .iter()
+        .map(|d| Path::new(d).join("mosquitto_dynamic_security.so"))
+        .find(|p| p.exists())
+        .unwrap_or_else(|| {
+            panic!("mosquitto_dynamic_security.so not found in {DYNSEC_PLUGIN_DIRS:?}")
+        })
+}
+
+/// The dynamic-security plugin's configuration: every access allowed by
+/// default, and a role denying `publishClientSend` on each of `deny`, given
+/// to every known username and to the anonymous group.
+///
+/// The clients have no password, which the plugin then checks for no one
+/// (with `use_identity_as_username` mosquitto does not ask anyway). A
+/// username it does not know is let in but denied everything, hence the
+/// list of clients.
+fn dynsec_json(deny: &[String], extra_clients: &[String]) -> String {
+    let acls: Vec<String> = deny
+        .iter()
+        .map(|topic| {
+            format!(
+                r#"{{"acltype": "publishClientSend", "topic": {}, "allow": false}}"#,
+                json_string(topic)
+            )
+        })
+        .collect();
+    let mut usernames: Vec<&str> = DYNSEC_PKI_CLIENTS.to_vec();
+    for name in extra_clients {
+        if !usernames.contains(&name.as_str()) {
+            usernames.push(name);
+        }
+    }
+    let clients: Vec<String> = usernames
+        .iter()
+        .map(|name| {
+            format!(
+                r#"{{"username": {}, "roles": [{{"rolename": "deny"}}]}}"#,
+                json_string(name)
+            )
+        })
+        .collect();
+    format!(
+        r#"{{
+  "defaultACLAccess": {{"publishClientSend": true, "publishClientReceive": true, "subscribe": true, "unsubscribe": true}},
+  "roles": [{{"rolename": "deny", "acls": [{}]}}],
+  "clients": [{}],
+  "groups": [{{"groupname": "anonymous", "roles": [{{"rolename": "deny"}}]}}],
+  "anonymousGroup": "anonymous"
+}}
+"#,
+        acls.join(", "),
+        clients.join(", ")
+    )
+}
+
+/// `s` as a JSON string literal.
+fn json_string(s: &str) -> String {
+    let mut out = String::from("\"");
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
 
 /// A running mosquitto broker (see [`MosquittoBuilder`]).
 ///
