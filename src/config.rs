@@ -9,6 +9,8 @@ use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
 
+use crate::mqtt::packet::Version;
+
 use crate::bus::{self, MAX_INTERFACE_NAME_LEN};
 
 /// AWS IoT Core's keepalive range; a value outside it is moved into it by
@@ -47,6 +49,11 @@ pub struct Config {
     pub persistent_session: bool,
     /// The longest wait between reconnect attempts, in seconds.
     pub max_backoff: u16,
+    /// The MQTT protocol: 5 (default) or 3.1.1 [mqtt5-1].
+    pub mqtt: Version,
+    /// MQTT 5 Session Expiry Interval with `persistent_session`, seconds
+    /// (1..=604800) [mqtt5-2].
+    pub session_expiry: u32,
     /// How long SIGTERM waits for queued messages to be sent before the
     /// daemon stops, in seconds (0..=3600) [spool-1].
     pub drain: u16,
@@ -101,7 +108,7 @@ impl From<lexopt::Error> for UsageError {
 pub const HELP: &str = "\
 Usage: iotcored -e ENDPOINT -i CLIENT_ID -r ROOTCA -c CERT -k KEY [OPTIONS]
 
-MQTT 3.1.1 spooler daemon for AWS IoT Core, serving the Greengrass Lite core bus.
+MQTT spooler daemon for AWS IoT Core, serving the Greengrass Lite core bus.
 
 Required:
   -e, --endpoint HOST         AWS IoT Core endpoint (host name or IP address)
@@ -118,6 +125,9 @@ Options:
       --max-backoff SECONDS   longest wait between reconnect attempts, 1-3600 [default: 120]
       --persistent-session    ask the broker to keep our session (MQTT clean session 0):
                               subscriptions and QoS 1 messages survive a disconnect
+      --session-expiry SECONDS  with --persistent-session and MQTT 5, how long the
+                              broker keeps the session, 1-604800 [default: 3600]
+      --mqtt VERSION          MQTT protocol, 5 or 3.1.1 [default: 5]
       --drain SECONDS         on SIGTERM, keep sending queued messages for up to this
                               long while connected, 0-3600 [default: 2]; what is still
                               queued then is discarded (and logged)
@@ -154,6 +164,8 @@ where
     let mut socket_dir = PathBuf::from("/run/greengrass");
     let mut persistent_session = false;
     let mut max_backoff: u16 = 120;
+    let mut mqtt = Version::V5;
+    let mut session_expiry: u32 = 3600;
     let mut drain: u16 = 2;
     let mut spool_dir = None;
     let mut spool_size: u64 = 16 << 20;
@@ -175,11 +187,23 @@ where
             Long("socket-dir") => socket_dir = PathBuf::from(parser.value()?),
             Long("persistent-session") => persistent_session = true,
             Long("max-backoff") => max_backoff = number(&mut parser, "max-backoff", 1, 3600)?,
+            Long("mqtt") => {
+                mqtt = match string(&mut parser, "mqtt")?.as_str() {
+                    "5" | "5.0" => Version::V5,
+                    "3.1.1" | "3" | "311" => Version::V311,
+                    other => {
+                        return Err(UsageError(format!("--mqtt: {other:?} is not 5 or 3.1.1")))
+                    }
+                }
+            }
+            Long("session-expiry") => {
+                session_expiry = number(&mut parser, "session-expiry", 1, 604_800)?;
+            }
             Long("drain") => drain = number(&mut parser, "drain", 0, 3600)?,
             Long("spool-dir") => spool_dir = Some(PathBuf::from(parser.value()?)),
             Long("spool-size") => spool_size = size(&mut parser, "spool-size")?,
             Long("spool-sync") => {
-                spool_sync_ms = u32::from(number(&mut parser, "spool-sync", 1, 60_000)?);
+                spool_sync_ms = number(&mut parser, "spool-sync", 1u32, 60_000)?;
             }
             Short('h') | Long("help") => return Ok(Command::Help),
             Short('V') | Long("version") => return Ok(Command::Version),
@@ -199,6 +223,8 @@ where
         socket_dir,
         persistent_session,
         max_backoff,
+        mqtt,
+        session_expiry,
         drain,
         spool_dir,
         spool_size,
@@ -219,9 +245,12 @@ fn string(parser: &mut lexopt::Parser, name: &str) -> Result<String, UsageError>
         .map_err(|_| UsageError(format!("--{name}: the value is not valid UTF-8")))
 }
 
-fn number(parser: &mut lexopt::Parser, name: &str, min: u16, max: u16) -> Result<u16, UsageError> {
+fn number<T>(parser: &mut lexopt::Parser, name: &str, min: T, max: T) -> Result<T, UsageError>
+where
+    T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+{
     let text = string(parser, name)?;
-    match text.parse::<u16>() {
+    match text.parse::<T>() {
         Ok(v) if (min..=max).contains(&v) => Ok(v),
         _ => Err(UsageError(format!(
             "--{name}: {text:?} is not a whole number from {min} to {max}"

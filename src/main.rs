@@ -60,6 +60,7 @@ fn main() -> ExitCode {
         Exit::AuthFailure(msg) => fail(EXIT_AUTH, &format!("authentication failed: {msg}")),
         Exit::ServerUntrusted(msg) => fail(EXIT_UNTRUSTED, &msg),
         Exit::Fatal(msg) => fail(EXIT_ERROR, &msg),
+        Exit::Usage(msg) => fail(EXIT_USAGE, &msg),
     }
 }
 

@@ -50,8 +50,9 @@ use heapless::{Deque, String, Vec};
 
 use crate::bus::MAX_INTERFACE_NAME_LEN;
 use crate::consts::{MAX_CONNECTIONS, MAX_SUBSCRIPTIONS, SUBSCRIPTIONS_PER_CONNECTION};
-use crate::mqtt::packet::{Filters, Packet, QoS, SubackCode, Subscribe, Unsubscribe};
+use crate::mqtt::packet::{Filters, Packet, QoS, SubackCode, Subscribe, Unsubscribe, Version};
 use crate::mqtt::packet_id::SUBSCRIBE as IDS;
+use crate::mqtt::props::Props;
 use crate::mqtt::topic::{matches, validate_filter, TopicError, MAX_TOPIC_LEN};
 use crate::spool::QUARANTINE_STRIKES;
 use crate::time::Instant;
@@ -203,16 +204,29 @@ pub struct BrokerRequest<'a> {
     pub packet_id: u16,
     /// Filters with their QoS (QoS 0, ignored, for UNSUBSCRIBE).
     pub filters: Vec<(&'a str, QoS), MAX_FILTERS_PER_PACKET>,
+    /// The MQTT 5 Subscription Identifier of a one-filter SUBSCRIBE (see
+    /// `Router::use_subscription_ids`), encoded as its property.
+    subscription_id: Vec<u8, 5>,
 }
 
 impl BrokerRequest<'_> {
-    /// The packet to emit.
-    pub fn packet(&self) -> Packet<'_> {
+    /// The packet to emit in protocol `version` (MQTT 5: the Subscription
+    /// Identifier, if any, as its one property).
+    pub fn packet(&self, version: Version) -> Packet<'_> {
         let packet_id = self.packet_id;
         let filters = Filters::List(&self.filters);
+        let properties = (version == Version::V5).then(|| Props::trusted(&self.subscription_id));
         match self.kind {
-            RequestKind::Subscribe => Packet::Subscribe(Subscribe { packet_id, filters }),
-            RequestKind::Unsubscribe => Packet::Unsubscribe(Unsubscribe { packet_id, filters }),
+            RequestKind::Subscribe => Packet::Subscribe(Subscribe {
+                packet_id,
+                filters,
+                properties,
+            }),
+            RequestKind::Unsubscribe => Packet::Unsubscribe(Unsubscribe {
+                packet_id,
+                filters,
+                properties,
+            }),
         }
     }
 }
@@ -337,6 +351,8 @@ struct Sub {
     unreachable_since: Option<Instant>,
     /// The pid of the process that made it (0: unknown).
     owner: u32,
+    /// Its messages carry their MQTT 5 properties (subscribe `properties`).
+    properties: bool,
 }
 
 impl Sub {
@@ -354,6 +370,7 @@ impl Sub {
         queued: false,
         unreachable_since: None,
         owner: 0,
+        properties: false,
     };
 
     fn is_live(&self) -> bool {
@@ -409,6 +426,9 @@ pub struct Router {
     /// Grows whenever a subscription for a response endpoint starts or
     /// ends: the disk spool keeps them [spool-7].
     endpoint_changes: u64,
+    /// MQTT 5: one filter per SUBSCRIBE, each with the Subscription
+    /// Identifier of its entry (`route_copy`).
+    subscription_ids: bool,
 }
 
 impl Default for Router {
@@ -428,7 +448,18 @@ impl Router {
             settled: Deque::new(),
             quarantined: 0,
             endpoint_changes: 0,
+            subscription_ids: false,
         }
+    }
+
+    /// From now on, SUBSCRIBEs carry one filter each and the Subscription
+    /// Identifier of its entry (index + 1), so that `route_copy` can tell
+    /// which filters an incoming copy is for. An MQTT 5 broker may send
+    /// one copy of a message per matching subscription [MQTT5-3.3.4]
+    /// (mosquitto does); without the identifiers, overlapping filters
+    /// would deliver a message several times to one subscriber.
+    pub fn use_subscription_ids(&mut self, yes: bool) {
+        self.subscription_ids = yes;
     }
 
     /// A router whose links hold `n` filters each, within the table's size.
@@ -558,6 +589,7 @@ impl Router {
         sub.answered = false;
         sub.unreachable_since = None;
         sub.owner = owner;
+        sub.properties = false;
         let id = SubId {
             slot: u32::try_from(slot).unwrap_or(u32::MAX),
             generation: sub.generation,
@@ -734,6 +766,32 @@ impl Router {
     /// Calls `deliver` once per answered active subscription with a filter
     /// matching `topic`; returns how many.
     pub fn route(&self, topic: &str, mut deliver: impl FnMut(SubId, &Dest)) -> usize {
+        self.route_copy(topic, &[], |id, dest, _| deliver(id, dest))
+    }
+
+    /// Whether subscription `id`'s messages carry their MQTT 5 properties
+    /// (core-bus.md section 6, subscribe `properties`): set once, after it
+    /// is made.
+    pub fn set_properties(&mut self, id: SubId, yes: bool) {
+        if let Some(slot) = self.slot_of(id) {
+            if let Some(sub) = self.subs.get_mut(slot) {
+                sub.properties = yes;
+            }
+        }
+    }
+
+    /// `route` for one copy of a message that carried these Subscription
+    /// Identifiers (none: every subscription it matches). With them, a
+    /// subscription gets the copy only if the first of its filters that
+    /// matches is one the copy names: whether the broker sends one copy
+    /// naming every matching filter or one copy per filter, each
+    /// subscription gets the message once.
+    pub fn route_copy(
+        &self,
+        topic: &str,
+        ids: &[u32],
+        mut deliver: impl FnMut(SubId, &Dest, bool),
+    ) -> usize {
         let mut bits = [0u64; MATCH_WORDS];
         let mut any = false;
         for (i, e) in self.entries.iter().enumerate() {
@@ -751,13 +809,36 @@ impl Router {
             let i = usize::try_from(i).unwrap_or(usize::MAX);
             bits.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
         };
+        // The matching filters held at the broker: the copies of the message
+        // share them out. A subscription's copy is the one naming the first
+        // of its own among them, or, for one matching through virtual
+        // filters only, the first of them all.
+        let at_broker = |i: u32| {
+            usize::try_from(i)
+                .ok()
+                .and_then(|i| self.entries.get(i))
+                .is_some_and(|e| e.placed && e.broker_users() > 0)
+        };
+        let index = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
+        let first_at_broker = (0..self.entries.len())
+            .map(index)
+            .find(|&i| hit(i) && at_broker(i));
+        let ids = if first_at_broker.is_some() { ids } else { &[] };
+        let named = |i: u32| ids.is_empty() || ids.contains(&i.saturating_add(1));
         let mut delivered = 0;
         for (slot, sub) in self.subs.iter().enumerate() {
-            if sub.state == Some(SubState::Active)
-                && sub.answered
-                && sub.filters.iter().any(|&i| hit(i))
+            let mut matched = sub.filters.iter().copied().filter(|&i| hit(i)).peekable();
+            let designated = match matched.peek() {
+                None => None,
+                Some(&first) => matched
+                    .filter(|&i| at_broker(i))
+                    .min()
+                    .or(first_at_broker)
+                    .or(Some(first)),
+            };
+            if sub.state == Some(SubState::Active) && sub.answered && designated.is_some_and(named)
             {
-                deliver(self.id_of(slot), &sub.dest);
+                deliver(self.id_of(slot), &sub.dest, sub.properties);
                 delivered += 1;
             }
         }
@@ -905,6 +986,24 @@ impl Router {
             kind = RequestKind::Subscribe;
             picked = self.pick(link, |e| e.needs_subscribe() && e.strikes == 0);
         }
+        let mut subscription_id = Vec::new();
+        if self.subscription_ids && kind == RequestKind::Subscribe {
+            picked.truncate(1);
+            if let Some(&i) = picked.first() {
+                let id = u32::try_from(i + 1).unwrap_or(u32::MAX);
+                // Cannot fail: an identifier and a varint of at most 4 bytes.
+                let _ = subscription_id.push(crate::mqtt::props::id::SUBSCRIPTION_ID);
+                let mut v = id;
+                loop {
+                    let [low, ..] = v.to_le_bytes();
+                    v >>= 7;
+                    let _ = subscription_id.push(if v == 0 { low & 0x7F } else { low | 0x80 });
+                    if v == 0 {
+                        break;
+                    }
+                }
+            }
+        }
         if picked.is_empty() {
             if let Some(l) = self.links.get_mut(link) {
                 l.dirty = false;
@@ -943,6 +1042,7 @@ impl Router {
             kind,
             packet_id,
             filters,
+            subscription_id,
         })
     }
 
@@ -1394,9 +1494,11 @@ mod tests {
         let q = r.next_request(link, Traffic::Quiet)?;
         assert!(!q.filters.is_empty() && q.filters.len() <= MAX_FILTERS_PER_PACKET);
         let mut buf = [0u8; 4096];
-        let packet = q.packet();
-        let n = packet.emit(&mut buf).unwrap();
-        assert_eq!(Packet::parse(&buf[..n]), Ok(packet));
+        for version in [Version::V311, Version::V5] {
+            let packet = q.packet(version);
+            let n = packet.emit(&mut buf).unwrap();
+            assert_eq!(Packet::parse_as(&buf[..n], version), Ok(packet));
+        }
         Some(Req {
             kind: q.kind,
             id: q.packet_id,
@@ -1550,6 +1652,64 @@ mod tests {
         assert_eq!(routed(&r, "a/c"), [a]);
         assert_eq!(routed(&r, "x"), [a]);
         assert_eq!(routed(&r, "$aws/x"), []);
+    }
+
+    #[test]
+    fn with_subscription_ids_each_copy_reaches_each_subscription_once() {
+        // [MQTT5-3.3.4] mosquitto sends one copy per matching subscription,
+        // each naming its own; a broker may also send one naming all.
+        let mut r = Router::new();
+        r.use_subscription_ids(true);
+        r.link_up(0, false, Instant::default());
+        let a = sub(&mut r, stream(1), &["down/+", "down/#"], Q0);
+        let b = sub(&mut r, stream(2), &["down/#"], Q0);
+        // One filter per SUBSCRIBE, with the identifier of its entry.
+        let plus = r.find_entry("down/+").unwrap();
+        let hash = r.find_entry("down/#").unwrap();
+        for _ in 0..2 {
+            let mut buf = [0u8; 64];
+            let (filter, n, packet_id) = {
+                let q = r.next_request(0, Traffic::Quiet).unwrap();
+                assert_eq!(q.filters.len(), 1);
+                let n = q.packet(Version::V5).emit(&mut buf).unwrap();
+                (StdString::from(q.filters[0].0), n, q.packet_id)
+            };
+            let i = r.find_entry(&filter).unwrap();
+            match Packet::parse_as(&buf[..n], Version::V5) {
+                Ok(Packet::Subscribe(s)) => assert_eq!(
+                    s.properties
+                        .unwrap()
+                        .number(crate::mqtt::props::id::SUBSCRIPTION_ID),
+                    Some(u32::try_from(i + 1).unwrap())
+                ),
+                other => panic!("{other:?}"),
+            }
+            r.on_suback(0, packet_id, [SubackCode::Granted(Q0)]);
+        }
+        settled(&mut r);
+        let copy = |ids: &[u32]| {
+            let mut hits = StdVec::new();
+            r.route_copy("down/x", ids, |id, _, _| hits.push(id));
+            hits
+        };
+        let id = |i: usize| u32::try_from(i + 1).unwrap();
+        // One copy per filter: a gets the first, b the second.
+        assert_eq!(copy(&[id(plus)]), [a]);
+        assert_eq!(copy(&[id(hash)]), [b]);
+        // One copy naming both: each once.
+        assert_eq!(copy(&[id(plus), id(hash)]), [a, b]);
+        // No identifiers (3.1.1, or a broker without them): every match.
+        assert_eq!(copy(&[]), [a, b]);
+        // A virtual subscription takes the copy of the first broker filter.
+        let v = r.subscribe(stream(3), &["down/x"], Q0, true).unwrap();
+        settled(&mut r);
+        let copy = |ids: &[u32]| {
+            let mut hits = StdVec::new();
+            r.route_copy("down/x", ids, |id, _, _| hits.push(id));
+            hits
+        };
+        assert_eq!(copy(&[id(plus)]), [a, v]);
+        assert_eq!(copy(&[id(hash)]), [b]);
     }
 
     #[test]

@@ -79,8 +79,9 @@
 use core::fmt;
 
 use crate::consts;
-use crate::mqtt::packet::{self, PublishHeader, QoS};
+use crate::mqtt::packet::{self, PublishHeader, QoS, Version};
 use crate::mqtt::packet_id::PUBLISH as IDS;
+use crate::mqtt::props::Props;
 use crate::mqtt::topic::MAX_TOPIC_LEN;
 use crate::time::Instant;
 
@@ -111,6 +112,59 @@ impl fmt::Display for PushError {
 
 impl std::error::Error for PushError {}
 
+/// A message to queue: what `push_message` encodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Message<'a> {
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+    pub qos: QoS,
+    pub retain: bool,
+    /// MQTT 5 properties to send with it (without a Message Expiry
+    /// Interval, which `expires` gives); ignored with MQTT 3.1.1.
+    pub properties: Props<'a>,
+    /// When it stops being worth sending [bus-expiry-1]: it is dropped
+    /// unsent after that, and with MQTT 5 sent with the time it has left.
+    pub expires: Option<Instant>,
+}
+
+impl<'a> Message<'a> {
+    /// A message without properties or expiry.
+    pub fn plain(topic: &'a str, payload: &'a [u8], qos: QoS, retain: bool) -> Message<'a> {
+        Message {
+            topic,
+            payload,
+            qos,
+            retain,
+            properties: Props::EMPTY,
+            expires: None,
+        }
+    }
+}
+
+/// Why `prepare_next` dropped a message unsent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unsendable {
+    /// Its `expires` passed (counted `expired`).
+    Expired,
+    /// It is larger than the broker takes now (counted `rejected`).
+    TooLarge,
+}
+
+/// A message `prepare_next` dropped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Dropped {
+    pub why: Unsendable,
+    pub qos: QoS,
+    /// The whole packet's length.
+    pub len: usize,
+    /// Its topic, for the log.
+    pub topic: heapless::String<MAX_TOPIC_LEN>,
+    /// Its record in the disk spool, 0 for none: to be released.
+    pub stored: u64,
+    /// Its ticket.
+    pub ticket: u64,
+}
+
 /// A message accepted into the spool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Pushed {
@@ -133,6 +187,11 @@ pub struct Stats {
     pub evicted: u64,
     /// Pushes refused with `Busy`.
     pub busy: u64,
+    /// Messages dropped unsent because their expiry passed.
+    pub expired: u64,
+    /// QoS 1 messages the broker refused with a failure reason code, and
+    /// messages too large for the broker's Maximum Packet Size.
+    pub rejected: u64,
     /// QoS 1 messages removed as poison [bus-iso-2].
     pub quarantined: u64,
 }
@@ -230,6 +289,11 @@ struct Entry {
     /// Its number among the messages pushed (1, 2, ...): what a call
     /// waiting for its PUBACK waits on.
     ticket: u64,
+    /// When it stops being worth sending.
+    expires: Option<Instant>,
+    /// Where its Message Expiry Interval's value sits in the packet (MQTT
+    /// 5 with an expiry), 0 for none: rewritten before each send.
+    expiry_at: usize,
 }
 
 const EMPTY: Entry = Entry {
@@ -246,6 +310,8 @@ const EMPTY: Entry = Entry {
     stored: 0,
     restored: false,
     ticket: 0,
+    expires: None,
+    expiry_at: 0,
 };
 
 /// One publishing process's share of the queue [bus-iso-5]: its messages
@@ -323,6 +389,8 @@ pub struct Spool {
     strikes: u8,
     stats: Stats,
     compactions: u64,
+    /// The protocol messages are encoded for.
+    version: Version,
 }
 
 impl Default for Spool {
@@ -371,7 +439,14 @@ impl Spool {
             strikes: 0,
             stats: Stats::default(),
             compactions: 0,
+            version: Version::V311,
         }
+    }
+
+    /// Encodes messages pushed from now on for protocol `version` (MQTT
+    /// 3.1.1 until called); set once, before the first push.
+    pub fn set_version(&mut self, version: Version) {
+        self.version = version;
     }
 
     /// Messages waiting now, queued or in flight.
@@ -446,15 +521,34 @@ impl Spool {
         qos: QoS,
         retain: bool,
     ) -> Result<Pushed, PushError> {
-        // The packet id is written when the message is first started.
-        let header = PublishHeader {
+        self.push_message(now, pid, &Message::plain(topic, payload, qos, retain))
+    }
+
+    /// The header a message is encoded with: the packet id is written when
+    /// it is first started, the time left before each send.
+    fn header<'a>(&self, m: &Message<'a>) -> PublishHeader<'a> {
+        let v5 = self.version == Version::V5;
+        PublishHeader {
             dup: false,
-            qos,
-            retain,
-            topic,
+            qos: m.qos,
+            retain: m.retain,
+            topic: m.topic,
             packet_id: 0,
-            payload_len: payload.len(),
-        };
+            payload_len: m.payload.len(),
+            properties: v5.then_some(m.properties),
+            expiry: (v5 && m.expires.is_some()).then_some(0),
+        }
+    }
+
+    /// `push` for a message with properties or an expiry.
+    pub fn push_message(
+        &mut self,
+        now: Instant,
+        pid: u32,
+        m: &Message<'_>,
+    ) -> Result<Pushed, PushError> {
+        let (qos, payload) = (m.qos, m.payload);
+        let header = self.header(m);
         let header_len = header.buffer_len().map_err(|_| PushError::TooLong)?;
         // Cannot overflow: the packet is at most MAX_REMAINING_LEN + 5 bytes.
         let len = header_len + payload.len();
@@ -474,6 +568,7 @@ impl Spool {
         self.put_header(off, &header);
         self.put(self.wrap(off + header_len), payload);
         let id_at = header.packet_id_at().unwrap_or(0);
+        let expiry_at = header.expiry_at().unwrap_or(0);
 
         let lane = self.lane_of(pid);
         let slot = self.slot(self.count);
@@ -491,6 +586,8 @@ impl Spool {
             stored: 0,
             restored: false,
             ticket: self.stats.published + 1,
+            expires: m.expires,
+            expiry_at,
         };
         self.count += 1;
         self.span += len;
@@ -504,19 +601,71 @@ impl Spool {
     /// Whether `push` would take a message of this topic, payload length
     /// and QoS now (evicting queued QoS 0 if need be), without pushing it
     /// or counting a refusal.
-    pub fn fits(&self, topic: &str, payload_len: usize, qos: QoS) -> bool {
-        let header = PublishHeader {
-            dup: false,
-            qos,
-            retain: false,
-            topic,
-            packet_id: 0,
-            payload_len,
-        };
-        let Ok(header_len) = header.buffer_len() else {
+    pub fn fits(&self, m: &Message<'_>) -> bool {
+        let Ok(header_len) = self.header(m).buffer_len() else {
             return false;
         };
-        self.room_needed(header_len + payload_len).is_some()
+        self.room_needed(header_len + m.payload.len()).is_some()
+    }
+
+    /// The length `m` would have as a PUBLISH packet (`usize::MAX` past
+    /// the MQTT maximum).
+    pub fn encoded_len(&self, m: &Message<'_>) -> usize {
+        self.header(m)
+            .buffer_len()
+            .map_or(usize::MAX, |n| n.saturating_add(m.payload.len()))
+    }
+
+    /// Before `peek_next_len` and `next`: drops the message `next` would
+    /// start if it can no longer be sent (its expiry passed, or it is over
+    /// `max_len`, the broker's Maximum Packet Size) and says which it was;
+    /// else writes the time it has left into the one that will start
+    /// [bus-expiry-1]. Call until it returns `None`.
+    pub fn prepare_next(
+        &mut self,
+        now: Instant,
+        inflight_limit: usize,
+        max_len: usize,
+    ) -> Option<Dropped> {
+        let lane = self.startable(inflight_limit)?;
+        let slot = self.lanes[lane].first;
+        let e = self.meta[slot];
+        let why = match e.expires {
+            Some(at) if now >= at => Unsendable::Expired,
+            _ if e.len > max_len => Unsendable::TooLarge,
+            Some(at) => {
+                if e.expiry_at != 0 {
+                    // Whole seconds left, rounded up: never 0 [bus-expiry-1].
+                    let left = at.saturating_since(now);
+                    let secs = left.as_secs() + u64::from(left.subsec_nanos() > 0);
+                    let secs = u32::try_from(secs).unwrap_or(u32::MAX).max(1);
+                    let at = self.wrap(e.off + e.expiry_at);
+                    self.put(at, &secs.to_be_bytes());
+                }
+                return None;
+            }
+            None => return None,
+        };
+        let topic = self.topic_of(&e);
+        self.dequeue(lane);
+        if e.restored {
+            self.meta[slot].restored = false;
+            self.restored -= 1;
+        }
+        self.kill(slot);
+        match why {
+            Unsendable::Expired => self.stats.expired += 1,
+            Unsendable::TooLarge => self.stats.rejected += 1,
+        }
+        self.settle();
+        Some(Dropped {
+            why,
+            qos: e.qos,
+            len: e.len,
+            topic,
+            stored: e.stored,
+            ticket: e.ticket,
+        })
     }
 
     /// The length of the message that `next(inflight_limit, true)` would
@@ -641,6 +790,13 @@ impl Spool {
     /// message in flight has it (also for a message put back in the queue
     /// by `reset_inflight`).
     pub fn ack(&mut self, packet_id: u16) -> Option<Acked> {
+        self.ack_with(packet_id, true)
+    }
+
+    /// A PUBACK with its verdict: `accepted` false for a failure reason
+    /// code (MQTT 5), counted `rejected` instead of `acked`. The message
+    /// is done either way: a refused one is never resent [mqtt5-7].
+    pub fn ack_with(&mut self, packet_id: u16, accepted: bool) -> Option<Acked> {
         if !IDS.contains(packet_id) || !self.id_held(packet_id) {
             return None;
         }
@@ -651,7 +807,11 @@ impl Spool {
             if e.state == State::Inflight && e.packet_id == packet_id {
                 self.kill(slot);
                 self.inflight -= 1;
-                self.stats.acked += 1;
+                if accepted {
+                    self.stats.acked += 1;
+                } else {
+                    self.stats.rejected += 1;
+                }
                 self.settle();
                 return Some(Acked {
                     stored: e.stored,
@@ -660,6 +820,15 @@ impl Spool {
             }
         }
         None
+    }
+
+    /// The topic of the in-flight message with this packet id (for the
+    /// log of a refusal).
+    pub fn inflight_topic(&self, packet_id: u16) -> Option<heapless::String<MAX_TOPIC_LEN>> {
+        (0..self.count)
+            .map(|i| self.meta[self.slot(i)])
+            .find(|e| e.state == State::Inflight && e.packet_id == packet_id)
+            .map(|e| self.topic_of(&e))
     }
 
     /// The connection dropped: every unacknowledged QoS 1 goes back to the
@@ -1186,6 +1355,7 @@ mod tests {
 
     fn encoded(topic: &str, payload: &[u8], qos: QoS, retain: bool, id: u16, dup: bool) -> Vec<u8> {
         let p = Packet::Publish(Publish {
+            properties: None,
             dup,
             qos,
             retain,
@@ -2124,16 +2294,141 @@ mod tests {
         assert_eq!(s.lanes[3].waiting, 1);
     }
 
+    /// An MQTT 5 message on "e" expiring at `expires` ms, with one user
+    /// property.
+    fn push_v5(s: &mut Spool, qos: QoS, expires: Option<u64>) -> Result<Pushed, PushError> {
+        // A user property "k": "v".
+        const USER: &[u8] = &[0x26, 0, 1, b'k', 0, 1, b'v'];
+        let m = Message {
+            properties: Props::trusted(USER),
+            expires: expires.map(Instant::from_millis),
+            ..Message::plain("e", b"pay", qos, false)
+        };
+        s.push_message(Instant::from_millis(0), 1, &m)
+    }
+
+    #[test]
+    fn mqtt5_messages_carry_their_properties_and_the_time_they_have_left() {
+        // [mqtt5-5] [bus-expiry-1]
+        let mut s = Spool::new(4096, 8);
+        s.set_version(Version::V5);
+        push_v5(&mut s, Q1, Some(10_500)).unwrap();
+        push_v5(&mut s, Q0, None).unwrap();
+        // 10.5 s left at 0: sent as 11 (whole seconds, rounded up).
+        assert_eq!(s.prepare_next(Instant::from_millis(0), 4, usize::MAX), None);
+        let first = send(&mut s, 4).unwrap();
+        let p = match Packet::parse_as(&first, Version::V5) {
+            Ok(Packet::Publish(p)) => p,
+            other => panic!("{other:?}"),
+        };
+        let props = p.properties.unwrap();
+        assert_eq!(
+            props.number(crate::mqtt::props::id::MESSAGE_EXPIRY),
+            Some(11)
+        );
+        assert_eq!(props.user_properties().collect::<Vec<_>>(), [("k", "v")]);
+        assert_eq!(
+            (p.topic, p.payload, p.packet_id),
+            ("e", &b"pay"[..], Some(1))
+        );
+        // Lost before its PUBACK: resent 4 s later with 7 s left.
+        s.reset_inflight();
+        assert_eq!(
+            s.prepare_next(Instant::from_millis(4000), 4, usize::MAX),
+            None
+        );
+        let again = send(&mut s, 4).unwrap();
+        match Packet::parse_as(&again, Version::V5) {
+            Ok(Packet::Publish(p)) => {
+                assert!(p.dup);
+                assert_eq!(
+                    p.properties
+                        .unwrap()
+                        .number(crate::mqtt::props::id::MESSAGE_EXPIRY),
+                    Some(7)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // Without an expiry, no Message Expiry Interval (sent once the
+        // resent one, probed alone [bus-iso-2], is acknowledged).
+        assert!(s.ack(1).is_some());
+        let second = send(&mut s, 4).unwrap();
+        match Packet::parse_as(&second, Version::V5) {
+            Ok(Packet::Publish(p)) => {
+                assert_eq!(
+                    p.properties
+                        .unwrap()
+                        .get(crate::mqtt::props::id::MESSAGE_EXPIRY),
+                    None
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        check(&s);
+    }
+
+    #[test]
+    fn expired_and_too_large_messages_are_dropped_unsent_and_counted() {
+        // [bus-expiry-1] [mqtt5-4], both protocols.
+        for version in [Version::V311, Version::V5] {
+            let mut s = Spool::new(4096, 8);
+            s.set_version(version);
+            push_v5(&mut s, Q1, Some(1000)).unwrap();
+            push_v5(&mut s, Q0, None).unwrap();
+            let small = s.encoded_len(&Message::plain("e", b"pay", Q0, false));
+            push(&mut s, "big", &[0; 200], Q1).unwrap();
+            // At 1 s the first has expired: dropped, its ticket reported.
+            let d = s.prepare_next(Instant::from_millis(1000), 4, 100).unwrap();
+            assert_eq!((d.why, d.qos, d.ticket), (Unsendable::Expired, Q1, 1));
+            assert_eq!(d.topic.as_str(), "e");
+            assert_eq!(s.prepare_next(Instant::from_millis(1000), 4, 100), None);
+            let sent = send(&mut s, 4).unwrap();
+            assert!(sent.len() <= 100 && sent.len() >= small.min(sent.len()));
+            // Over the broker's 100 bytes: rejected, not sent.
+            let d = s.prepare_next(Instant::from_millis(1000), 4, 100).unwrap();
+            assert_eq!((d.why, d.ticket), (Unsendable::TooLarge, 3));
+            assert!(s.is_empty());
+            let st = s.stats();
+            assert_eq!((st.expired, st.rejected, st.sent), (1, 1, 1), "{version}");
+            check(&s);
+        }
+    }
+
+    #[test]
+    fn a_refused_puback_ends_the_message_and_counts_it_rejected() {
+        // [mqtt5-7] never resent.
+        let mut s = Spool::new(4096, 8);
+        push(&mut s, "a", b"1", Q1).unwrap();
+        push(&mut s, "b", b"2", Q1).unwrap();
+        send(&mut s, 4).unwrap();
+        send(&mut s, 4).unwrap();
+        assert_eq!(s.inflight_topic(1).as_deref(), Some("a"));
+        assert_eq!(s.ack_with(1, false).map(|a| a.ticket), Some(1));
+        assert!(s.ack(2).is_some());
+        let st = s.stats();
+        assert_eq!((st.acked, st.rejected), (1, 1));
+        s.reset_inflight();
+        assert!(s.is_empty(), "nothing to resend");
+        check(&s);
+    }
+
     #[test]
     fn fits_says_what_push_would_do_without_doing_or_counting_it() {
         let mut s = Spool::new(4096, 2);
-        assert!(s.fits("t", 10, Q1));
+        assert!(s.fits(&Message::plain("t", &[0; 10], Q1, false)));
         push_from(&mut s, 1, "a", Q0).unwrap();
         push_from(&mut s, 1, "b", Q1).unwrap();
-        assert!(s.fits("t", 10, Q1), "the QoS 0 would be evicted");
-        assert!(!s.fits("t", 5000, Q1), "larger than the region");
+        assert!(
+            s.fits(&Message::plain("t", &[0; 10], Q1, false)),
+            "the QoS 0 would be evicted"
+        );
+        assert!(
+            !s.fits(&Message::plain("t", &[0; 5000], Q1, false)),
+            "larger than the region"
+        );
         push_from(&mut s, 1, "c", Q1).unwrap(); // evicts "a"
-        assert!(!s.fits("t", 1, Q0));
+        assert!(!s.fits(&Message::plain("t", &[0; 1], Q0, false)));
         assert_eq!(s.stats().busy, 0);
         assert_eq!(s.len(), 2);
     }

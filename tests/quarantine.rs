@@ -2,6 +2,12 @@
 //! by closing the connection (here: a PUBLISH over mosquitto's
 //! `max_packet_size`) is set aside after two probes, and every other
 //! client's messages still arrive, in order; a single cut is not poison.
+//!
+//! These run with MQTT 3.1.1: under MQTT 5 mosquitto announces its
+//! `max_packet_size` in the CONNACK, so the daemon refuses such a publish
+//! with RANGE before it is queued (`tests/mqtt5.rs`), and the broker never
+//! gets to close on it. MQTT 5's close-after-PUBLISH case is tested there
+//! with a mock broker that sends DISCONNECT.
 
 mod common;
 
@@ -25,7 +31,12 @@ const BROKER_MAX_PACKET: usize = 2000;
 /// The daemon with reconnects at most 2 s apart: a poison costs three
 /// closes, and the default backoff would grow to 4 s by the third.
 fn start(port: u16, id: &str) -> (Daemon, PathBuf) {
-    start_with_bus(BIN.as_ref(), port, id, &["--max-backoff", "2"])
+    start_with_bus(
+        BIN.as_ref(),
+        port,
+        id,
+        &["--max-backoff", "2", "--mqtt", "3.1.1"],
+    )
 }
 
 /// Publishes `payloads` at QoS 1 on `topic` from another process

@@ -29,10 +29,15 @@ fn cpu_ticks(pid: u32) -> u64 {
     fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
-/// A QoS 1 PUBLISH on "f" with packet id `id` and a small payload.
+/// A QoS 1 PUBLISH on "f" with packet id `id` and a small payload (with
+/// MQTT 5, an empty property block after the id).
 fn qos1_publish(id: u16) -> Vec<u8> {
-    let mut p = vec![0x32, 0x08, 0x00, 0x01, b'f'];
+    let v5 = mqtt5();
+    let mut p = vec![0x32, 0x08 + u8::from(v5), 0x00, 0x01, b'f'];
     p.extend(id.to_be_bytes());
+    if v5 {
+        p.push(0);
+    }
     p.extend(b"abc");
     p
 }
@@ -302,10 +307,14 @@ fn a_client_that_writes_without_pause_starves_neither_timers_nor_other_clients()
 
 /// A QoS 0 PUBLISH.
 fn qos0_publish(topic: &str, payload: &[u8]) -> Vec<u8> {
-    let len = 2 + topic.len() + payload.len();
+    let v5 = mqtt5();
+    let len = 2 + topic.len() + usize::from(v5) + payload.len();
     let mut p = vec![0x30, u8::try_from(len).unwrap()];
     p.extend(u16::try_from(topic.len()).unwrap().to_be_bytes());
     p.extend(topic.as_bytes());
+    if v5 {
+        p.push(0); // no properties
+    }
     p.extend(payload);
     p
 }

@@ -21,8 +21,9 @@ use super::EventLoop;
 use crate::bus::frame::ErrorCode;
 use crate::bus::server::{Input, Overdue, SendError, Server, PARTIAL_TIMEOUT, STALL_TIMEOUT};
 use crate::consts;
+use crate::mqtt::props::Props;
 use crate::router::{Dest, Router, SubId, ENDPOINT_TIMEOUT};
-use crate::service::{self, answer, Caller, Context, LinkState, Mode, Reply};
+use crate::service::{self, answer, Caller, Context, Counters, LinkState, Mode, Reply};
 use crate::spool::Spool;
 use crate::time::Instant;
 
@@ -43,6 +44,8 @@ pub(super) struct Clients {
     scratch: Box<[u8]>,
     /// The `iotcored_response` notify for endpoint subscribers.
     scratch_notify: Box<[u8]>,
+    /// Either, with the MQTT 5 properties, for subscribers that asked.
+    scratch_props: Box<[u8]>,
     /// Slots to close after a delivery, allocated once.
     to_close: Vec<usize>,
     /// Endpoint deliveries of one message (delivered or not), allocated once.
@@ -59,6 +62,7 @@ impl Clients {
         Self {
             scratch: vec![0u8; frame_room.max(consts::BUS_MAX_FRAME)].into_boxed_slice(),
             scratch_notify: vec![0u8; frame_room].into_boxed_slice(),
+            scratch_props: vec![0u8; frame_room].into_boxed_slice(),
             to_close: Vec::with_capacity(bus.capacity()),
             endpoint_results: Vec::with_capacity(consts::MAX_SUBSCRIPTIONS),
             spool_log_at: None,
@@ -179,12 +183,15 @@ impl Clients {
         router: &mut Router,
         topic: &str,
         payload: &[u8],
+        properties: Option<Props<'_>>,
+        subscription_ids: &[u32],
         now: Instant,
     ) -> u64 {
         let Clients {
             bus,
             scratch,
             scratch_notify,
+            scratch_props,
             to_close,
             endpoint_results,
             ..
@@ -192,78 +199,124 @@ impl Clients {
         to_close.clear();
         endpoint_results.clear();
         let mut dropped = 0;
+        // Each form is built once, when a subscriber first needs it: the
+        // message, the notify, and either with the MQTT 5 properties for
+        // the subscribers that asked for them (built in turn in
+        // `scratch_props`, so rebuilt if both are needed).
         let mut message_len = None;
         let mut notify_len = None;
-        router.route(topic, |id, dest| match dest {
-            Dest::Stream { client, generation } => {
-                let i = usize::from(*client);
-                if i >= bus.capacity() || bus.slot(i).generation() != *generation {
-                    return;
-                }
-                let len =
-                    *message_len.get_or_insert_with(|| answer::message(scratch, topic, payload));
-                let Some(frame) = scratch.get(..len).filter(|f| !f.is_empty()) else {
-                    dropped += 1;
-                    return;
-                };
-                match bus.send(i, &[frame]) {
-                    Ok(()) => {}
-                    // Its backlog is full: this message is lost for this
-                    // subscriber alone [bus-iso-6]. One that reads goes on;
-                    // one that stopped is closed by `drive_pending_clients`.
-                    Err(SendError::Full) => {
-                        dropped += 1;
-                        log::debug!(
-                            "bus: subscriber in slot {i} is behind; message dropped for it"
-                        );
+        let mut props_form: Option<(bool, usize)> = None;
+        router.route_copy(
+            topic,
+            subscription_ids,
+            |id, dest, wants_props| match dest {
+                Dest::Stream { client, generation } => {
+                    let i = usize::from(*client);
+                    if i >= bus.capacity() || bus.slot(i).generation() != *generation {
+                        return;
                     }
-                    Err(SendError::Closed) => {
+                    let (buf, len) = if wants_props && properties.is_some() {
+                        let len = match props_form {
+                            Some((false, len)) => len,
+                            _ => {
+                                let len = answer::message(
+                                    scratch_props,
+                                    topic,
+                                    payload,
+                                    properties.as_ref(),
+                                );
+                                props_form = Some((false, len));
+                                len
+                            }
+                        };
+                        (&scratch_props[..], len)
+                    } else {
+                        let len = *message_len
+                            .get_or_insert_with(|| answer::message(scratch, topic, payload, None));
+                        (&scratch[..], len)
+                    };
+                    let Some(frame) = buf.get(..len).filter(|f| !f.is_empty()) else {
                         dropped += 1;
-                        to_close.push(i);
-                    }
-                }
-            }
-            Dest::Endpoint(name) => {
-                let len = *notify_len
-                    .get_or_insert_with(|| answer::notify(scratch_notify, topic, payload));
-                let Some(frame) = scratch_notify.get(..len).filter(|f| !f.is_empty()) else {
-                    dropped += 1;
-                    return;
-                };
-                let sent = match bus.connect_endpoint(name) {
-                    Ok(i) => {
-                        bus.set_state(i, Mode::Outbound);
-                        bus.ignore_input(i);
-                        let sent = bus.send(i, &[frame]).map_err(|e| (false, format!("{e:?}")));
-                        bus.close_after_flush(i);
-                        if bus.flush(i) {
+                        return;
+                    };
+                    match bus.send(i, &[frame]) {
+                        Ok(()) => {}
+                        // Its backlog is full: this message is lost for this
+                        // subscriber alone [bus-iso-6]. One that reads goes on;
+                        // one that stopped is closed by `drive_pending_clients`.
+                        Err(SendError::Full) => {
+                            dropped += 1;
+                            log::debug!(
+                                "bus: subscriber in slot {i} is behind; message dropped for it"
+                            );
+                        }
+                        Err(SendError::Closed) => {
+                            dropped += 1;
                             to_close.push(i);
                         }
-                        sent
                     }
-                    // The endpoint's listen backlog is full (a burst faster
-                    // than it accepts): this message is lost, but the
-                    // endpoint is there, so it does not count towards
-                    // removing it.
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                        Err((true, "its listen backlog is full".into()))
-                    }
-                    Err(e) => Err((false, e.to_string())),
-                };
-                match sent {
-                    Ok(()) => endpoint_results.push((id, true)),
-                    Err((busy, e)) => {
+                }
+                Dest::Endpoint(name) => {
+                    let (buf, len) = if wants_props && properties.is_some() {
+                        let len = match props_form {
+                            Some((true, len)) => len,
+                            _ => {
+                                let len = answer::notify(
+                                    scratch_props,
+                                    topic,
+                                    payload,
+                                    properties.as_ref(),
+                                );
+                                props_form = Some((true, len));
+                                len
+                            }
+                        };
+                        (&scratch_props[..], len)
+                    } else {
+                        let len = *notify_len.get_or_insert_with(|| {
+                            answer::notify(scratch_notify, topic, payload, None)
+                        });
+                        (&scratch_notify[..], len)
+                    };
+                    let Some(frame) = buf.get(..len).filter(|f| !f.is_empty()) else {
                         dropped += 1;
-                        log::warn!(
+                        return;
+                    };
+                    let sent = match bus.connect_endpoint(name) {
+                        Ok(i) => {
+                            bus.set_state(i, Mode::Outbound);
+                            bus.ignore_input(i);
+                            let sent = bus.send(i, &[frame]).map_err(|e| (false, format!("{e:?}")));
+                            bus.close_after_flush(i);
+                            if bus.flush(i) {
+                                to_close.push(i);
+                            }
+                            sent
+                        }
+                        // The endpoint's listen backlog is full (a burst faster
+                        // than it accepts): this message is lost, but the
+                        // endpoint is there, so it does not count towards
+                        // removing it.
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            Err((true, "its listen backlog is full".into()))
+                        }
+                        Err(e) => Err((false, e.to_string())),
+                    };
+                    match sent {
+                        Ok(()) => endpoint_results.push((id, true)),
+                        Err((busy, e)) => {
+                            dropped += 1;
+                            log::warn!(
                             "bus: cannot deliver to response endpoint {name}: {e}; message dropped"
                         );
-                        if !busy {
-                            endpoint_results.push((id, false));
+                            if !busy {
+                                endpoint_results.push((id, false));
+                            }
                         }
                     }
                 }
-            }
-        });
+            },
+        );
         for &(id, delivered) in endpoint_results.iter() {
             if router.endpoint_reached(id, delivered, now) {
                 log::warn!(
@@ -482,13 +535,18 @@ impl EventLoop {
                 spool: &mut self.spool,
                 router: &mut self.router,
                 links: &links,
-                counters: self.counters,
+                counters: Counters {
+                    expired: self.disk.as_ref().map_or(0, |d| d.expired),
+                    ..self.counters
+                },
                 now,
                 endpoint_reachable: &|name| self.clients.bus.endpoint_reachable(name),
                 store: self
                     .disk
                     .as_mut()
                     .map(|d| d as &mut dyn crate::service::Store),
+                version: self.config.mqtt,
+                broker: self.broker,
             };
             let slot = self.clients.bus.slot(i);
             // Asked only by a request that needs it (publish, subscribe),

@@ -21,9 +21,10 @@ use std::time::Duration;
 
 use crate::journal::{self, Cursor, FileStorage, Journal, Read, Recovered, MAX_RECORD};
 use crate::mqtt::packet::QoS;
+use crate::mqtt::props::{Context, Props};
 use crate::router::{Dest, Router, MAX_FILTERS_PER_REQUEST};
 use crate::service::Store;
-use crate::spool::Spool;
+use crate::spool::{Message, Spool};
 use crate::sys;
 use crate::time::Instant;
 
@@ -32,9 +33,25 @@ use crate::time::Instant;
 const FILE: &str = "spool";
 const LOCK: &str = "lock";
 const SUBSCRIPTIONS: &str = "subscriptions";
-/// A record: version, retain, pid, topic length, topic, payload.
-const RECORD_VERSION: u8 = 1;
-const RECORD_HEAD: usize = 8;
+/// A record, version 2: version, retain, pid, topic length, properties
+/// length, expiry (Unix time in ms, 0 for none), topic, MQTT 5 properties,
+/// payload; all integers little-endian. Version 1 (no properties, no
+/// expiry) is still read.
+const RECORD_VERSION: u8 = 2;
+const RECORD_V1: u8 = 1;
+const RECORD_HEAD_V1: usize = 8;
+const RECORD_HEAD: usize = 18;
+
+/// A stored message's fields.
+struct Stored<'a> {
+    pid: u32,
+    retain: bool,
+    topic: &'a str,
+    properties: &'a [u8],
+    /// Unix time in ms after which it is not worth sending; 0 for never.
+    expires_ms: u64,
+    payload: &'a [u8],
+}
 
 /// The disk spool: open for the daemon's life.
 pub struct DiskSpool {
@@ -58,6 +75,8 @@ pub struct DiskSpool {
     /// anything new [spool-6].
     restore_below: u64,
     scratch: Box<[u8]>,
+    /// Stored messages found expired when loaded (counted `expired`).
+    pub expired: u64,
 }
 
 impl DiskSpool {
@@ -132,6 +151,7 @@ impl DiskSpool {
             unloaded,
             restore_below,
             scratch: vec![0; MAX_RECORD].into_boxed_slice(),
+            expired: 0,
         })
     }
 
@@ -153,18 +173,42 @@ impl DiskSpool {
                     break;
                 }
             };
-            let Some((pid, retain, topic, payload)) = decode(&self.scratch[..len]) else {
+            let Some(m) = decode(&self.scratch[..len]) else {
                 log::warn!("disk spool: record {seq} is not a message; dropped");
                 self.release(seq);
                 self.unloaded = Some(cur);
                 continue;
             };
-            if !spool.fits(topic, payload.len(), QoS::AtLeastOnce) {
+            // The time it has left, from the wall clock: the monotonic one
+            // starts anew with the process.
+            let expires = match m.expires_ms {
+                0 => None,
+                at => {
+                    let left = at.saturating_sub(unix_ms());
+                    if left == 0 {
+                        log::info!("disk spool: record {seq} on {:?} expired; dropped", m.topic);
+                        self.expired += 1;
+                        self.release(seq);
+                        self.unloaded = Some(cur);
+                        continue;
+                    }
+                    Some(now + Duration::from_millis(left))
+                }
+            };
+            let message = Message {
+                topic: m.topic,
+                payload: m.payload,
+                qos: QoS::AtLeastOnce,
+                retain: m.retain,
+                properties: Props::trusted(m.properties),
+                expires,
+            };
+            if !spool.fits(&message) {
                 // No room now: again once messages leave.
                 self.unloaded = Some(before);
                 break;
             }
-            match spool.push(now, pid, topic, payload, QoS::AtLeastOnce, retain) {
+            match spool.push_message(now, m.pid, &message) {
                 Ok(_) => {
                     spool.store_last(seq);
                     if seq < self.restore_below {
@@ -287,19 +331,28 @@ impl DiskSpool {
 }
 
 impl Store for DiskSpool {
-    fn append(&mut self, pid: u32, topic: &str, payload: &[u8], retain: bool) -> Option<u64> {
-        let total = RECORD_HEAD + topic.len() + payload.len();
-        let (Some(record), Ok(topic_len)) =
-            (self.scratch.get_mut(..total), u16::try_from(topic.len()))
-        else {
+    fn append(&mut self, pid: u32, m: &Message<'_>, expiry: Option<u32>) -> Option<u64> {
+        let (topic, props, payload) = (m.topic, m.properties.bytes(), m.payload);
+        let total = RECORD_HEAD + topic.len() + props.len() + payload.len();
+        let (Some(record), Ok(topic_len), Ok(props_len)) = (
+            self.scratch.get_mut(..total),
+            u16::try_from(topic.len()),
+            u16::try_from(props.len()),
+        ) else {
             return None;
         };
+        let expires_ms = expiry.map_or(0, |secs| unix_ms() + 1000 * u64::from(secs));
         record[0] = RECORD_VERSION;
-        record[1] = u8::from(retain);
+        record[1] = u8::from(m.retain);
         record[2..6].copy_from_slice(&pid.to_le_bytes());
         record[6..8].copy_from_slice(&topic_len.to_le_bytes());
-        record[8..8 + topic.len()].copy_from_slice(topic.as_bytes());
-        record[8 + topic.len()..].copy_from_slice(payload);
+        record[8..10].copy_from_slice(&props_len.to_le_bytes());
+        record[10..18].copy_from_slice(&expires_ms.to_le_bytes());
+        let (t, rest) = record[RECORD_HEAD..].split_at_mut(topic.len());
+        t.copy_from_slice(topic.as_bytes());
+        let (p, rest) = rest.split_at_mut(props.len());
+        p.copy_from_slice(props);
+        rest.copy_from_slice(payload);
         match self.journal.append(record) {
             Ok(seq) => {
                 self.dirty = true;
@@ -349,22 +402,46 @@ impl Store for DiskSpool {
     }
 }
 
-/// A record's fields: pid, retain, topic, payload.
-fn decode(record: &[u8]) -> Option<(u32, bool, &str, &[u8])> {
-    if record.len() < RECORD_HEAD || record[0] != RECORD_VERSION {
-        return None;
-    }
-    let mut pid = [0u8; 4];
-    pid.copy_from_slice(&record[2..6]);
-    let topic_len = usize::from(u16::from_le_bytes([record[6], record[7]]));
-    let rest = &record[RECORD_HEAD..];
+/// Now as Unix time in ms (0 if the clock is before 1970).
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A record's fields, `None` if it is not a message record (its
+/// properties are checked again: the CRC guards against damage, not
+/// against a record of another build).
+fn decode(record: &[u8]) -> Option<Stored<'_>> {
+    let head = match *record.first()? {
+        RECORD_V1 => RECORD_HEAD_V1,
+        RECORD_VERSION => RECORD_HEAD,
+        _ => return None,
+    };
+    let fields = record.get(..head)?;
+    let pid = u32::from_le_bytes(fields[2..6].try_into().ok()?);
+    let topic_len = usize::from(u16::from_le_bytes([fields[6], fields[7]]));
+    let (props_len, expires_ms) = if head == RECORD_HEAD {
+        (
+            usize::from(u16::from_le_bytes([fields[8], fields[9]])),
+            u64::from_le_bytes(fields[10..18].try_into().ok()?),
+        )
+    } else {
+        (0, 0)
+    };
+    let rest = &record[head..];
     let topic = core::str::from_utf8(rest.get(..topic_len)?).ok()?;
-    Some((
-        u32::from_le_bytes(pid),
-        record[1] != 0,
+    let rest = &rest[topic_len..];
+    let properties = rest.get(..props_len)?;
+    Props::parse(properties, Context(3)).ok()?;
+    Some(Stored {
+        pid,
+        retain: fields[1] != 0,
         topic,
-        &rest[topic_len..],
-    ))
+        properties,
+        expires_ms,
+        payload: &rest[props_len..],
+    })
 }
 
 /// Opens `path` as a journal, creating and allocating it if it is new.

@@ -23,10 +23,12 @@ use crate::bus::frame::ErrorCode;
 use crate::config::Config;
 use crate::consts;
 use crate::limits::{Backoff, RateLimiter, BACKOFF_MIN};
-use crate::mqtt::packet::{self, SubackCode};
-use crate::mqtt::session::{self, Event, Session};
+use crate::mqtt::packet::{self, Packet, SubackCode, Version};
+use crate::mqtt::props::{self, Builder};
+use crate::mqtt::session::{self, Event, Limits, Session};
 use crate::router::Traffic;
 use crate::service::{Mode, PUBLISHING};
+use crate::spool::{Dropped, Unsendable};
 use crate::time::Instant;
 use crate::tls::{self, StreamError, TlsFailure, TlsStream};
 
@@ -96,6 +98,16 @@ impl Phase {
     }
 }
 
+/// How `fill_link` ended.
+// A short-lived return value on the stack: boxing the large variant would
+// allocate for every dropped message.
+#[allow(clippy::large_enum_variant)]
+enum Filled {
+    Done,
+    Failed(Failure),
+    Dropped(Dropped),
+}
+
 /// Why a connection attempt or connection ended.
 enum Failure {
     Resolve(String),
@@ -157,6 +169,11 @@ pub(super) struct Link {
     rate_until: Option<Instant>,
     /// Why the connection last went down (empty: never), for `stats`.
     last_disconnect: heapless::String<LAST_DISCONNECT_LEN>,
+    /// What the broker's CONNACK allows on the current connection.
+    limits: Limits,
+    /// Refusals (PUBACK failures) last logged, by topic and reason, so
+    /// that each is logged once a minute [mqtt5-7].
+    refusals_logged: RefusalLog,
 }
 
 impl Link {
@@ -166,7 +183,7 @@ impl Link {
             client_id: client_id(&config.client_id, index),
             phase: Phase::Unused,
             logged_phase: Phase::Unused.name(),
-            session: Session::new(config.keepalive),
+            session: Session::new(config.keepalive, config.mqtt),
             backoff: Backoff::with_max(
                 seed ^ (index as u64).wrapping_mul(0x9E37_79B9),
                 Duration::from_secs(u64::from(config.max_backoff)),
@@ -185,7 +202,20 @@ impl Link {
             rate_until: None,
             last_attempt: None,
             last_disconnect: heapless::String::new(),
+            limits: Limits::default(),
+            refusals_logged: RefusalLog::default(),
         }
+    }
+
+    /// QoS 1 messages that may be in flight on this connection: ours and
+    /// the broker's Receive Maximum, whichever is lower [mqtt5-4].
+    fn inflight_limit(&self) -> usize {
+        consts::MAX_INFLIGHT.min(usize::from(self.limits.receive_maximum))
+    }
+
+    /// The largest PUBLISH the broker takes on this connection.
+    fn max_packet(&self) -> usize {
+        usize::try_from(self.limits.maximum_packet_size).unwrap_or(usize::MAX)
     }
 
     fn token(&self) -> Token {
@@ -623,7 +653,35 @@ impl EventLoop {
         };
         link.set_phase(next);
         let clean_session = !self.config.persistent_session;
-        let connect = session::connect_packet(&link.client_id, clean_session);
+        // [mqtt5-2] What we ask of the broker (ignored with 3.1.1).
+        let mut properties = Builder::<32>::new();
+        let session_expiry = if clean_session {
+            0
+        } else {
+            self.config.session_expiry
+        };
+        let built = properties
+            .u32(props::id::SESSION_EXPIRY, session_expiry)
+            .and_then(|()| {
+                properties.u16(
+                    props::id::RECEIVE_MAXIMUM,
+                    u16::try_from(consts::MAX_INFLIGHT).unwrap_or(u16::MAX),
+                )
+            })
+            .and_then(|()| {
+                properties.u32(
+                    props::id::MAXIMUM_PACKET_SIZE,
+                    u32::try_from(consts::MQTT_MAX_PACKET).unwrap_or(u32::MAX),
+                )
+            })
+            .and_then(|()| properties.u16(props::id::TOPIC_ALIAS_MAXIMUM, 0))
+            .and_then(|()| properties.byte(props::id::REQUEST_PROBLEM_INFO, 1));
+        debug_assert!(built.is_ok(), "the CONNECT properties fit 32 bytes");
+        let connect = packet::Connect {
+            properties: Some(properties.props()),
+            ..session::connect_packet(&link.client_id, clean_session)
+        };
+        link.limits = Limits::default();
         if let Err(e) = link.session.start(now, &connect) {
             return self.fail(i, now, Failure::Session(e));
         }
@@ -680,20 +738,35 @@ impl EventLoop {
     /// Writes what link `i` owes the broker, in an order that never splits a
     /// packet: the rest of a PUBLISH already started, then control packets,
     /// then new PUBLISH packets from the spool (link 0 only) while the
-    /// in-flight window and the TLS send buffer allow.
+    /// in-flight window and the TLS send buffer allow. A message that can
+    /// no longer be sent (expired, too large) is dropped on the way and its
+    /// caller answered.
     pub(super) fn write_link(&mut self, i: usize, now: Instant) -> Result<(), Exit> {
+        loop {
+            match self.fill_link(i, now) {
+                Filled::Done => return Ok(()),
+                Filled::Failed(f) => return self.fail(i, now, f),
+                Filled::Dropped(d) => self.unsendable(&d, now),
+            }
+        }
+    }
+
+    /// `write_link`'s work until it is done or must drop a message.
+    fn fill_link(&mut self, i: usize, now: Instant) -> Filled {
         let link = &mut self.links[i];
         link.rate_until = None;
         let carries_publishes = i == PUBLISHING && link.session.is_connected();
+        let inflight_limit = link.inflight_limit();
+        let max_packet = link.max_packet();
         let Phase::Mqtt { tls } = &mut link.phase else {
-            return Ok(());
+            return Filled::Done;
         };
         loop {
             // Fill rustls's send buffer; `full` when it took less than offered.
             let full = 'fill: loop {
                 // 1. Finish a started PUBLISH.
                 if carries_publishes {
-                    if let Some(out) = self.spool.next(consts::MAX_INFLIGHT, false) {
+                    if let Some(out) = self.spool.next(inflight_limit, false) {
                         let n = send_parts(tls, out.first, out.second);
                         let done = self.spool.advance(n);
                         link.session.note_tx(now);
@@ -723,7 +796,13 @@ impl EventLoop {
                 {
                     break 'fill false;
                 }
-                let Some(len) = self.spool.peek_next_len(consts::MAX_INFLIGHT) else {
+                if let Some(d) = self.spool.prepare_next(now, inflight_limit, max_packet) {
+                    if let Err(e) = tls.flush() {
+                        return Filled::Failed(Failure::Stream(e));
+                    }
+                    return Filled::Dropped(d);
+                }
+                let Some(len) = self.spool.peek_next_len(inflight_limit) else {
                     break 'fill false;
                 };
                 let ready = link.limiter.ready_at(now, len);
@@ -731,7 +810,7 @@ impl EventLoop {
                     link.rate_until = Some(ready);
                     break 'fill false;
                 }
-                let Some(out) = self.spool.next(consts::MAX_INFLIGHT, true) else {
+                let Some(out) = self.spool.next(inflight_limit, true) else {
                     break 'fill false;
                 };
                 link.limiter.record(now, out.len);
@@ -743,13 +822,41 @@ impl EventLoop {
                 }
             };
             if let Err(e) = tls.flush() {
-                return self.fail(i, now, Failure::Stream(e));
+                return Filled::Failed(Failure::Stream(e));
             }
             // rustls was full but the socket took all of it: no writable
             // edge will come while the socket has room, so fill again now.
             if !full || tls.wants_write() {
-                return Ok(());
+                return Filled::Done;
             }
+        }
+    }
+
+    /// A message dropped unsent: its record goes, its caller hears, and
+    /// the log says why [bus-expiry-1] [mqtt5-4].
+    fn unsendable(&mut self, d: &Dropped, now: Instant) {
+        self.released(d.stored, now);
+        let code = match d.why {
+            Unsendable::Expired => ErrorCode::Timeout,
+            Unsendable::TooLarge => ErrorCode::Remote,
+        };
+        self.clients.answer_waiting(
+            &mut self.router,
+            |m| m == Mode::AwaitAcked(d.ticket),
+            Some(code),
+        );
+        match d.why {
+            Unsendable::Expired => log::debug!(
+                "a {}-byte message on {:?} expired before it could be sent; dropped",
+                d.len,
+                d.topic.as_str()
+            ),
+            Unsendable::TooLarge => log::warn!(
+                "a {}-byte message on {:?} is larger than the broker's maximum packet size; \
+                 dropped",
+                d.len,
+                d.topic.as_str()
+            ),
         }
     }
 
@@ -772,7 +879,7 @@ impl EventLoop {
             let Some(request) = self.router.next_request(i, traffic) else {
                 break;
             };
-            if let Err(e) = link.session.queue(&request.packet()) {
+            if let Err(e) = link.session.queue(&request.packet(link.session.version())) {
                 // Cannot happen with the room checked above; the router
                 // re-sends it after the next reconnect if it does.
                 log::warn!("connection {i}: cannot queue a subscription request: {e}");
@@ -809,8 +916,38 @@ impl EventLoop {
             let bytes = &link.rx[pos..pos + len];
             pos += len;
             match link.session.handle(now, bytes) {
-                Ok(Some(Event::Connected { session_present })) => {
+                Ok(Some(Event::Connected {
+                    session_present,
+                    limits,
+                })) => {
                     link.closes_without_connack = 0;
+                    link.limits = limits;
+                    if link.session.version() == Version::V5 {
+                        log::info!(
+                            "connection {i} ({}): broker limits: receive maximum {}, maximum \
+                             packet size {}, maximum qos {}, retain {}, topic aliases {}, \
+                             keepalive {} s{}",
+                            link.client_id,
+                            limits.receive_maximum,
+                            limits.maximum_packet_size,
+                            limits.maximum_qos as u8,
+                            if limits.retain_available {
+                                "available"
+                            } else {
+                                "not available"
+                            },
+                            limits.topic_alias_maximum,
+                            link.session.keepalive().as_secs(),
+                            if limits.server_keep_alive.is_some() {
+                                " (the broker's Server Keep Alive)"
+                            } else {
+                                ""
+                            }
+                        );
+                    }
+                    if i == PUBLISHING {
+                        self.broker = limits;
+                    }
                     link.backoff.connected(now);
                     let again = if link.was_connected {
                         self.counters.reconnects += 1;
@@ -829,22 +966,73 @@ impl EventLoop {
                     self.counters.received += 1;
                     // Split borrows: the message lives in this link's buffer.
                     let (topic, payload) = (p.topic, p.payload);
+                    // MQTT 5: which of our subscriptions this copy is for.
+                    // (More than the table holds: every matching one.)
+                    let mut ids = heapless::Vec::<u32, 64>::new();
+                    for (pid, v) in p.properties.iter().flat_map(|p| p.iter()) {
+                        if let (props::id::SUBSCRIPTION_ID, props::Value::Varint(id)) = (pid, v) {
+                            if ids.push(id).is_err() {
+                                ids.clear();
+                                break;
+                            }
+                        }
+                    }
                     log::debug!(
                         "connection {i}: PUBLISH on {topic} ({} bytes)",
                         payload.len()
                     );
-                    self.counters.dropped +=
-                        self.clients.deliver(&mut self.router, topic, payload, now);
+                    self.counters.dropped += self.clients.deliver(
+                        &mut self.router,
+                        topic,
+                        payload,
+                        p.properties,
+                        &ids,
+                        now,
+                    );
                 }
-                Ok(Some(Event::Puback { packet_id })) => {
-                    match self.spool.ack(packet_id).filter(|_| i == PUBLISHING) {
+                Ok(Some(Event::Puback {
+                    packet_id,
+                    reason,
+                    reason_string,
+                })) => {
+                    // [mqtt5-7] 0x80 and above: the broker refused this one
+                    // message and kept the connection.
+                    let accepted = reason < 0x80;
+                    let topic = if accepted || i != PUBLISHING {
+                        None
+                    } else {
+                        self.spool.inflight_topic(packet_id)
+                    };
+                    match self
+                        .spool
+                        .ack_with(packet_id, accepted)
+                        .filter(|_| i == PUBLISHING)
+                    {
                         Some(acked) => {
+                            if let Some(topic) = topic {
+                                if link.refusals_logged.due(&topic, reason, now) {
+                                    log::warn!(
+                                        "connection {i}: the broker refused a message on {:?}: \
+                                         PUBACK 0x{reason:02X} {}{}{} (not resent; logged once \
+                                         a minute per topic and reason)",
+                                        topic.as_str(),
+                                        packet::reason_name(reason),
+                                        if reason_string.is_some() { ": " } else { "" },
+                                        reason_string.unwrap_or("")
+                                    );
+                                }
+                            }
                             self.released(acked.stored, now);
                             // [bus-confirm-1] A call waiting for it is answered.
+                            let code = match reason {
+                                0..=0x7F => None,
+                                0x87 => Some(ErrorCode::Unauthorized),
+                                _ => Some(ErrorCode::Remote),
+                            };
                             self.clients.answer_waiting(
                                 &mut self.router,
                                 |m| m == Mode::AwaitAcked(acked.ticket),
-                                None,
+                                code,
                             );
                         }
                         None => {
@@ -863,6 +1051,22 @@ impl EventLoop {
                             )));
                         }
                         Some(_) => {
+                            for &code in suback.raw_codes().iter().filter(|&&c| c >= 0x80) {
+                                log::warn!(
+                                    "connection {i}: the broker refused a subscription: SUBACK \
+                                     0x{code:02X} {}{}{}",
+                                    packet::reason_name(code),
+                                    if suback.properties.and_then(|p| p.reason_string()).is_some() {
+                                        ": "
+                                    } else {
+                                        ""
+                                    },
+                                    suback
+                                        .properties
+                                        .and_then(|p| p.reason_string())
+                                        .unwrap_or("")
+                                );
+                            }
                             let codes: heapless::Vec<SubackCode, 8> =
                                 suback.codes().take(8).collect();
                             self.router.on_suback(i, suback.packet_id, codes);
@@ -940,6 +1144,27 @@ impl EventLoop {
             self.links[i].session.state(),
             session::State::AwaitingConnack { .. }
         );
+        // MQTT 5: a DISCONNECT says why we close on the broker's mistake
+        // (best effort: the socket closes right after).
+        let reason = match &failure {
+            Failure::Session(e) => e.disconnect_reason(),
+            Failure::TooLarge(_) => Some(0x95),
+            _ => None,
+        };
+        let link = &mut self.links[i];
+        if let (Some(reason), Version::V5, Phase::Mqtt { tls }) =
+            (reason, link.session.version(), &mut link.phase)
+        {
+            let mut buf = [0u8; 4];
+            let disconnect = Packet::Disconnect {
+                reason,
+                properties: Some(props::Props::EMPTY),
+            };
+            if let Ok(n) = disconnect.emit(&mut buf) {
+                tls.send(&buf[..n]);
+                let _ = tls.flush();
+            }
+        }
         self.drop_link(i);
         let link = &mut self.links[i];
         link.forget_connection();
@@ -972,11 +1197,41 @@ impl EventLoop {
                 TlsFailure::Transient => {}
             },
             Failure::Session(e) if e.is_auth_failure() => {
-                log::error!("connection {i} ({id}): {e}");
-                return Err(Exit::AuthFailure(e.to_string()));
+                let text = reason_text(link.session.reason_text());
+                log::error!("connection {i} ({id}): {e}{text}");
+                return Err(Exit::AuthFailure(format!("{e}{text}")));
+            }
+            Failure::Session(e) if e.is_bad_client_id() => {
+                let msg = format!("the broker refused the client id {id:?}: {e}");
+                log::error!("connection {i} ({id}): {msg}");
+                return Err(Exit::Usage(msg));
+            }
+            Failure::Session(e @ session::Error::Disconnected(0x8E)) => {
+                log::warn!(
+                    "connection {i} ({id}): {e}: another client connected with our client id \
+                     {id:?} (two devices sharing one client id throw each other off for ever)"
+                );
+            }
+            Failure::Session(
+                e @ (session::Error::Disconnected(_) | session::Error::Refused5(_)),
+            ) => {
+                let text = reason_text(link.session.reason_text());
+                log::warn!("connection {i} ({id}): {e}{text}");
+                if e.is_unsupported_version() {
+                    log::warn!(
+                        "connection {i} ({id}): the broker does not speak MQTT 5; \
+                         run with --mqtt 3.1.1"
+                    );
+                }
             }
             Failure::Stream(StreamError::Io(_)) | Failure::Closed if awaiting_connack => {
                 link.closes_without_connack += 1;
+                if link.closes_without_connack == 2 && link.session.version() == Version::V5 {
+                    log::warn!(
+                        "connection {i} ({id}): closed before any CONNACK twice in a row; if the \
+                         broker does not speak MQTT 5, run with --mqtt 3.1.1"
+                    );
+                }
                 if link.closes_without_connack >= CLOSES_WITHOUT_CONNACK_LIMIT {
                     let msg = format!(
                         "the broker closed the connection after CONNECT {} times in a row \
@@ -1006,7 +1261,13 @@ impl EventLoop {
             log::info!("connection {i} ({id}): no subscriptions left; not reconnecting");
             return Ok(());
         }
-        let delay = link.backoff.next_delay(now);
+        let mut delay = link.backoff.next_delay(now);
+        // A quota or a rate exceeded: at least 30 s [mqtt5-3] [mqtt5-9].
+        if let Failure::Session(e) = &failure {
+            if let Some(least) = e.min_backoff() {
+                delay = delay.max(least);
+            }
+        }
         log::info!(
             "connection {i} ({id}): next attempt in {} ms",
             delay.as_millis()
@@ -1032,6 +1293,52 @@ impl<const N: usize> std::fmt::Write for Truncating<'_, N> {
             }
         }
         Ok(())
+    }
+}
+
+/// ": <the broker's Reason String>", or nothing without one.
+fn reason_text(text: &str) -> String {
+    if text.is_empty() {
+        String::new()
+    } else {
+        format!(": {text}")
+    }
+}
+
+/// The refusals (PUBACK failures) logged in the last minute, by topic and
+/// reason [mqtt5-7]: a fixed table; the oldest entry makes room.
+#[derive(Default)]
+struct RefusalLog {
+    /// (hash of topic and reason, when logged)
+    entries: [(u64, Option<Instant>); 16],
+}
+
+impl RefusalLog {
+    /// Whether a refusal of `topic` with `reason` should be logged now,
+    /// recording it if so.
+    fn due(&mut self, topic: &str, reason: u8, now: Instant) -> bool {
+        const EVERY: Duration = Duration::from_secs(60);
+        let key = crate::crc::crc32(topic.as_bytes()) as u64 | u64::from(reason) << 32;
+        if let Some(e) = self
+            .entries
+            .iter_mut()
+            .find(|e| e.0 == key && e.1.is_some())
+        {
+            if e.1.is_some_and(|at| now < at + EVERY) {
+                return false;
+            }
+            e.1 = Some(now);
+            return true;
+        }
+        // The free or the oldest entry.
+        if let Some(e) = self
+            .entries
+            .iter_mut()
+            .min_by_key(|e| e.1.map_or(0, |at| at.millis() + 1))
+        {
+            *e = (key, Some(now));
+        }
+        true
     }
 }
 

@@ -29,6 +29,7 @@ use rustls::ClientConfig;
 use crate::bus::server::{self, Server};
 use crate::config::Config;
 use crate::consts;
+use crate::mqtt::session::Limits;
 use crate::router::Router;
 use crate::service::{Counters, Mode, PUBLISHING};
 use crate::spool::Spool;
@@ -61,6 +62,9 @@ pub enum Exit {
     AuthFailure(String),
     /// The broker's certificate failed verification.
     ServerUntrusted(String),
+    /// The broker refused our client id (MQTT 5 CONNACK 0x85): a usage
+    /// problem [mqtt5-3].
+    Usage(String),
     /// The loop itself failed (poll error).
     Fatal(String),
 }
@@ -84,6 +88,8 @@ pub struct EventLoop {
     disk: Option<disk::DiskSpool>,
     /// Counters kept by the loop (the spool keeps its own).
     counters: Counters,
+    /// What the publishing connection's last CONNACK allows [mqtt5-4].
+    broker: Limits,
     /// systemd notifications (READY, STATUS, WATCHDOG, STOPPING).
     notifier: Notifier,
     /// When the next `WATCHDOG=1` is due.
@@ -128,7 +134,9 @@ impl EventLoop {
             .collect();
         let start = Instant::from_millis(0);
         let mut spool = Spool::new(consts::SPOOL_BYTES, consts::SPOOL_MESSAGES);
+        spool.set_version(config.mqtt);
         let mut router = Router::new();
+        router.use_subscription_ids(config.mqtt == crate::mqtt::packet::Version::V5);
         let disk = match &config.spool_dir {
             Some(dir) => {
                 let mut disk =
@@ -156,6 +164,7 @@ impl EventLoop {
             spool,
             disk,
             counters: Counters::default(),
+            broker: Limits::default(),
             notifier,
             watchdog_at: None,
             epoch: std::time::Instant::now(),

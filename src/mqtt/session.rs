@@ -1,4 +1,5 @@
-//! One MQTT connection's client state machine, sans-I/O (MQTT 3.1.1).
+//! One MQTT connection's client state machine, sans-I/O (MQTT 3.1.1 and
+//! MQTT 5).
 //!
 //! The caller hands in whole packets received from the broker and the
 //! current time; the session answers with events and queues the control
@@ -10,14 +11,23 @@
 //! the keepalive, and also when nothing was received for it, so that a link
 //! that silently died is noticed even while we keep sending. A PINGREQ not
 //! answered within half the keepalive means the link is dead: from the last
-//! packet received, death is declared within 1.5 × keepalive.
+//! packet received, death is declared within 1.5 × keepalive. With MQTT 5
+//! the broker's Server Keep Alive replaces ours for the connection
+//! [mqtt5-4].
+//!
+//! MQTT 5 [mqtt5-3], [mqtt5-4], [mqtt5-9]: the CONNACK's limits come out in
+//! `Event::Connected`; a refusal or a broker DISCONNECT is an error that
+//! carries its reason code, and its Reason String is kept (`reason_text`)
+//! for the caller's log. A Topic Alias from the broker (we allow none) and
+//! an AUTH packet are protocol errors.
 
 use core::fmt;
 use core::time::Duration;
 
 use heapless::Vec;
 
-use super::packet::{self, Connack, Connect, ConnectReturnCode, Packet, Publish};
+use super::packet::{self, Connack, Connect, ConnectReturnCode, Packet, Publish, QoS, Version};
+use super::props::{id, Props};
 use crate::time::Instant;
 
 /// Bytes of control packets that may wait for the transport.
@@ -25,6 +35,9 @@ pub const CONTROL_TX_CAPACITY: usize = 4096;
 
 /// How long the broker has to answer CONNECT with CONNACK.
 pub const CONNACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bytes kept of the broker's last Reason String.
+pub const REASON_TEXT_LEN: usize = 128;
 
 /// Where the session is in its life.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -39,15 +52,77 @@ pub enum State {
     Disconnecting,
 }
 
+/// What the broker's CONNACK allows for this connection [mqtt5-4]; MQTT
+/// 3.1.1 and absent properties give the defaults.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// QoS 1 PUBLISH packets it takes unacknowledged at once.
+    pub receive_maximum: u16,
+    /// The largest packet it takes, in bytes.
+    pub maximum_packet_size: u32,
+    /// The highest QoS it takes.
+    pub maximum_qos: QoS,
+    /// Whether it takes retained messages.
+    pub retain_available: bool,
+    /// Topic aliases it takes from us.
+    pub topic_alias_maximum: u16,
+    /// Its keepalive for us, replacing ours, if it set one.
+    pub server_keep_alive: Option<u16>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            receive_maximum: u16::MAX,
+            maximum_packet_size: u32::MAX,
+            maximum_qos: QoS::AtLeastOnce,
+            retain_available: true,
+            topic_alias_maximum: 0,
+            server_keep_alive: None,
+        }
+    }
+}
+
+impl Limits {
+    /// Reads a CONNACK's properties.
+    fn from_props(p: &Props<'_>) -> Limits {
+        let d = Limits::default();
+        let u16_of = |v: u32| u16::try_from(v).unwrap_or(u16::MAX);
+        Limits {
+            receive_maximum: p
+                .number(id::RECEIVE_MAXIMUM)
+                .map_or(d.receive_maximum, u16_of),
+            maximum_packet_size: p
+                .number(id::MAXIMUM_PACKET_SIZE)
+                .unwrap_or(d.maximum_packet_size),
+            maximum_qos: match p.number(id::MAXIMUM_QOS) {
+                Some(0) => QoS::AtMostOnce,
+                _ => QoS::AtLeastOnce,
+            },
+            retain_available: p.number(id::RETAIN_AVAILABLE) != Some(0),
+            topic_alias_maximum: p.number(id::TOPIC_ALIAS_MAXIMUM).map_or(0, u16_of),
+            server_keep_alive: p.number(id::SERVER_KEEP_ALIVE).map(u16_of),
+        }
+    }
+}
+
 /// What a received packet meant to the caller.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event<'a> {
     /// The broker accepted the connection.
-    Connected { session_present: bool },
+    Connected {
+        session_present: bool,
+        limits: Limits,
+    },
     /// An application message arrived (a QoS 1 one is already PUBACKed).
     Publish(Publish<'a>),
-    /// The broker acknowledged our QoS 1 PUBLISH with this packet id.
-    Puback { packet_id: u16 },
+    /// The broker answered our QoS 1 PUBLISH with this packet id: `reason`
+    /// below 0x80 is success [mqtt5-7] (always 0 with 3.1.1).
+    Puback {
+        packet_id: u16,
+        reason: u8,
+        reason_string: Option<&'a str>,
+    },
     /// The broker answered our SUBSCRIBE.
     Suback(packet::Suback<'a>),
     /// The broker answered our UNSUBSCRIBE.
@@ -57,14 +132,20 @@ pub enum Event<'a> {
 /// Why the session gave up on the connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Error {
-    /// The broker refused the CONNECT with this return code.
+    /// The broker refused the MQTT 3.1.1 CONNECT with this return code.
     Refused(ConnectReturnCode),
+    /// The broker refused the MQTT 5 CONNECT with this reason code.
+    Refused5(u8),
+    /// The broker closed the connection with an MQTT 5 DISCONNECT.
+    Disconnected(u8),
     /// No CONNACK within `CONNACK_TIMEOUT`.
     ConnackTimeout,
     /// No PINGRESP within half the keepalive.
     PingTimeout,
     /// The broker broke the protocol (a packet out of place).
     Protocol(&'static str),
+    /// The broker used a Topic Alias, which we never allow.
+    TopicAlias,
     /// A packet that did not parse.
     Malformed(packet::Error),
     /// The control buffer has no room: the transport is not draining it.
@@ -72,15 +153,48 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether this is the broker refusing our credentials (CONNACK 4 or 5)
-    /// [iotcored-3].
+    /// Whether this is the broker refusing our credentials (3.1.1 CONNACK
+    /// 4 or 5; MQTT 5 0x86, 0x87, 0x8A, 0x8C) [iotcored-3] [mqtt5-3].
     pub fn is_auth_failure(self) -> bool {
         matches!(
             self,
             Error::Refused(
                 ConnectReturnCode::BadUserNameOrPassword | ConnectReturnCode::NotAuthorized
-            )
+            ) | Error::Refused5(0x86 | 0x87 | 0x8A | 0x8C)
         )
+    }
+
+    /// Whether the broker said our client id is not valid (MQTT 5 0x85):
+    /// a usage problem [mqtt5-3].
+    pub fn is_bad_client_id(self) -> bool {
+        self == Error::Refused5(0x85)
+    }
+
+    /// Whether the broker said it does not speak MQTT 5 (0x84).
+    pub fn is_unsupported_version(self) -> bool {
+        self == Error::Refused5(0x84)
+    }
+
+    /// The least the next attempt must wait: 30 s for a quota or a rate
+    /// the broker says we exceed [mqtt5-3] [mqtt5-9].
+    pub fn min_backoff(self) -> Option<Duration> {
+        match self {
+            Error::Refused5(0x97 | 0x9F) | Error::Disconnected(0x96 | 0x97) => {
+                Some(Duration::from_secs(30))
+            }
+            _ => None,
+        }
+    }
+
+    /// The reason code of the DISCONNECT an MQTT 5 client sends when it
+    /// closes the connection for this error, if it sends one.
+    pub fn disconnect_reason(self) -> Option<u8> {
+        match self {
+            Error::Malformed(e) => Some(e.reason_code()),
+            Error::Protocol(_) => Some(0x82),
+            Error::TopicAlias => Some(0x94),
+            _ => None,
+        }
     }
 }
 
@@ -88,9 +202,20 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Error::Refused(code) => write!(f, "broker refused the connection: {code}"),
+            Error::Refused5(code) => write!(
+                f,
+                "broker refused the connection: 0x{code:02X} {}",
+                packet::reason_name(*code)
+            ),
+            Error::Disconnected(code) => write!(
+                f,
+                "broker DISCONNECT 0x{code:02X} {}",
+                packet::reason_name(*code)
+            ),
             Error::ConnackTimeout => write!(f, "no CONNACK within {}s", CONNACK_TIMEOUT.as_secs()),
-            Error::PingTimeout => f.write_str("no PINGRESP: the link is dead"),
-            Error::Protocol(what) => write!(f, "protocol violation by the broker: {what}"),
+            Error::PingTimeout => f.write_str("no PINGRESP: the connection is dead"),
+            Error::Protocol(what) => write!(f, "protocol error: {what}"),
+            Error::TopicAlias => f.write_str("protocol error: the broker used a topic alias"),
             Error::Malformed(e) => write!(f, "malformed packet from the broker: {e}"),
             Error::TxFull => f.write_str("control packets are not being sent"),
         }
@@ -100,25 +225,40 @@ impl fmt::Display for Error {
 /// One connection's MQTT state.
 #[derive(Debug)]
 pub struct Session {
+    version: Version,
     state: State,
+    /// Ours, as configured; `keepalive` is the one in force.
+    own_keepalive: Duration,
     keepalive: Duration,
     last_tx: Instant,
     last_rx: Instant,
     ping_sent: Option<Instant>,
     tx: Vec<u8, CONTROL_TX_CAPACITY>,
+    /// The Reason String of the broker's last refusal or DISCONNECT.
+    reason_text: heapless::String<REASON_TEXT_LEN>,
 }
 
 impl Session {
-    /// A session that will ask the broker for `keepalive_secs` (1..=65535).
-    pub fn new(keepalive_secs: u16) -> Self {
+    /// A session of protocol `version` that will ask the broker for
+    /// `keepalive_secs` (1..=65535).
+    pub fn new(keepalive_secs: u16, version: Version) -> Self {
+        let keepalive = Duration::from_secs(u64::from(keepalive_secs.max(1)));
         Self {
+            version,
             state: State::Idle,
-            keepalive: Duration::from_secs(u64::from(keepalive_secs.max(1))),
+            own_keepalive: keepalive,
+            keepalive,
             last_tx: Instant::default(),
             last_rx: Instant::default(),
             ping_sent: None,
             tx: Vec::new(),
+            reason_text: heapless::String::new(),
         }
+    }
+
+    /// The protocol it speaks.
+    pub fn version(&self) -> Version {
+        self.version
     }
 
     /// The current state.
@@ -131,14 +271,33 @@ impl Session {
         self.state == State::Connected
     }
 
-    /// Begins a connection on a fresh transport: queues CONNECT.
+    /// The keepalive in force.
+    pub fn keepalive(&self) -> Duration {
+        self.keepalive
+    }
+
+    /// The Reason String of the broker's last refusal or DISCONNECT (empty
+    /// if it gave none).
+    pub fn reason_text(&self) -> &str {
+        &self.reason_text
+    }
+
+    /// Begins a connection on a fresh transport: queues CONNECT (in this
+    /// session's protocol: `connect.properties` is used with MQTT 5 only).
     pub fn start(&mut self, now: Instant, connect: &Connect<'_>) -> Result<(), Error> {
         self.tx.clear();
         self.ping_sent = None;
         self.last_rx = now;
         self.last_tx = now;
+        self.keepalive = self.own_keepalive;
+        self.reason_text.clear();
+        let properties = match self.version {
+            Version::V311 => None,
+            Version::V5 => Some(connect.properties.unwrap_or(Props::EMPTY)),
+        };
         self.queue(&Packet::Connect(Connect {
             keepalive: duration_secs_u16(self.keepalive),
+            properties,
             ..*connect
         }))?;
         self.set_state(State::AwaitingConnack { since: now });
@@ -152,12 +311,13 @@ impl Session {
         self.set_state(State::Idle);
     }
 
-    /// Queues DISCONNECT (if connected) for an orderly shutdown.
+    /// Queues DISCONNECT (if connected) for an orderly shutdown; with MQTT
+    /// 5 its two bytes mean reason 0x00, normal disconnection [mqtt5-10].
     pub fn disconnect(&mut self) {
         if self.state == State::Connected {
             // Two bytes; if even they do not fit, the link is stuck anyway and
             // the caller closes it without them.
-            let _ = self.queue(&Packet::Disconnect);
+            let _ = self.queue(&Packet::DISCONNECT);
         }
         self.set_state(State::Disconnecting);
     }
@@ -168,7 +328,7 @@ impl Session {
         now: Instant,
         bytes: &'a [u8],
     ) -> Result<Option<Event<'a>>, Error> {
-        let packet = Packet::parse(bytes).map_err(Error::Malformed)?;
+        let packet = Packet::parse_as(bytes, self.version).map_err(Error::Malformed)?;
         self.last_rx = now;
         match (self.state, packet) {
             (
@@ -176,13 +336,32 @@ impl Session {
                 Packet::Connack(Connack {
                     session_present,
                     code,
+                    properties,
                 }),
             ) => {
-                if code != ConnectReturnCode::Accepted {
-                    return Err(Error::Refused(code));
+                let props = properties.unwrap_or(Props::EMPTY);
+                if code != 0 {
+                    self.keep_reason(&props);
+                    return Err(match self.version {
+                        // `parse_as` checked the 3.1.1 code.
+                        Version::V311 => ConnectReturnCode::from_u8(code)
+                            .map_or(Error::Protocol("bad CONNACK code"), Error::Refused),
+                        Version::V5 => Error::Refused5(code),
+                    });
+                }
+                let limits = Limits::from_props(&props);
+                if let Some(secs) = limits.server_keep_alive.filter(|&s| s > 0) {
+                    self.keepalive = Duration::from_secs(u64::from(secs));
                 }
                 self.set_state(State::Connected);
-                Ok(Some(Event::Connected { session_present }))
+                Ok(Some(Event::Connected {
+                    session_present,
+                    limits,
+                }))
+            }
+            (State::AwaitingConnack { .. }, Packet::Disconnect { reason, properties }) => {
+                self.keep_reason(&properties.unwrap_or(Props::EMPTY));
+                Err(Error::Disconnected(reason))
             }
             (State::AwaitingConnack { .. }, _) => Err(Error::Protocol("packet before CONNACK")),
             (_, Packet::Connack(_)) => Err(Error::Protocol("second CONNACK")),
@@ -191,23 +370,67 @@ impl Session {
                 Ok(None)
             }
             (_, Packet::Publish(publish)) => {
+                if publish
+                    .properties
+                    .is_some_and(|p| p.get(id::TOPIC_ALIAS).is_some())
+                {
+                    return Err(Error::TopicAlias);
+                }
                 if let Some(packet_id) = publish.packet_id {
                     // [MQTT-4.3.2-2] Acknowledge QoS 1 before delivering.
-                    self.queue(&Packet::Puback { packet_id })?;
+                    self.queue(&self.puback(packet_id))?;
                 }
                 Ok(Some(Event::Publish(publish)))
             }
-            (_, Packet::Puback { packet_id }) => Ok(Some(Event::Puback { packet_id })),
+            (
+                _,
+                Packet::Puback {
+                    packet_id,
+                    reason,
+                    properties,
+                },
+            ) => Ok(Some(Event::Puback {
+                packet_id,
+                reason,
+                reason_string: properties.and_then(|p| p.reason_string()),
+            })),
             (_, Packet::Suback(suback)) => Ok(Some(Event::Suback(suback))),
-            (_, Packet::Unsuback { packet_id }) => Ok(Some(Event::Unsuback { packet_id })),
+            (_, Packet::Unsuback { packet_id, .. }) => Ok(Some(Event::Unsuback { packet_id })),
+            (
+                _,
+                Packet::Disconnect {
+                    reason,
+                    properties: Some(props),
+                },
+            ) => {
+                self.keep_reason(&props);
+                Err(Error::Disconnected(reason))
+            }
             (
                 _,
                 Packet::Connect(_)
                 | Packet::Subscribe(_)
                 | Packet::Unsubscribe(_)
                 | Packet::Pingreq
-                | Packet::Disconnect,
+                | Packet::Disconnect { .. },
             ) => Err(Error::Protocol("a packet only clients send")),
+        }
+    }
+
+    /// A PUBACK for an incoming QoS 1 PUBLISH, in this session's protocol
+    /// (the same two-byte-body form: reason 0x00, no properties).
+    fn puback(&self, packet_id: u16) -> Packet<'static> {
+        Packet::puback(packet_id)
+    }
+
+    fn keep_reason(&mut self, props: &Props<'_>) {
+        self.reason_text.clear();
+        if let Some(text) = props.reason_string() {
+            for c in text.chars() {
+                if self.reason_text.push(c).is_err() {
+                    break;
+                }
+            }
         }
     }
 
@@ -314,6 +537,7 @@ pub fn connect_packet(client_id: &str, clean_session: bool) -> Connect<'_> {
         clean_session,
         username: None,
         password: None,
+        properties: None,
     }
 }
 
@@ -335,14 +559,15 @@ mod tests {
 
     fn connack(code: ConnectReturnCode) -> std::vec::Vec<u8> {
         emit(Packet::Connack(Connack {
+            properties: None,
             session_present: false,
-            code,
+            code: code as u8,
         }))
     }
 
     /// A session with keepalive 10 s, connected at t = 0.
     fn connected() -> Session {
-        let mut s = Session::new(10);
+        let mut s = Session::new(10, Version::V311);
         s.start(t(0), &connect_packet("dev1", true)).unwrap();
         let n = s.pending_tx().len();
         s.consume_tx(t(0), n);
@@ -350,7 +575,8 @@ mod tests {
         assert_eq!(
             s.handle(t(5), &ack),
             Ok(Some(Event::Connected {
-                session_present: false
+                session_present: false,
+                limits: Limits::default(),
             }))
         );
         s
@@ -358,7 +584,7 @@ mod tests {
 
     #[test]
     fn start_queues_a_connect_with_the_client_id_and_keepalive() {
-        let mut s = Session::new(60);
+        let mut s = Session::new(60, Version::V311);
         s.start(t(0), &connect_packet("dev1", true)).unwrap();
         match Packet::parse(s.pending_tx()) {
             Ok(Packet::Connect(c)) => {
@@ -382,7 +608,7 @@ mod tests {
             (BadUserNameOrPassword, true),
             (NotAuthorized, true),
         ] {
-            let mut s = Session::new(60);
+            let mut s = Session::new(60, Version::V311);
             s.start(t(0), &connect_packet("dev1", true)).unwrap();
             let err = s.handle(t(1), &connack(code)).unwrap_err();
             assert_eq!(err, Error::Refused(code));
@@ -392,7 +618,7 @@ mod tests {
 
     #[test]
     fn no_connack_within_the_timeout_fails_the_attempt() {
-        let mut s = Session::new(60);
+        let mut s = Session::new(60, Version::V311);
         s.start(t(0), &connect_packet("dev1", true)).unwrap();
         assert_eq!(s.poll(t(9_999)), Ok(()));
         assert_eq!(s.poll(t(10_000)), Err(Error::ConnackTimeout));
@@ -400,7 +626,7 @@ mod tests {
 
     #[test]
     fn a_packet_before_connack_is_a_protocol_error() {
-        let mut s = Session::new(60);
+        let mut s = Session::new(60, Version::V311);
         s.start(t(0), &connect_packet("dev1", true)).unwrap();
         let resp = emit(Packet::Pingresp);
         assert!(matches!(s.handle(t(1), &resp), Err(Error::Protocol(_))));
@@ -459,6 +685,7 @@ mod tests {
     fn incoming_qos1_publish_is_acknowledged_and_delivered() {
         let mut s = connected();
         let bytes = emit(Packet::Publish(Publish {
+            properties: None,
             dup: false,
             qos: QoS::AtLeastOnce,
             retain: false,
@@ -498,7 +725,7 @@ mod tests {
         s.disconnect();
         assert_eq!(s.pending_tx(), [0xE0, 0x00]);
         assert_eq!(s.state(), State::Disconnecting);
-        let mut idle = Session::new(10);
+        let mut idle = Session::new(10, Version::V311);
         idle.disconnect();
         assert!(idle.pending_tx().is_empty());
     }
@@ -524,5 +751,135 @@ mod tests {
         assert_eq!(s.state(), State::Idle);
         assert!(s.pending_tx().is_empty());
         assert_eq!(s.poll_at(), None);
+    }
+
+    // ---- MQTT 5 ------------------------------------------------------------
+
+    fn v5_connected(connack: &[u8]) -> (Session, Result<Option<Event<'_>>, Error>) {
+        let mut s = Session::new(60, Version::V5);
+        s.start(t(0), &connect_packet("dev1", true)).unwrap();
+        let n = s.pending_tx().len();
+        s.consume_tx(t(0), n);
+        let r = s.handle(t(1), connack);
+        (s, r)
+    }
+
+    #[test]
+    fn an_mqtt5_session_sends_a_level_5_connect_and_reads_the_connack_limits() {
+        // [mqtt5-4] mosquitto's CONNACK with max_inflight_messages 7,
+        // max_packet_size 2000, and a Server Keep Alive of 20 s added.
+        let connack = [
+            0x20, 0x11, 0x00, 0x00, 0x0E, 0x22, 0x00, 0x0a, 0x27, 0x00, 0x00, 0x07, 0xd0, 0x21,
+            0x00, 0x07, 0x13, 0x00, 0x14,
+        ];
+        let mut s = Session::new(60, Version::V5);
+        s.start(t(0), &connect_packet("dev1", true)).unwrap();
+        assert!(matches!(
+            Packet::parse_as(s.pending_tx(), Version::V5),
+            Ok(Packet::Connect(c)) if c.properties.is_some()
+        ));
+        let n = s.pending_tx().len();
+        s.consume_tx(t(0), n);
+        let limits = Limits {
+            receive_maximum: 7,
+            maximum_packet_size: 2000,
+            topic_alias_maximum: 10,
+            server_keep_alive: Some(20),
+            ..Limits::default()
+        };
+        assert_eq!(
+            s.handle(t(1), &connack),
+            Ok(Some(Event::Connected {
+                session_present: false,
+                limits
+            }))
+        );
+        // The broker's keepalive replaces ours: a ping after 20 s.
+        assert_eq!(s.keepalive(), Duration::from_secs(20));
+        assert_eq!(s.poll_at(), Some(t(20_000)));
+    }
+
+    #[test]
+    fn mqtt5_connack_refusals_map_to_exits_and_backoffs() {
+        // [mqtt5-3]
+        for (code, auth, bad_id, least) in [
+            (0x86, true, false, None),
+            (0x87, true, false, None),
+            (0x8A, true, false, None),
+            (0x8C, true, false, None),
+            (0x85, false, true, None),
+            (0x88, false, false, None),
+            (0x89, false, false, None),
+            (0x97, false, false, Some(30)),
+            (0x9F, false, false, Some(30)),
+            (0x84, false, false, None),
+        ] {
+            let connack = [0x20, 0x08, 0x00, code, 0x05, 0x1F, 0x00, 0x02, b'n', b'o'];
+            let (s, r) = v5_connected(&connack);
+            let e = r.unwrap_err();
+            assert_eq!(e, Error::Refused5(code));
+            assert_eq!(e.is_auth_failure(), auth, "{code:#x}");
+            assert_eq!(e.is_bad_client_id(), bad_id, "{code:#x}");
+            assert_eq!(e.min_backoff(), least.map(Duration::from_secs), "{code:#x}");
+            assert_eq!(s.reason_text(), "no");
+            assert!(e.to_string().contains(&format!("0x{code:02X}")), "{e}");
+        }
+    }
+
+    #[test]
+    fn an_mqtt5_broker_disconnect_is_an_error_with_its_reason_kept() {
+        // [mqtt5-9]
+        let (mut s, r) = v5_connected(&[0x20, 0x03, 0x00, 0x00, 0x00]);
+        assert!(r.is_ok());
+        let disconnect = [
+            0xE0, 0x0C, 0x8E, 0x0A, 0x1F, 0x00, 0x07, b't', b'a', b'k', b'e', b'n', b' ', b'1',
+        ];
+        assert_eq!(s.handle(t(2), &disconnect), Err(Error::Disconnected(0x8E)));
+        assert_eq!(s.reason_text(), "taken 1");
+        assert_eq!(
+            Error::Disconnected(0x8E).to_string(),
+            "broker DISCONNECT 0x8E session taken over"
+        );
+        assert_eq!(
+            Error::Disconnected(0x97).min_backoff(),
+            Some(Duration::from_secs(30))
+        );
+    }
+
+    #[test]
+    fn an_mqtt5_puback_carries_its_verdict_and_a_topic_alias_is_refused() {
+        let (mut s, _) = v5_connected(&[0x20, 0x03, 0x00, 0x00, 0x00]);
+        let refused = [0x40, 0x08, 0x00, 0x07, 0x87, 0x04, 0x1F, 0x00, 0x01, b'x'];
+        assert_eq!(
+            s.handle(t(2), &refused),
+            Ok(Some(Event::Puback {
+                packet_id: 7,
+                reason: 0x87,
+                reason_string: Some("x")
+            }))
+        );
+        // [mqtt5-7] Topic aliases from the broker: we allowed none.
+        let aliased = [0x30, 0x07, 0x00, 0x00, 0x03, 0x23, 0x00, 0x01, b'x'];
+        let e = s.handle(t(3), &aliased).unwrap_err();
+        assert_eq!(e, Error::TopicAlias);
+        assert_eq!(e.disconnect_reason(), Some(0x94));
+        // A malformed packet: 0x81; AUTH: a protocol error.
+        let e = s
+            .handle(t(4), &[0x40, 0x04, 0x00, 0x07, 0x87, 0x09])
+            .unwrap_err();
+        assert_eq!(e.disconnect_reason(), Some(0x81));
+        let e = s.handle(t(5), &[0xF0, 0x00]).unwrap_err();
+        assert_eq!(e.disconnect_reason(), Some(0x82));
+    }
+
+    #[test]
+    fn an_incoming_qos1_publish_under_mqtt5_is_acknowledged_in_the_short_form() {
+        let (mut s, _) = v5_connected(&[0x20, 0x03, 0x00, 0x00, 0x00]);
+        let publish = [0x32, 0x07, 0x00, 0x01, b'a', 0x00, 0x09, 0x00, b'x'];
+        assert!(matches!(
+            s.handle(t(2), &publish),
+            Ok(Some(Event::Publish(_)))
+        ));
+        assert_eq!(s.pending_tx(), [0x40, 0x02, 0x00, 0x09]);
     }
 }

@@ -173,6 +173,23 @@ fn validate(bytes: &[u8], mqtt: fn(&str) -> Result<(), TopicError>) -> Result<&s
     Ok(s)
 }
 
+/// An MQTT 5 string property value (user property, content type): UTF-8
+/// with none of the characters [bus-topic-1] forbids in topics, which
+/// brokers may close the connection on.
+pub fn validate_text(bytes: &[u8]) -> Result<&str, TopicError> {
+    let s = str::from_utf8(bytes).map_err(|_| TopicError::NotUtf8)?;
+    if s.contains('\0') {
+        return Err(TopicError::Nul);
+    }
+    if let Some(c) = s.chars().find(|&c| is_forbidden(c)) {
+        return Err(TopicError::Forbidden(c));
+    }
+    if s.len() > usize::from(u16::MAX) {
+        return Err(TopicError::TooLong);
+    }
+    Ok(s)
+}
+
 /// A control character or a Unicode non-character [bus-topic-1] (U+0000
 /// is `Nul`, checked before).
 fn is_forbidden(c: char) -> bool {

@@ -11,6 +11,7 @@
 
 use crate::bus::frame::{self, ErrorCode, RequestType};
 use crate::bus::object::{self, Encoder};
+use crate::mqtt::props::{id, Props};
 use crate::spool;
 
 /// A call result or stream message whose payload is `null`.
@@ -34,11 +35,11 @@ pub fn accepted(buf: &mut [u8]) -> usize {
 }
 
 /// A stream message frame `{topic, payload}` [iotcored-bus-subscribe-3.1].
-pub fn message(buf: &mut [u8], topic: &str, payload: &[u8]) -> usize {
+pub fn message(buf: &mut [u8], topic: &str, payload: &[u8], props: Option<&Props<'_>>) -> usize {
     frame::begin_message(buf)
         .ok()
         .and_then(|mut e| {
-            let n = message_map(e.payload_mut(), topic, payload)?;
+            let n = message_map(e.payload_mut(), topic, payload, props)?;
             e.finish(n).ok()
         })
         .unwrap_or(0)
@@ -46,11 +47,11 @@ pub fn message(buf: &mut [u8], topic: &str, payload: &[u8]) -> usize {
 
 /// An `iotcored_response` notify carrying `{topic, payload}`, for a
 /// `response_endpoint` subscriber [iotcored-bus-subscribe-3].
-pub fn notify(buf: &mut [u8], topic: &str, payload: &[u8]) -> usize {
+pub fn notify(buf: &mut [u8], topic: &str, payload: &[u8], props: Option<&Props<'_>>) -> usize {
     frame::begin_request(buf, b"iotcored_response", RequestType::Notify)
         .ok()
         .and_then(|mut e| {
-            let n = message_map(e.payload_mut(), topic, payload)?;
+            let n = message_map(e.payload_mut(), topic, payload, props)?;
             e.finish(n).ok()
         })
         .unwrap_or(0)
@@ -86,6 +87,11 @@ pub struct Stats<'a> {
     pub reconnects: u64,
     /// One entry per connection, connection 0 first.
     pub links: &'a [LinkStats<'a>],
+    /// Messages dropped unsent because their expiry passed.
+    pub expired: u64,
+    /// Messages the broker refused (MQTT 5 PUBACK failure, or over its
+    /// Maximum Packet Size).
+    pub rejected: u64,
     /// Messages and filters set aside as poison [bus-iso-2].
     pub quarantined: u64,
     /// How long the oldest message waiting in the spool has waited, ms.
@@ -98,7 +104,7 @@ pub struct Stats<'a> {
 }
 
 /// The `stats` call result: the counters in core-bus.md section 6's order,
-/// then `connections`, `quarantined`, `oldest_ms`, `stored`,
+/// then `connections`, `expired`, `rejected`, `quarantined`, `oldest_ms`, `stored`,
 /// `stored_bytes`, `corrupt` and `last_disconnect`
 /// (the spec's keys this daemon has, in the spec's order).
 pub fn stats(buf: &mut [u8], s: &Stats<'_>) -> usize {
@@ -119,7 +125,7 @@ pub fn stats(buf: &mut [u8], s: &Stats<'_>) -> usize {
     ];
     let encode = |buf: &mut [u8]| -> Option<usize> {
         let mut e = Encoder::new(buf);
-        e.map(counters.len() + 7).ok()?;
+        e.map(counters.len() + 9).ok()?;
         for (k, v) in counters {
             e.key(k).ok()?.i64(v).ok()?;
         }
@@ -134,6 +140,8 @@ pub fn stats(buf: &mut [u8], s: &Stats<'_>) -> usize {
                 .ok()?;
             e.key(b"inflight").ok()?.i64(size(link.inflight)).ok()?;
         }
+        e.key(b"expired").ok()?.i64(int(s.expired)).ok()?;
+        e.key(b"rejected").ok()?.i64(int(s.rejected)).ok()?;
         e.key(b"quarantined").ok()?.i64(int(s.quarantined)).ok()?;
         e.key(b"oldest_ms").ok()?.i64(int(s.oldest_ms)).ok()?;
         e.key(b"stored").ok()?.i64(int(s.stored.0)).ok()?;
@@ -171,10 +179,49 @@ fn value(
         .unwrap_or(0)
 }
 
-fn message_map(buf: &mut [u8], topic: &str, payload: &[u8]) -> Option<usize> {
+/// `{topic, payload}`, then, for a subscriber that asked (`props`), the
+/// MQTT 5 properties the message came with, each only when present:
+/// `user_properties` (a map, in arrival order), `content_type`,
+/// `response_topic`, `correlation_data`, `expiry` (seconds left)
+/// (core-bus.md section 6, subscribe `properties`).
+fn message_map(
+    buf: &mut [u8],
+    topic: &str,
+    payload: &[u8],
+    props: Option<&Props<'_>>,
+) -> Option<usize> {
+    let props = props.copied().unwrap_or(Props::EMPTY);
+    let users = props.user_properties().count();
+    let content_type = props.string(id::CONTENT_TYPE);
+    let response_topic = props.string(id::RESPONSE_TOPIC);
+    let correlation = props.binary(id::CORRELATION_DATA);
+    let expiry = props.number(id::MESSAGE_EXPIRY);
+    let extra = usize::from(users > 0)
+        + usize::from(content_type.is_some())
+        + usize::from(response_topic.is_some())
+        + usize::from(correlation.is_some())
+        + usize::from(expiry.is_some());
     let mut e = Encoder::new(buf);
-    e.map(2).ok()?;
+    e.map(2 + extra).ok()?;
     e.key(b"topic").ok()?.buf(topic.as_bytes()).ok()?;
     e.key(b"payload").ok()?.buf(payload).ok()?;
+    if users > 0 {
+        e.key(b"user_properties").ok()?.map(users).ok()?;
+        for (k, v) in props.user_properties() {
+            e.key(k.as_bytes()).ok()?.buf(v.as_bytes()).ok()?;
+        }
+    }
+    if let Some(t) = content_type {
+        e.key(b"content_type").ok()?.buf(t.as_bytes()).ok()?;
+    }
+    if let Some(t) = response_topic {
+        e.key(b"response_topic").ok()?.buf(t.as_bytes()).ok()?;
+    }
+    if let Some(d) = correlation {
+        e.key(b"correlation_data").ok()?.buf(d).ok()?;
+    }
+    if let Some(s) = expiry {
+        e.key(b"expiry").ok()?.i64(i64::from(s)).ok()?;
+    }
     Some(e.written())
 }

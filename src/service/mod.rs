@@ -18,9 +18,11 @@ pub use params::{Method, Publish, Subscribe, Unsubscribe, MAX_PAYLOAD};
 
 use crate::bus::frame::{self, ErrorCode, RequestType};
 use crate::bus::object;
-use crate::mqtt::packet::QoS;
+use crate::mqtt::packet::{QoS, Version};
+use crate::mqtt::props::{Builder, Props};
+use crate::mqtt::session::Limits;
 use crate::router::{Dest, Outcome, Router, Settled, SubId};
-use crate::spool::{PushError, Spool};
+use crate::spool::{Message, PushError, Spool};
 use crate::time::Instant;
 use params::Confirm;
 
@@ -106,6 +108,9 @@ pub struct Counters {
     pub received: u64,
     /// Connections re-established after a loss.
     pub reconnects: u64,
+    /// Stored messages found expired when loaded from the disk spool (the
+    /// memory spool counts its own).
+    pub expired: u64,
 }
 
 /// One connection as the loop sees it.
@@ -137,14 +142,20 @@ pub struct Context<'a> {
     /// The disk spool, if there is one: QoS 1 publishes are stored there
     /// before they are answered [spool-3].
     pub store: Option<&'a mut dyn Store>,
+    /// The protocol of the connections.
+    pub version: Version,
+    /// What the broker's last CONNACK on the publishing connection allows
+    /// [mqtt5-4] (the defaults before the first).
+    pub broker: Limits,
 }
 
 /// Where QoS 1 messages are kept across the end of the process (the
 /// loop's disk spool).
 pub trait Store {
-    /// Stores a message; its record's number, or `None` when there is no
-    /// room (or the disk failed, which the store logs).
-    fn append(&mut self, pid: u32, topic: &str, payload: &[u8], retain: bool) -> Option<u64>;
+    /// Stores a message that stops being worth sending `expiry` seconds
+    /// from now (if given); its record's number, or `None` when there is
+    /// no room (or the disk failed, which the store logs).
+    fn append(&mut self, pid: u32, m: &Message<'_>, expiry: Option<u32>) -> Option<u64>;
     /// The message of record `seq` is done with (0: none).
     fn release(&mut self, seq: u64);
     /// A call waits for the next sync: make it soon.
@@ -254,6 +265,43 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
                 Ok(p) => p,
                 Err(code) => return refuse(out, code, "bad parameters"),
             };
+            // What the broker said it does not take [mqtt5-4].
+            if p.qos == QoS::AtLeastOnce && ctx.broker.maximum_qos == QoS::AtMostOnce {
+                return refuse(out, ErrorCode::Unsupported, "the broker takes qos 0 only");
+            }
+            if p.retain && !ctx.broker.retain_available {
+                return refuse(
+                    out,
+                    ErrorCode::Unsupported,
+                    "the broker takes no retained messages",
+                );
+            }
+            // MQTT 5 properties, encoded once here; 3.1.1 sends none
+            // [mqtt5-5].
+            let mut block = Builder::<{ params::MAX_PROPERTIES }>::new();
+            if ctx.version == Version::V5 {
+                if let Err(code) = p.properties.encode(&mut block) {
+                    return refuse(out, code, "properties too long");
+                }
+            }
+            let message = Message {
+                topic: p.topic,
+                payload: p.payload,
+                qos: p.qos,
+                retain: p.retain,
+                properties: Props::trusted(block.props().bytes()),
+                expires: p
+                    .expiry
+                    .map(|s| ctx.now + core::time::Duration::from_secs(u64::from(s))),
+            };
+            let max_packet = usize::try_from(ctx.broker.maximum_packet_size).unwrap_or(usize::MAX);
+            if ctx.spool.encoded_len(&message) > max_packet {
+                return refuse(
+                    out,
+                    ErrorCode::Range,
+                    "over the broker's maximum packet size",
+                );
+            }
             // Each process queues in a lane of its own [bus-iso-5]. Into an
             // empty spool the message leaves first whatever its lane: no
             // need to ask the kernel whose it is.
@@ -279,7 +327,7 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
                         ..refuse(out, ErrorCode::Busy, "outgoing queue full")
                     };
                 }
-                match store.append(pid, p.topic, p.payload, p.retain) {
+                match store.append(pid, &message, p.expiry) {
                     Some(seq) => stored = seq,
                     None => {
                         return Reply {
@@ -288,7 +336,7 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
                         }
                     }
                 }
-                let room = ctx.spool.fits(p.topic, p.payload.len(), p.qos);
+                let room = ctx.spool.fits(&message);
                 if backlogged || (!room && confirm != Confirm::Acked) {
                     // Behind the stored ones, or for want of room in memory:
                     // on disk only, answered [spool-6].
@@ -296,9 +344,7 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
                     return stored_answer(out, confirm, stored, store, done);
                 }
             }
-            let pushed = ctx
-                .spool
-                .push(ctx.now, pid, p.topic, p.payload, p.qos, p.retain);
+            let pushed = ctx.spool.push_message(ctx.now, pid, &message);
             if pushed.is_ok() {
                 ctx.spool.store_last(stored);
             } else if let Some(store) = ctx.store.as_deref_mut() {
@@ -353,10 +399,13 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
                     generation: caller.generation,
                 },
             };
-            match ctx
-                .router
-                .subscribe_for((caller.pid)(), dest, &s.filters, s.qos, s.virtual_only)
-            {
+            let made =
+                ctx.router
+                    .subscribe_for((caller.pid)(), dest, &s.filters, s.qos, s.virtual_only);
+            if let Ok(id) = made {
+                ctx.router.set_properties(id, s.properties);
+            }
+            match made {
                 // The answer comes when the router settles it; a notify
                 // subscribe is never answered, so its connection goes on.
                 Ok(id) if s.endpoint.is_none() => Reply::answer(0, Mode::AwaitStream(id)),
@@ -431,6 +480,8 @@ fn stats(ctx: &Context<'_>, out: &mut [u8]) -> usize {
             received: ctx.counters.received,
             reconnects: ctx.counters.reconnects,
             links: &links,
+            expired: ctx.spool.stats().expired + ctx.counters.expired,
+            rejected: ctx.spool.stats().rejected,
             quarantined: ctx.spool.stats().quarantined + ctx.router.quarantined(),
             oldest_ms: u64::try_from(ctx.spool.oldest_age(ctx.now).as_millis()).unwrap_or(u64::MAX),
             stored: ctx.store.as_deref().map_or((0, 0, 0), |s| s.stats()),
@@ -624,6 +675,9 @@ mod tests {
         now: Instant,
         /// A disk spool, if the test gives one.
         disk: Option<Disk>,
+        /// The protocol, and what the broker allows.
+        version: Version,
+        broker: Limits,
     }
 
     impl World {
@@ -637,6 +691,8 @@ mod tests {
                 pid: 4242,
                 now: Instant::default(),
                 disk: None,
+                version: Version::V311,
+                broker: Limits::default(),
             }
         }
 
@@ -655,6 +711,8 @@ mod tests {
                 now: self.now,
                 endpoint_reachable: &|name| name != "gone",
                 store: self.disk.as_mut().map(|d| d as &mut dyn Store),
+                version: self.version,
+                broker: self.broker,
             };
             let pid = self.pid;
             let caller = Caller {
@@ -761,7 +819,7 @@ mod tests {
     }
 
     impl Store for Disk {
-        fn append(&mut self, _: u32, _: &str, _: &[u8], _: bool) -> Option<u64> {
+        fn append(&mut self, _: u32, _: &Message<'_>, _: Option<u32>) -> Option<u64> {
             self.appended += 1;
             Some(self.appended)
         }
@@ -779,6 +837,78 @@ mod tests {
         }
         fn stats(&self) -> (u64, u64, u64) {
             (self.appended, 0, 0)
+        }
+    }
+
+    #[test]
+    fn what_the_broker_said_it_does_not_take_is_refused_before_queueing() {
+        // [mqtt5-4] Maximum QoS 0 and Retain Available 0: UNSUPPORTED;
+        // over its Maximum Packet Size: RANGE. Nothing is queued.
+        let code = |c: ErrorCode| {
+            let mut buf = [0u8; 64];
+            let n = answer::error(&mut buf, c);
+            buf[..n].to_vec()
+        };
+        let mut w = World::new();
+        w.version = Version::V5;
+        w.broker = Limits {
+            maximum_qos: QoS::AtMostOnce,
+            retain_available: false,
+            maximum_packet_size: 64,
+            ..Limits::default()
+        };
+        let (_, a) = w.call(&publish(RequestType::Call, b"t", b"x", 1));
+        assert_eq!(a, code(ErrorCode::Unsupported));
+        let retained = request("publish", RequestType::Call, |e| {
+            e.map(2).unwrap();
+            e.key(b"topic").unwrap().buf(b"t").unwrap();
+            e.key(b"retain").unwrap().bool(true).unwrap();
+        });
+        let (_, a) = w.call(&retained);
+        assert_eq!(a, code(ErrorCode::Unsupported));
+        let (_, a) = w.call(&publish(RequestType::Call, b"t", &[0; 60], 0));
+        assert_eq!(a, code(ErrorCode::Range));
+        assert!(w.spool.is_empty());
+        let (_, a) = w.call(&publish(RequestType::Call, b"t", &[0; 50], 0));
+        assert_eq!(a, hex(NULL));
+        assert_eq!(w.spool.len(), 1);
+    }
+
+    #[test]
+    fn mqtt5_publish_keys_reach_the_broker_as_properties_and_not_with_3_1_1() {
+        // [mqtt5-5]
+        let with_props = request("publish", RequestType::Call, |e| {
+            e.map(4).unwrap();
+            e.key(b"topic").unwrap().buf(b"t").unwrap();
+            e.key(b"content_type").unwrap().buf(b"text/plain").unwrap();
+            e.key(b"expiry").unwrap().i64(9).unwrap();
+            e.key(b"user_properties").unwrap().map(1).unwrap();
+            e.key(b"k").unwrap().buf(b"v").unwrap();
+        });
+        for version in [Version::V5, Version::V311] {
+            let mut w = World::new();
+            w.version = version;
+            w.spool.set_version(version);
+            let (_, a) = w.call(&with_props);
+            assert_eq!(a, hex(NULL));
+            assert_eq!(w.spool.prepare_next(w.now, 4, usize::MAX), None);
+            let out = w.spool.next(4, true).unwrap();
+            let bytes = [out.first, out.second].concat();
+            match crate::mqtt::packet::Packet::parse_as(&bytes, version) {
+                Ok(crate::mqtt::packet::Packet::Publish(p)) => {
+                    assert_eq!(p.topic, "t");
+                    match p.properties {
+                        Some(props) => {
+                            use crate::mqtt::props::id;
+                            assert_eq!(props.number(id::MESSAGE_EXPIRY), Some(9));
+                            assert_eq!(props.string(id::CONTENT_TYPE), Some("text/plain"));
+                            assert_eq!(props.user_properties().count(), 1);
+                        }
+                        None => assert_eq!(version, Version::V311),
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
         }
     }
 
@@ -1210,7 +1340,8 @@ mod tests {
     fn stats_answers_every_counter_in_the_spec_order() {
         // core-bus.md section 6, stats: after the worked example's publish
         // (an 11-byte PUBLISH) 1.5 s ago, with the loop's counters 2, 3, 4,
-        // then `quarantined` 0, `oldest_ms` 1500, `stored`, `stored_bytes`
+        // then `expired` 5 (stored messages found expired at load),
+        // `rejected` 0, `quarantined` 0, `oldest_ms` 1500, `stored`, `stored_bytes`
         // and `corrupt` 0 (no disk spool) and `last_disconnect` as a buffer.
         // (Expected bytes from Python's zlib CRC-32.)
         let mut w = World::new();
@@ -1220,12 +1351,13 @@ mod tests {
             dropped: 2,
             received: 3,
             reconnects: 4,
+            expired: 5,
         };
         w.call(&example::PUBLISH_CALL);
         w.now = Instant::from_millis(1500);
         let (reply, answer) = w.call(&request("stats", RequestType::Call, empty));
         let golden = concat!(
-            "000001fd000000001eda98200612000000090000007075626c69736865640201",
+            "0000022600000000666ba4c60614000000090000007075626c69736865640201",
             "000000000000000400000073656e740200000000000000000600000072657365",
             "6e740200000000000000000500000061636b6564020000000000000000070000",
             "0073706f6f6c65640201000000000000000d00000073706f6f6c65645f627974",
@@ -1235,12 +1367,14 @@ mod tests {
             "6f6e6e656374730204000000000000000b000000636f6e6e656374696f6e7305",
             "0100000006040000000200000069640402000000677709000000636f6e6e6563",
             "74656401010d000000737562736372697074696f6e7302000000000000000008",
-            "000000696e666c696768740200000000000000000b00000071756172616e7469",
-            "6e6564020000000000000000090000006f6c646573745f6d7302dc0500000000",
-            "00000600000073746f7265640200000000000000000c00000073746f7265645f",
-            "627974657302000000000000000007000000636f727275707402000000000000",
-            "00000f0000006c6173745f646973636f6e6e656374041f000000636f6e6e6563",
-            "74696f6e20636c6f736564206279207468652062726f6b6572db1a7826",
+            "000000696e666c69676874020000000000000000070000006578706972656402",
+            "05000000000000000800000072656a65637465640200000000000000000b0000",
+            "0071756172616e74696e6564020000000000000000090000006f6c646573745f",
+            "6d7302dc050000000000000600000073746f7265640200000000000000000c00",
+            "000073746f7265645f627974657302000000000000000007000000636f727275",
+            "70740200000000000000000f0000006c6173745f646973636f6e6e656374041f",
+            "000000636f6e6e656374696f6e20636c6f736564206279207468652062726f6b",
+            "6572490a7953",
         );
         assert_eq!(answer, hex(golden));
         assert_eq!(reply, served(answer.len()));
@@ -1267,6 +1401,8 @@ mod tests {
             now: Instant::default(),
             endpoint_reachable: &|_| true,
             store: None,
+            version: Version::V311,
+            broker: Limits::default(),
         };
         let caller = Caller {
             slot: 0,

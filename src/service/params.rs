@@ -71,6 +71,61 @@ pub struct Publish<'a> {
     pub retain: bool,
     /// When the call is answered [bus-confirm-1].
     pub confirm: Confirm,
+    /// Seconds it stays worth sending [bus-expiry-1].
+    pub expiry: Option<u32>,
+    /// MQTT 5 properties to send with it (core-bus.md section 6).
+    pub properties: PublishProperties<'a>,
+}
+
+/// The MQTT 5 properties a `publish` may give, validated.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PublishProperties<'a> {
+    /// `user_properties`: a map of buffer to buffer, sent in map order.
+    pub user: Option<Map<'a>>,
+    pub content_type: Option<&'a str>,
+    pub response_topic: Option<&'a str>,
+    pub correlation_data: Option<&'a [u8]>,
+}
+
+/// The most bytes of user properties a message may carry (AWS IoT Core:
+/// 8 KiB in total).
+pub const MAX_USER_PROPERTIES: usize = 8 * 1024;
+/// The largest property block a publish may make: the user properties
+/// and the other three at their own limits.
+pub const MAX_PROPERTIES: usize = MAX_USER_PROPERTIES + 3 * 1024;
+
+impl PublishProperties<'_> {
+    /// Encodes them as an MQTT 5 property block into `b`; RANGE if they do
+    /// not fit (`MAX_PROPERTIES`).
+    pub fn encode<const N: usize>(
+        &self,
+        b: &mut crate::mqtt::props::Builder<N>,
+    ) -> Result<(), ErrorCode> {
+        use crate::mqtt::props::id;
+        let full = |_| ErrorCode::Range;
+        if let Some(t) = self.content_type {
+            b.string(id::CONTENT_TYPE, t).map_err(full)?;
+        }
+        if let Some(t) = self.response_topic {
+            b.string(id::RESPONSE_TOPIC, t).map_err(full)?;
+        }
+        if let Some(d) = self.correlation_data {
+            b.binary(id::CORRELATION_DATA, d).map_err(full)?;
+        }
+        if let Some(map) = self.user {
+            for (k, v) in map.iter() {
+                // Checked by `publish`.
+                let (Ok(k), Some(Ok(v))) = (
+                    core::str::from_utf8(k),
+                    v.as_buf().map(core::str::from_utf8),
+                ) else {
+                    return Err(ErrorCode::Invalid);
+                };
+                b.pair(k, v).map_err(full)?;
+            }
+        }
+        Ok(())
+    }
 }
 
 /// When a `publish` call is answered [bus-confirm-1].
@@ -95,6 +150,8 @@ pub struct Subscribe<'a> {
     pub endpoint: Option<&'a str>,
     /// Match locally only; send nothing to the broker (GGL's `virtual`).
     pub virtual_only: bool,
+    /// Messages carry their MQTT 5 properties (`properties`).
+    pub properties: bool,
 }
 
 /// A validated `unsubscribe`.
@@ -132,12 +189,71 @@ pub fn publish<'a>(params: &Map<'a>) -> Result<Publish<'a>, ErrorCode> {
     if confirm != Confirm::Queued && qos == QoS::AtMostOnce {
         return Err(ErrorCode::Invalid);
     }
+    let expiry = match params.get(b"expiry") {
+        None | Some(Object::Null) => None,
+        Some(Object::I64(s)) => Some(
+            u32::try_from(s)
+                .ok()
+                .filter(|&s| s > 0)
+                .ok_or(ErrorCode::Invalid)?,
+        ),
+        Some(_) => return Err(ErrorCode::Invalid),
+    };
+    let text = |key: &[u8]| -> Result<Option<&'a str>, ErrorCode> {
+        match params.get(key) {
+            None | Some(Object::Null) => Ok(None),
+            Some(Object::Buf(b)) => topic::validate_text(b).map(Some).map_err(topic_error_code),
+            Some(_) => Err(ErrorCode::Invalid),
+        }
+    };
+    let user = match params.get(b"user_properties") {
+        None | Some(Object::Null) => None,
+        Some(Object::Map(m)) => {
+            let mut total = 0usize;
+            for (k, v) in m.iter() {
+                let Some(v) = v.as_buf() else {
+                    return Err(ErrorCode::Invalid);
+                };
+                topic::validate_text(k).map_err(topic_error_code)?;
+                topic::validate_text(v).map_err(topic_error_code)?;
+                total = total.saturating_add(k.len() + v.len());
+            }
+            if total > MAX_USER_PROPERTIES {
+                return Err(ErrorCode::Range);
+            }
+            Some(m)
+        }
+        Some(_) => return Err(ErrorCode::Invalid),
+    };
+    let response_topic = match params.get(b"response_topic") {
+        None | Some(Object::Null) => None,
+        Some(Object::Buf(t)) => Some(topic::validate_topic(t).map_err(topic_error_code)?),
+        Some(_) => return Err(ErrorCode::Invalid),
+    };
+    let correlation_data = match params.get(b"correlation_data") {
+        None | Some(Object::Null) => None,
+        Some(Object::Buf(d)) if d.len() <= 1024 => Some(d),
+        Some(Object::Buf(_)) => return Err(ErrorCode::Range),
+        Some(_) => return Err(ErrorCode::Invalid),
+    };
+    let content_type = text(b"content_type")?;
+    if content_type.is_some_and(|t| t.len() > 1024) {
+        return Err(ErrorCode::Range);
+    }
+    let properties = PublishProperties {
+        user,
+        content_type,
+        response_topic,
+        correlation_data,
+    };
     Ok(Publish {
         topic,
         payload,
         qos,
         retain: flag(params, b"retain")?,
         confirm,
+        expiry,
+        properties,
     })
 }
 
@@ -152,6 +268,7 @@ pub fn subscribe<'a>(params: &Map<'a>) -> Result<Subscribe<'a>, ErrorCode> {
             Some(_) => return Err(ErrorCode::Invalid),
         },
         virtual_only: flag(params, b"virtual")?,
+        properties: flag(params, b"properties")?,
     })
 }
 
@@ -257,7 +374,7 @@ mod tests {
     use crate::bus::object::{parse_params, Encoder};
 
     fn with_params<R>(entries: &[(&str, Val<'_>)], f: impl FnOnce(&Map<'_>) -> R) -> R {
-        let mut buf = [0u8; 4096];
+        let mut buf = vec![0u8; 16 * 1024];
         let mut e = Encoder::new(&mut buf);
         e.map(entries.len()).unwrap();
         for (k, v) in entries {
@@ -278,6 +395,12 @@ mod tests {
                         e.buf(i).unwrap();
                     }
                 }
+                Val::Map(pairs) => {
+                    e.map(pairs.len()).unwrap();
+                    for (k, v) in pairs.iter() {
+                        e.key(k).unwrap().buf(v).unwrap();
+                    }
+                }
             }
         }
         let n = e.written();
@@ -285,11 +408,72 @@ mod tests {
         f(&params)
     }
 
+    #[derive(Clone)]
     enum Val<'a> {
         Buf(&'a [u8]),
         I64(i64),
         Bool(bool),
         List(&'a [&'a [u8]]),
+        Map(&'a [(&'a [u8], &'a [u8])]),
+    }
+
+    #[test]
+    fn publish_reads_the_mqtt5_keys_and_encodes_them_as_properties() {
+        // core-bus.md section 6: expiry, user_properties (in map order),
+        // content_type, response_topic, correlation_data.
+        let user: &[(&[u8], &[u8])] = &[(b"b", b"1"), (b"a", b"2"), (b"b", b"3")];
+        let entries = [
+            ("topic", Val::Buf(b"a/b")),
+            ("expiry", Val::I64(30)),
+            ("user_properties", Val::Map(user)),
+            ("content_type", Val::Buf(b"application/json")),
+            ("response_topic", Val::Buf(b"reply/here")),
+            ("correlation_data", Val::Buf(&[0, 1, 2])),
+        ];
+        with_params(&entries, |m| {
+            let p = publish(m).unwrap();
+            assert_eq!(p.expiry, Some(30));
+            let mut b = crate::mqtt::props::Builder::<256>::new();
+            p.properties.encode(&mut b).unwrap();
+            let props =
+                crate::mqtt::props::Props::parse(b.props().bytes(), crate::mqtt::props::Context(3))
+                    .unwrap();
+            use crate::mqtt::props::id;
+            assert_eq!(props.string(id::CONTENT_TYPE), Some("application/json"));
+            assert_eq!(props.string(id::RESPONSE_TOPIC), Some("reply/here"));
+            assert_eq!(props.binary(id::CORRELATION_DATA), Some(&[0u8, 1, 2][..]));
+            assert_eq!(
+                props.user_properties().collect::<Vec<_>>(),
+                [("b", "1"), ("a", "2"), ("b", "3")]
+            );
+        });
+    }
+
+    #[test]
+    fn bad_mqtt5_keys_are_invalid_or_range() {
+        // [bus-expiry-1] [bus-topic-1]
+        let big = vec![b'v'; MAX_USER_PROPERTIES];
+        let too_many: &[(&[u8], &[u8])] = &[(b"k", &big)];
+        let control: &[(&[u8], &[u8])] = &[(b"k", b"a\x01")];
+        let cases: &[(&str, Val<'_>, ErrorCode)] = &[
+            ("expiry", Val::I64(0), ErrorCode::Invalid),
+            ("expiry", Val::I64(-5), ErrorCode::Invalid),
+            ("expiry", Val::I64(1 << 33), ErrorCode::Invalid),
+            ("expiry", Val::Buf(b"10"), ErrorCode::Invalid),
+            ("user_properties", Val::Buf(b"k"), ErrorCode::Invalid),
+            ("user_properties", Val::Map(control), ErrorCode::Invalid),
+            ("user_properties", Val::Map(too_many), ErrorCode::Range),
+            ("content_type", Val::Buf(b"\xff"), ErrorCode::Invalid),
+            ("response_topic", Val::Buf(b"a/#"), ErrorCode::Invalid),
+            ("response_topic", Val::I64(1), ErrorCode::Invalid),
+            ("correlation_data", Val::Bool(true), ErrorCode::Invalid),
+        ];
+        for (key, value, code) in cases {
+            let entries = [("topic", Val::Buf(b"a/b")), (*key, value.clone())];
+            with_params(&entries, |m| {
+                assert_eq!(publish(m).map(|_| ()), Err(*code), "{key}");
+            });
+        }
     }
 
     #[test]
@@ -299,6 +483,8 @@ mod tests {
             assert_eq!(
                 publish(m),
                 Ok(Publish {
+                    properties: PublishProperties::default(),
+                    expiry: None,
                     topic: "a/b",
                     payload: b"",
                     qos: QoS::AtMostOnce,

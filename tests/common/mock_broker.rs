@@ -22,6 +22,8 @@ use super::{lock, POLL};
 
 /// CONNACK, session present 0, return code 0 (accepted).
 pub const CONNACK_ACCEPTED: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
+/// The same in MQTT 5: reason 0x00, no properties.
+pub const CONNACK_ACCEPTED_V5: [u8; 5] = [0x20, 0x03, 0x00, 0x00, 0x00];
 
 /// What [`MockBroker`] does on one connection once TLS is up.
 #[derive(Clone, Debug)]
@@ -29,8 +31,13 @@ pub enum Behaviour {
     /// Read the CONNECT packet, then close (close_notify and FIN) without CONNACK.
     CloseAfterConnect,
     /// Read the CONNECT packet, write these raw bytes, then read (and
-    /// record) until the peer closes.
+    /// record) until the peer closes. A 3.1.1 CONNACK at their start is
+    /// written in MQTT 5 form (its return code mapped to the reason code
+    /// [MQTT5-3.2.2.2] gives for it, no properties) when the CONNECT was
+    /// MQTT 5, so that a script serves both protocols.
     Reply(Vec<u8>),
+    /// As `Reply`, the bytes as given whatever the protocol.
+    ReplyRaw(Vec<u8>),
     /// Never write anything; read (and record) until the peer closes.
     Silent,
     /// Accept the CONNECT, then answer every SUBSCRIBE with a SUBACK of its
@@ -149,11 +156,49 @@ pub fn connect_client_id(packet: &[u8]) -> Option<String> {
     let (_, len_bytes) = decode_remaining_length(&packet[1..])?;
     let body = packet.get(1 + len_bytes..)?;
     let name_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
-    // Protocol name, level (1), flags (1), keep alive (2).
-    let rest = body.get(2 + name_len + 4..)?;
+    // Protocol name, level (1), flags (1), keep alive (2), and with MQTT 5
+    // the properties (their length, then them).
+    let level = *body.get(2 + name_len)?;
+    let mut rest = body.get(2 + name_len + 4..)?;
+    if level == 5 {
+        let (props_len, used) = decode_remaining_length(rest)?;
+        rest = rest.get(used + props_len..)?;
+    }
     let id_len = usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
     let id = rest.get(2..2 + id_len)?;
     String::from_utf8(id.to_vec()).ok()
+}
+
+/// The protocol level of a CONNECT packet (4: 3.1.1, 5: MQTT 5).
+pub fn connect_level(packet: &[u8]) -> Option<u8> {
+    if packet.first()? >> 4 != 1 {
+        return None;
+    }
+    let (_, len_bytes) = decode_remaining_length(&packet[1..])?;
+    let body = packet.get(1 + len_bytes..)?;
+    let name_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+    body.get(2 + name_len).copied()
+}
+
+/// `bytes` with a 3.1.1 CONNACK at their start rewritten in MQTT 5 form.
+fn as_v5(bytes: &[u8]) -> Vec<u8> {
+    match bytes {
+        [0x20, 0x02, flags, code, rest @ ..] => {
+            let reason = match code {
+                0 => 0x00,
+                1 => 0x84,
+                2 => 0x85,
+                3 => 0x88,
+                4 => 0x86,
+                5 => 0x87,
+                other => *other,
+            };
+            let mut out = vec![0x20, 0x03, *flags, reason, 0x00];
+            out.extend_from_slice(rest);
+            out
+        }
+        _ => bytes.to_vec(),
+    }
 }
 
 /// Decodes an MQTT remaining length; returns (value, bytes used).
@@ -384,26 +429,42 @@ fn mock_script(
         return Ok(());
     };
     record(&first);
+    let v5 = connect_level(&first) == Some(5);
     lock(state).first_packets.push(first);
+    let connack_accepted: &[u8] = if v5 {
+        &CONNACK_ACCEPTED_V5
+    } else {
+        &CONNACK_ACCEPTED
+    };
     match behaviour {
         Behaviour::CloseAfterConnect => {
             conn.tls.send_close_notify();
             conn.flush()
         }
         Behaviour::Reply(bytes) => {
+            let bytes = if v5 { as_v5(bytes) } else { bytes.clone() };
+            conn.write_all(&bytes)?;
+            drain_recording(conn, record)
+        }
+        Behaviour::ReplyRaw(bytes) => {
             conn.write_all(bytes)?;
             drain_recording(conn, record)
         }
         Behaviour::Silent => drain_recording(conn, record),
         Behaviour::Suback(codes) => {
-            conn.write_all(&CONNACK_ACCEPTED)?;
+            conn.write_all(connack_accepted)?;
             while let Some(packet) = conn.read_packet()? {
                 record(&packet);
                 // SUBSCRIBE: type 8, flags 0b0010; its packet id follows the
                 // one-byte remaining length of these short test packets.
                 if packet.first() == Some(&0x82) && packet.len() >= 4 {
-                    let mut suback = vec![0x90, u8::try_from(2 + codes.len()).unwrap_or(0)];
+                    let props = usize::from(v5);
+                    let rl = u8::try_from(2 + props + codes.len()).unwrap_or(0);
+                    let mut suback = vec![0x90, rl];
                     suback.extend_from_slice(&packet[2..4]);
+                    if v5 {
+                        suback.push(0); // no properties
+                    }
                     suback.extend_from_slice(codes);
                     conn.write_all(&suback)?;
                 }
@@ -428,7 +489,7 @@ fn mock_script(
                     libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4),
                 );
             }
-            conn.write_all(first)?;
+            conn.write_all(&if v5 { as_v5(first) } else { first.clone() })?;
             for _ in 0..*count {
                 let mut rest = repeat.as_slice();
                 while !rest.is_empty() {

@@ -45,9 +45,12 @@ use std::time::{Duration, Instant};
 // (hence `dead_code` above): the rest are unused imports there.
 #[allow(unused_imports)]
 pub use self::{
-    daemon::{iotcored_args, wakeups, Daemon, DaemonBuilder},
+    daemon::{iotcored_args, mqtt5, mqtt_version, wakeups, Daemon, DaemonBuilder},
     holder::Holder,
-    mock_broker::{connect_client_id, Behaviour, MockBroker, CONNACK_ACCEPTED},
+    mock_broker::{
+        connect_client_id, connect_level, Behaviour, MockBroker, CONNACK_ACCEPTED,
+        CONNACK_ACCEPTED_V5,
+    },
     mosquitto::{Mosquitto, MosquittoBuilder},
     mosquitto_clients::{publish, Publish, PublishOutput, Subscriber, SubscriberBuilder},
     net::free_port,
