@@ -26,9 +26,14 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
 	fi
 
-# Unit tests and end-to-end tests against a real mosquitto with mutual TLS.
+# Unit tests and end-to-end tests against a real mosquitto with mutual TLS,
+# the daemon speaking MQTT 5 (its default); then the end-to-end tests that
+# do not depend on the protocol again with MQTT 3.1.1 [mqtt5-1].
+E2E_BOTH = --test bus --test connect --test disk --test isolation \
+	--test limits --test robustness --test spool
 test: deps
 	$(CARGO) test --all-targets
+	IOTCORED_TEST_MQTT=3.1.1 $(CARGO) test $(E2E_BOTH)
 
 # A local mosquitto with generated certificates on 127.0.0.1, and iotcored
 # in the foreground against it. Ctrl-C stops both.

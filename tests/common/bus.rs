@@ -56,6 +56,8 @@ pub mod code {
     pub const NOMEM: i32 = 9;
     pub const NOENTRY: i32 = 12;
     pub const REMOTE: i32 = 14;
+    pub const TIMEOUT: i32 = 16;
+    pub const UNAUTHORIZED: i32 = 17;
 }
 
 /// A connection to the daemon's bus socket.
@@ -170,6 +172,8 @@ pub enum V<'a> {
     I64(i64),
     Bool(bool),
     List(Vec<&'a [u8]>),
+    /// A map of buffers, in order.
+    Map(Vec<(&'a [u8], &'a [u8])>),
 }
 
 /// Encodes a params map.
@@ -183,6 +187,7 @@ pub fn params(entries: &[(&str, V<'_>)]) -> Vec<u8> {
                     V::I64(_) => 9,
                     V::Bool(_) => 2,
                     V::List(l) => 5 + l.iter().map(|b| 5 + b.len()).sum::<usize>(),
+                    V::Map(m) => 5 + m.iter().map(|(k, v)| 9 + k.len() + v.len()).sum::<usize>(),
                 }
         })
         .sum::<usize>();
@@ -199,6 +204,13 @@ pub fn params(entries: &[(&str, V<'_>)]) -> Vec<u8> {
                 e.list(items.len()).unwrap();
                 for i in items {
                     e.buf(i).unwrap();
+                }
+                &mut e
+            }
+            V::Map(pairs) => {
+                e.map(pairs.len()).unwrap();
+                for (k, v) in pairs {
+                    e.key(k).unwrap().buf(v).unwrap();
                 }
                 &mut e
             }

@@ -38,6 +38,11 @@ pub enum Behaviour {
     Reply(Vec<u8>),
     /// As `Reply`, the bytes as given whatever the protocol.
     ReplyRaw(Vec<u8>),
+    /// A broker that takes publishes: CONNACK, a PUBACK for every QoS 1
+    /// PUBLISH, PINGRESP for PINGREQ; but a PUBLISH whose topic starts
+    /// with this prefix gets DISCONNECT 0x95 (packet too large; 3.1.1: a
+    /// plain close), as AWS closes on a message it will not take.
+    DisconnectOn(String),
     /// Never write anything; read (and record) until the peer closes.
     Silent,
     /// Accept the CONNECT, then answer every SUBSCRIBE with a SUBACK of its
@@ -167,6 +172,51 @@ pub fn connect_client_id(packet: &[u8]) -> Option<String> {
     let id_len = usize::from(u16::from_be_bytes([*rest.first()?, *rest.get(1)?]));
     let id = rest.get(2..2 + id_len)?;
     String::from_utf8(id.to_vec()).ok()
+}
+
+/// A PUBLISH packet's topic, packet id (QoS 1) and payload.
+pub fn parse_publish(packet: &[u8], v5: bool) -> Option<(String, Option<u16>, Vec<u8>)> {
+    let (_, len_bytes) = decode_remaining_length(packet.get(1..)?)?;
+    let body = packet.get(1 + len_bytes..)?;
+    let topic_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
+    let topic = String::from_utf8(body.get(2..2 + topic_len)?.to_vec()).ok()?;
+    let mut rest = body.get(2 + topic_len..)?;
+    let qos = (packet.first()? >> 1) & 3;
+    let id = if qos > 0 {
+        let id = u16::from_be_bytes([*rest.first()?, *rest.get(1)?]);
+        rest = rest.get(2..)?;
+        Some(id)
+    } else {
+        None
+    };
+    if v5 {
+        let (props_len, used) = decode_remaining_length(rest)?;
+        rest = rest.get(used + props_len..)?;
+    }
+    Some((topic, id, rest.to_vec()))
+}
+
+/// Every PUBLISH in a connection's recorded bytes (the CONNECT first),
+/// as (topic, payload), in order.
+pub fn publishes_in(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    let v5 = connect_level(bytes) == Some(5);
+    let mut at = 0;
+    while at < bytes.len() {
+        let Some((len, used)) = bytes.get(at + 1..).and_then(decode_remaining_length) else {
+            break;
+        };
+        let Some(packet) = bytes.get(at..at + 1 + used + len) else {
+            break;
+        };
+        if packet[0] >> 4 == 3 {
+            if let Some((topic, _, payload)) = parse_publish(packet, v5) {
+                out.push((topic, payload));
+            }
+        }
+        at += 1 + used + len;
+    }
+    out
 }
 
 /// The protocol level of a CONNECT packet (4: 3.1.1, 5: MQTT 5).
@@ -449,6 +499,33 @@ fn mock_script(
         Behaviour::ReplyRaw(bytes) => {
             conn.write_all(bytes)?;
             drain_recording(conn, record)
+        }
+        Behaviour::DisconnectOn(poison) => {
+            conn.write_all(connack_accepted)?;
+            while let Some(packet) = conn.read_packet()? {
+                record(&packet);
+                match packet.first().map(|b| b >> 4) {
+                    Some(3) => {
+                        let Some((topic, id, _)) = parse_publish(&packet, v5) else {
+                            return Err(io::Error::other("malformed PUBLISH"));
+                        };
+                        if topic.starts_with(poison.as_str()) {
+                            if v5 {
+                                conn.write_all(&[0xE0, 0x01, 0x95])?;
+                            }
+                            conn.tls.send_close_notify();
+                            return conn.flush();
+                        }
+                        if let Some(id) = id {
+                            let [hi, lo] = id.to_be_bytes();
+                            conn.write_all(&[0x40, 0x02, hi, lo])?;
+                        }
+                    }
+                    Some(12) => conn.write_all(&[0xD0, 0x00])?,
+                    _ => {}
+                }
+            }
+            Ok(())
         }
         Behaviour::Silent => drain_recording(conn, record),
         Behaviour::Suback(codes) => {

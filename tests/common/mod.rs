@@ -48,7 +48,7 @@ pub use self::{
     daemon::{iotcored_args, mqtt5, mqtt_version, wakeups, Daemon, DaemonBuilder},
     holder::Holder,
     mock_broker::{
-        connect_client_id, connect_level, Behaviour, MockBroker, CONNACK_ACCEPTED,
+        connect_client_id, connect_level, publishes_in, Behaviour, MockBroker, CONNACK_ACCEPTED,
         CONNACK_ACCEPTED_V5,
     },
     mosquitto::{Mosquitto, MosquittoBuilder},
