@@ -220,10 +220,12 @@ pub struct Acked {
     pub ticket: u64,
 }
 
-/// The bytes of the current message still to write: `first`, then `second`
-/// (empty unless the message wraps around the end of the region).
+/// The bytes of the current message still to write: `prefix`, then
+/// `first`, then `second` (`prefix` is empty unless the message goes with
+/// a topic alias, `second` unless it wraps around the end of the region).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Outgoing<'a> {
+    pub prefix: &'a [u8],
     pub first: &'a [u8],
     pub second: &'a [u8],
     /// The whole packet's length.
@@ -239,9 +241,9 @@ pub struct Outgoing<'a> {
 }
 
 impl Outgoing<'_> {
-    /// Bytes still to write: `first.len() + second.len()`.
+    /// Bytes still to write: `prefix`, `first` and `second` together.
     pub fn remaining(&self) -> usize {
-        self.first.len() + self.second.len()
+        self.prefix.len() + self.first.len() + self.second.len()
     }
 }
 
@@ -257,6 +259,32 @@ enum State {
 
 /// The end of a lane's list.
 const NIL: usize = usize::MAX;
+
+/// Writes an alias header; the buffer is sized for the longest.
+struct PrefixWriter<'a> {
+    buf: &'a mut [u8; PREFIX_MAX],
+    len: usize,
+}
+
+impl PrefixWriter<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        if let Some(dst) = self.buf.get_mut(self.len..self.len + bytes.len()) {
+            dst.copy_from_slice(bytes);
+            self.len += bytes.len();
+        }
+    }
+
+    fn varint(&mut self, mut v: usize) {
+        loop {
+            let [low, ..] = v.to_le_bytes();
+            v >>= 7;
+            self.put(&[if v == 0 { low & 0x7F } else { low | 0x80 }]);
+            if v == 0 {
+                return;
+            }
+        }
+    }
+}
 
 /// One message's metadata. Entries are byte-adjacent in ring order: each
 /// starts where the previous one ends, holes included.
@@ -294,6 +322,10 @@ struct Entry {
     /// Where its Message Expiry Interval's value sits in the packet (MQTT
     /// 5 with an expiry), 0 for none: rewritten before each send.
     expiry_at: usize,
+    /// Where its property block's length sits (MQTT 5), 0 for none, and
+    /// that length: what a topic alias rewrites.
+    props_len_at: usize,
+    props_len: usize,
 }
 
 const EMPTY: Entry = Entry {
@@ -312,6 +344,8 @@ const EMPTY: Entry = Entry {
     ticket: 0,
     expires: None,
     expiry_at: 0,
+    props_len_at: 0,
+    props_len: 0,
 };
 
 /// One publishing process's share of the queue [bus-iso-5]: its messages
@@ -391,6 +425,62 @@ pub struct Spool {
     compactions: u64,
     /// The protocol messages are encoded for.
     version: Version,
+    /// Topic aliases for the current connection [mqtt5-6].
+    aliases: Aliases,
+    /// The current message's header with its topic alias (`prefix_len`
+    /// bytes), which replaces its first `skip` stored bytes; both 0 for a
+    /// message sent as stored.
+    prefix: [u8; PREFIX_MAX],
+    prefix_len: usize,
+    skip: usize,
+}
+
+/// Topic aliases the spool uses at most, whatever the broker allows (AWS
+/// IoT Core allows 8).
+pub const ALIAS_SLOTS: usize = 8;
+/// The longest alias header: first byte, remaining length, topic, packet
+/// id, property length, Topic Alias.
+const PREFIX_MAX: usize = 1 + 4 + 2 + MAX_TOPIC_LEN + 2 + 4 + 3;
+
+/// The topics that have an alias on the current connection: alias `i + 1`
+/// is `topics[i]`; the least recently used is replaced [mqtt5-6].
+struct Aliases {
+    /// How many the broker allows now (0: none), at most `ALIAS_SLOTS`.
+    max: usize,
+    topics: [heapless::String<MAX_TOPIC_LEN>; ALIAS_SLOTS],
+    used: [u64; ALIAS_SLOTS],
+    clock: u64,
+}
+
+impl Aliases {
+    const NONE: Aliases = Aliases {
+        max: 0,
+        topics: [const { heapless::String::new() }; ALIAS_SLOTS],
+        used: [0; ALIAS_SLOTS],
+        clock: 0,
+    };
+
+    /// The alias for `topic`, and whether the broker knows it already;
+    /// `None` when aliases are off.
+    fn assign(&mut self, topic: &str) -> Option<(u16, bool)> {
+        if self.max == 0 {
+            return None;
+        }
+        self.clock += 1;
+        let n = self.max;
+        let i = match self.topics[..n].iter().position(|t| t == topic) {
+            Some(i) => {
+                self.used[i] = self.clock;
+                return Some((u16::try_from(i + 1).ok()?, true));
+            }
+            // An unused one (never used: 0), else the least recently used.
+            None => (0..n).min_by_key(|&i| self.used[i])?,
+        };
+        self.topics[i].clear();
+        self.topics[i].push_str(topic).ok()?;
+        self.used[i] = self.clock;
+        Some((u16::try_from(i + 1).ok()?, false))
+    }
 }
 
 impl Default for Spool {
@@ -440,6 +530,21 @@ impl Spool {
             stats: Stats::default(),
             compactions: 0,
             version: Version::V311,
+            aliases: Aliases::NONE,
+            prefix: [0; PREFIX_MAX],
+            prefix_len: 0,
+            skip: 0,
+        }
+    }
+
+    /// A connection began on which the broker takes `max` topic aliases
+    /// (its CONNACK's Topic Alias Maximum; 0 for none, and always with
+    /// MQTT 3.1.1): every alias of the last connection is forgotten
+    /// [mqtt5-6].
+    pub fn set_topic_aliases(&mut self, max: u16) {
+        self.aliases = Aliases::NONE;
+        if self.version == Version::V5 {
+            self.aliases.max = usize::from(max).min(ALIAS_SLOTS);
         }
     }
 
@@ -569,6 +674,7 @@ impl Spool {
         self.put(self.wrap(off + header_len), payload);
         let id_at = header.packet_id_at().unwrap_or(0);
         let expiry_at = header.expiry_at().unwrap_or(0);
+        let (props_len_at, props_len) = header.properties_len_at().unwrap_or((0, 0));
 
         let lane = self.lane_of(pid);
         let slot = self.slot(self.count);
@@ -588,6 +694,8 @@ impl Spool {
             ticket: self.stats.published + 1,
             expires: m.expires,
             expiry_at,
+            props_len_at,
+            props_len,
         };
         self.count += 1;
         self.span += len;
@@ -710,20 +818,73 @@ impl Spool {
             self.current = true;
             self.cur = slot;
             self.written = 0;
+            self.alias_header(slot);
         }
         let e = self.meta[self.cur];
-        let pos = self.wrap(e.off + self.written);
-        let rest = e.len.saturating_sub(self.written);
+        let len = self.prefix_len + e.len - self.skip;
+        // Of the prefix, what is left; then the stored bytes from `skip`.
+        let prefix = self
+            .prefix
+            .get(self.written.min(self.prefix_len)..self.prefix_len)
+            .unwrap_or_default();
+        let stored_at = self.skip + self.written.saturating_sub(self.prefix_len);
+        let pos = self.wrap(e.off + stored_at);
+        let rest = e.len.saturating_sub(stored_at);
         let first_len = rest.min(self.buf.len() - pos);
         Some(Outgoing {
+            prefix,
             first: self.buf.get(pos..pos + first_len).unwrap_or_default(),
             second: self.buf.get(..rest - first_len).unwrap_or_default(),
-            len: e.len,
+            len,
             written: self.written,
             started,
             qos: e.qos,
             packet_id: (e.packet_id != 0).then_some(e.packet_id),
         })
+    }
+
+    /// For the message in `slot`, just started: with topic aliases on and
+    /// a first send, the header that carries its alias (and its topic only
+    /// if the broker does not know the alias yet) [mqtt5-6], in `prefix`;
+    /// else none. A resend always carries its full topic.
+    fn alias_header(&mut self, slot: usize) {
+        self.prefix_len = 0;
+        self.skip = 0;
+        let e = self.meta[slot];
+        if e.props_len_at == 0 || e.sent_before || self.aliases.max == 0 {
+            return;
+        }
+        let topic = self.topic_of(&e);
+        let Some((alias, known)) = self.aliases.assign(&topic) else {
+            return;
+        };
+        let skip = e.props_len_at + crate::mqtt::props::varint_len(e.props_len);
+        let tail = e.len - skip; // the properties and the payload
+        let topic_part = if known { "" } else { topic.as_str() };
+        let new_props_len = e.props_len + 3;
+        let id_len = if e.qos == QoS::AtLeastOnce { 2 } else { 0 };
+        let rl = 2
+            + topic_part.len()
+            + id_len
+            + crate::mqtt::props::varint_len(new_props_len)
+            + 3
+            + tail;
+        let mut w = PrefixWriter {
+            buf: &mut self.prefix,
+            len: 0,
+        };
+        w.put(&[self.buf[e.off]]);
+        w.varint(rl);
+        w.put(&u16::try_from(topic_part.len()).unwrap_or(0).to_be_bytes());
+        w.put(topic_part.as_bytes());
+        if e.qos == QoS::AtLeastOnce {
+            w.put(&e.packet_id.to_be_bytes());
+        }
+        w.varint(new_props_len);
+        w.put(&[crate::mqtt::props::id::TOPIC_ALIAS]);
+        w.put(&alias.to_be_bytes());
+        self.prefix_len = w.len;
+        self.skip = skip;
     }
 
     /// Records that `n` more bytes of the message from `next` were written;
@@ -735,12 +896,15 @@ impl Spool {
         }
         let slot = self.cur;
         let e = self.meta[slot];
-        self.written = self.written.saturating_add(n).min(e.len);
-        if self.written < e.len {
+        let len = self.prefix_len + e.len - self.skip;
+        self.written = self.written.saturating_add(n).min(len);
+        if self.written < len {
             return false;
         }
         self.current = false;
         self.written = 0;
+        self.prefix_len = 0;
+        self.skip = 0;
         if e.sent_before {
             self.stats.resent += 1;
         } else {
@@ -858,6 +1022,9 @@ impl Spool {
         self.inflight = 0;
         self.current = false;
         self.written = 0;
+        self.prefix_len = 0;
+        self.skip = 0;
+        self.aliases = Aliases::NONE;
         self.settle();
         self.rebuild_lanes();
         if self.suspects == 0 {
@@ -1376,7 +1543,8 @@ mod tests {
     }
 
     fn rest(out: &Outgoing<'_>) -> Vec<u8> {
-        let mut v = out.first.to_vec();
+        let mut v = out.prefix.to_vec();
+        v.extend_from_slice(out.first);
         v.extend_from_slice(out.second);
         v
     }
@@ -2366,6 +2534,147 @@ mod tests {
             other => panic!("{other:?}"),
         }
         check(&s);
+    }
+
+    /// The packets the spool writes for `topics`, one message each.
+    fn sent_with_aliases(s: &mut Spool, topics: &[&str], qos: QoS) -> Vec<Vec<u8>> {
+        for t in topics {
+            let m = Message::plain(t, b"payload", qos, false);
+            s.push_message(Instant::from_millis(0), 1, &m).unwrap();
+        }
+        let mut out = Vec::new();
+        while let Some(bytes) = send(s, 100) {
+            if qos == Q1 {
+                let Ok(Packet::Publish(p)) = Packet::parse_as(&bytes, Version::V5) else {
+                    panic!("{bytes:02x?}");
+                };
+                s.ack(p.packet_id.unwrap());
+            }
+            out.push(bytes);
+        }
+        check(s);
+        out
+    }
+
+    #[test]
+    fn topic_aliases_replace_repeated_topics_and_are_forgotten_at_a_reconnect() {
+        // [mqtt5-6] The broker allows 2: the first PUBLISH of a topic
+        // carries topic and alias, later ones the alias and an empty topic;
+        // a third topic takes the least recently used alias.
+        let topic = "dt/acme/site-0042/gateway-0007/sensors/temperature/ch00";
+        for qos in [Q0, Q1] {
+            let mut s = Spool::new(1 << 16, 64);
+            s.set_version(Version::V5);
+            s.set_topic_aliases(2);
+            let sent = sent_with_aliases(&mut s, &[topic, topic, "b", topic, "c", "b"], qos);
+            let parsed: Vec<(String, Option<u32>)> = sent
+                .iter()
+                .map(|b| match Packet::parse_as(b, Version::V5) {
+                    Ok(Packet::Publish(p)) => (
+                        p.topic.to_string(),
+                        p.properties
+                            .unwrap()
+                            .number(crate::mqtt::props::id::TOPIC_ALIAS),
+                    ),
+                    other => panic!("{other:?}"),
+                })
+                .collect();
+            let full = |t: &str, a| (t.to_string(), Some(a));
+            let alias = |a| (String::new(), Some(a));
+            assert_eq!(
+                parsed,
+                [
+                    full(topic, 1),
+                    alias(1),
+                    full("b", 2),
+                    alias(1),
+                    full("c", 2), // "b" was the least recently used
+                    full("b", 1)
+                ],
+                "{qos:?}"
+            );
+            // The first carries the topic and the alias (3 bytes more than
+            // without aliases), the next the alias alone.
+            assert_eq!(sent[0].len() - sent[1].len(), topic.len());
+            // A reconnect forgets them: full topic, alias 1 again.
+            s.reset_inflight();
+            s.set_topic_aliases(2);
+            let again = sent_with_aliases(&mut s, &[topic], qos);
+            match Packet::parse_as(&again[0], Version::V5) {
+                Ok(Packet::Publish(p)) => {
+                    assert_eq!(p.topic, topic);
+                    assert_eq!(
+                        p.properties
+                            .unwrap()
+                            .number(crate::mqtt::props::id::TOPIC_ALIAS),
+                        Some(1)
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_resend_carries_its_full_topic_and_3_1_1_never_aliases() {
+        let mut s = Spool::new(4096, 8);
+        s.set_version(Version::V5);
+        s.set_topic_aliases(8);
+        push(&mut s, "t", b"1", Q1).unwrap();
+        let first = send(&mut s, 4).unwrap();
+        s.reset_inflight();
+        s.set_topic_aliases(8);
+        let again = send(&mut s, 4).unwrap();
+        match Packet::parse_as(&again, Version::V5) {
+            Ok(Packet::Publish(p)) => {
+                assert!(p.dup);
+                assert_eq!(p.topic, "t");
+                assert_eq!(
+                    p.properties
+                        .unwrap()
+                        .get(crate::mqtt::props::id::TOPIC_ALIAS),
+                    None
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_ne!(first, again);
+        let mut old = Spool::new(4096, 8);
+        old.set_topic_aliases(8); // 3.1.1: ignored
+        push(&mut old, "t", b"1", Q0).unwrap();
+        push(&mut old, "t", b"2", Q0).unwrap();
+        let a = send(&mut old, 4).unwrap();
+        let b = send(&mut old, 4).unwrap();
+        assert_eq!(a.len(), b.len());
+        assert_eq!(publish_of(&b).topic, "t");
+    }
+
+    #[test]
+    fn an_aliased_message_written_a_byte_at_a_time_is_the_same_packet() {
+        let mut s = Spool::new(256, 8);
+        s.set_version(Version::V5);
+        s.set_topic_aliases(4);
+        // Wrapping around the region's end, with a two-part stored message.
+        for i in 0..12 {
+            push(&mut s, "wrap/topic", &[i; 40], Q0).unwrap();
+            let mut whole = Vec::new();
+            loop {
+                let out = s.next(4, true).unwrap();
+                let byte = [out.prefix, out.first, out.second].concat()[0];
+                whole.push(byte);
+                if s.advance(1) {
+                    break;
+                }
+            }
+            match Packet::parse_as(&whole, Version::V5) {
+                Ok(Packet::Publish(p)) => {
+                    assert_eq!(p.payload, &[i; 40][..]);
+                    assert_eq!(p.topic.is_empty(), i > 0);
+                }
+                other => panic!("{i}: {other:?}"),
+            }
+            check(&s);
+        }
     }
 
     #[test]

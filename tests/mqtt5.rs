@@ -476,11 +476,53 @@ fn a_disconnect_right_after_a_publish_counts_as_a_close_for_the_quarantine() {
     // What the broker received, in order, first sends only.
     let mut seen: Vec<String> = Vec::new();
     for conn in broker.received() {
-        for (topic, _) in publishes_in(&conn) {
-            if topic.starts_with("good/") && !seen.contains(&topic) {
-                seen.push(topic);
+        for p in publishes_in(&conn) {
+            if p.topic.starts_with("good/") && !seen.contains(&p.topic) {
+                seen.push(p.topic);
             }
         }
     }
     assert_eq!(seen, ["good/1", "good/2", "good/3", "good/4", "good/5"]);
+}
+
+#[test]
+fn repeated_topics_go_with_aliases_when_the_broker_allows_them() {
+    // [mqtt5-6] Against mosquitto (Topic Alias Maximum 10 in its CONNACK):
+    // every message arrives with its topic. Against the mock (8, as AWS):
+    // the first of a topic carries topic and alias, the next the alias only.
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(&broker, "alias/#", 1);
+    let (_d, sock) = start(broker.port(), "gw-alias5", &["--mqtt", "5"]);
+    let mut c = BusClient::connect(&sock);
+    for i in 0..5 {
+        let p = publish_params(
+            "alias/site/gateway/temperature",
+            i.to_string().as_bytes(),
+            1,
+        );
+        assert!(is_null(&c.call("publish", &p)));
+    }
+    assert!(sub.wait_lines(5, SECS(5)), "{}", sub.output());
+    let want: Vec<String> = (0..5)
+        .map(|i| format!("alias/site/gateway/temperature {i}"))
+        .collect();
+    assert_eq!(sub.lines(), want);
+
+    let mock = MockBroker::start(Pki::get(), Behaviour::DisconnectOn("never/".into()));
+    let (_d, sock) = start(mock.port(), "gw-alias-mock", &["--mqtt", "5"]);
+    let mut c = BusClient::connect(&sock);
+    for t in ["a/1", "a/1", "a/2", "a/1"] {
+        assert!(is_null(&c.call("publish", &acked(t, b"x"))));
+    }
+    let seen = publishes_in(&mock.received()[0]);
+    let got: Vec<(&str, Option<u16>)> = seen.iter().map(|p| (p.topic.as_str(), p.alias)).collect();
+    assert_eq!(
+        got,
+        [
+            ("a/1", Some(1)),
+            ("", Some(1)),
+            ("a/2", Some(2)),
+            ("", Some(1))
+        ]
+    );
 }

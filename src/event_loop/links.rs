@@ -383,7 +383,7 @@ impl EventLoop {
                 let mut clean = true;
                 if i == PUBLISHING && was_up {
                     if let Some(out) = self.spool.next(consts::MAX_INFLIGHT, false) {
-                        let n = send_parts(&mut tls, out.first, out.second);
+                        let n = send_parts(&mut tls, out.prefix, out.first, out.second);
                         clean = self.spool.advance(n);
                     }
                 }
@@ -767,7 +767,7 @@ impl EventLoop {
                 // 1. Finish a started PUBLISH.
                 if carries_publishes {
                     if let Some(out) = self.spool.next(inflight_limit, false) {
-                        let n = send_parts(tls, out.first, out.second);
+                        let n = send_parts(tls, out.prefix, out.first, out.second);
                         let done = self.spool.advance(n);
                         link.session.note_tx(now);
                         if !done {
@@ -814,7 +814,7 @@ impl EventLoop {
                     break 'fill false;
                 };
                 link.limiter.record(now, out.len);
-                let n = send_parts(tls, out.first, out.second);
+                let n = send_parts(tls, out.prefix, out.first, out.second);
                 let done = self.spool.advance(n);
                 link.session.note_tx(now);
                 if !done {
@@ -947,6 +947,8 @@ impl EventLoop {
                     }
                     if i == PUBLISHING {
                         self.broker = limits;
+                        // [mqtt5-6] Aliases start afresh on every connection.
+                        self.spool.set_topic_aliases(limits.topic_alias_maximum);
                     }
                     link.backoff.connected(now);
                     let again = if link.was_connected {
@@ -1342,13 +1344,20 @@ impl RefusalLog {
     }
 }
 
-/// Offers a message's one or two slices to TLS; returns how much it took.
-fn send_parts(tls: &mut TlsStream, first: &[u8], second: &[u8]) -> usize {
-    let n = tls.send(first);
-    if n < first.len() || second.is_empty() {
-        return n;
+/// Offers a message's slices to TLS in order; returns how much it took.
+fn send_parts(tls: &mut TlsStream, prefix: &[u8], first: &[u8], second: &[u8]) -> usize {
+    let mut n = 0;
+    for part in [prefix, first, second] {
+        if part.is_empty() {
+            continue;
+        }
+        let took = tls.send(part);
+        n += took;
+        if took < part.len() {
+            break;
+        }
     }
-    n + tls.send(second)
+    n
 }
 
 /// The client id of connection `index`: the bare id for 0, then `<id>_N`

@@ -1221,6 +1221,19 @@ impl PublishHeader<'_> {
         )
     }
 
+    /// Where the property block's length sits in the packet and what it is
+    /// (MQTT 5 only), for a caller that rewrites the header (a topic
+    /// alias).
+    pub fn properties_len_at(&self) -> Option<(usize, usize)> {
+        let (rl, _) = self.lens().ok()?;
+        self.properties?;
+        let id_len = if self.qos == QoS::AtLeastOnce { 2 } else { 0 };
+        Some((
+            1 + remaining_len_bytes(rl) + 2 + self.topic.len() + id_len,
+            self.properties_bytes(),
+        ))
+    }
+
     /// The property block's length (MQTT 5; 0 for 3.1.1).
     fn properties_bytes(&self) -> usize {
         match self.properties {

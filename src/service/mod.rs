@@ -893,7 +893,7 @@ mod tests {
             assert_eq!(a, hex(NULL));
             assert_eq!(w.spool.prepare_next(w.now, 4, usize::MAX), None);
             let out = w.spool.next(4, true).unwrap();
-            let bytes = [out.first, out.second].concat();
+            let bytes = [out.prefix, out.first, out.second].concat();
             match crate::mqtt::packet::Packet::parse_as(&bytes, version) {
                 Ok(crate::mqtt::packet::Packet::Publish(p)) => {
                     assert_eq!(p.topic, "t");

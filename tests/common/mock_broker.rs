@@ -24,6 +24,8 @@ use super::{lock, POLL};
 pub const CONNACK_ACCEPTED: [u8; 4] = [0x20, 0x02, 0x00, 0x00];
 /// The same in MQTT 5: reason 0x00, no properties.
 pub const CONNACK_ACCEPTED_V5: [u8; 5] = [0x20, 0x03, 0x00, 0x00, 0x00];
+/// An MQTT 5 CONNACK allowing 8 topic aliases, as AWS IoT Core's.
+pub const CONNACK_ALIASES_V5: [u8; 8] = [0x20, 0x06, 0x00, 0x00, 0x03, 0x22, 0x00, 0x08];
 
 /// What [`MockBroker`] does on one connection once TLS is up.
 #[derive(Clone, Debug)]
@@ -38,10 +40,11 @@ pub enum Behaviour {
     Reply(Vec<u8>),
     /// As `Reply`, the bytes as given whatever the protocol.
     ReplyRaw(Vec<u8>),
-    /// A broker that takes publishes: CONNACK, a PUBACK for every QoS 1
-    /// PUBLISH, PINGRESP for PINGREQ; but a PUBLISH whose topic starts
-    /// with this prefix gets DISCONNECT 0x95 (packet too large; 3.1.1: a
-    /// plain close), as AWS closes on a message it will not take.
+    /// A broker that takes publishes: CONNACK (MQTT 5: with Topic Alias
+    /// Maximum 8, as AWS IoT Core's), a PUBACK for every QoS 1 PUBLISH,
+    /// PINGRESP for PINGREQ; but a PUBLISH whose topic (aliases resolved)
+    /// starts with this prefix gets DISCONNECT 0x95 (packet too large;
+    /// 3.1.1: a plain close), as AWS closes on a message it will not take.
     DisconnectOn(String),
     /// Never write anything; read (and record) until the peer closes.
     Silent,
@@ -174,8 +177,19 @@ pub fn connect_client_id(packet: &[u8]) -> Option<String> {
     String::from_utf8(id.to_vec()).ok()
 }
 
-/// A PUBLISH packet's topic, packet id (QoS 1) and payload.
-pub fn parse_publish(packet: &[u8], v5: bool) -> Option<(String, Option<u16>, Vec<u8>)> {
+/// A PUBLISH as the mock sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SeenPublish {
+    /// As sent: empty when only an alias names it.
+    pub topic: String,
+    pub id: Option<u16>,
+    /// Its Topic Alias (MQTT 5).
+    pub alias: Option<u16>,
+    pub payload: Vec<u8>,
+}
+
+/// A PUBLISH packet's topic, packet id (QoS 1), topic alias and payload.
+pub fn parse_publish(packet: &[u8], v5: bool) -> Option<SeenPublish> {
     let (_, len_bytes) = decode_remaining_length(packet.get(1..)?)?;
     let body = packet.get(1 + len_bytes..)?;
     let topic_len = usize::from(u16::from_be_bytes([*body.first()?, *body.get(1)?]));
@@ -189,16 +203,35 @@ pub fn parse_publish(packet: &[u8], v5: bool) -> Option<(String, Option<u16>, Ve
     } else {
         None
     };
+    let mut alias = None;
     if v5 {
         let (props_len, used) = decode_remaining_length(rest)?;
+        let mut props = rest.get(used..used + props_len)?;
+        // The daemon's own properties: the Topic Alias (2 bytes), the
+        // Message Expiry Interval (4), and the rest are skipped whole.
+        while let Some((&id, after)) = props.split_first() {
+            match id {
+                0x23 => {
+                    alias = Some(u16::from_be_bytes([*after.first()?, *after.get(1)?]));
+                    props = after.get(2..)?;
+                }
+                0x02 => props = after.get(4..)?,
+                _ => break,
+            }
+        }
         rest = rest.get(used + props_len..)?;
     }
-    Some((topic, id, rest.to_vec()))
+    Some(SeenPublish {
+        topic,
+        id,
+        alias,
+        payload: rest.to_vec(),
+    })
 }
 
-/// Every PUBLISH in a connection's recorded bytes (the CONNECT first),
-/// as (topic, payload), in order.
-pub fn publishes_in(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
+/// Every PUBLISH in a connection's recorded bytes (the CONNECT first), in
+/// order.
+pub fn publishes_in(bytes: &[u8]) -> Vec<SeenPublish> {
     let mut out = Vec::new();
     let v5 = connect_level(bytes) == Some(5);
     let mut at = 0;
@@ -210,8 +243,8 @@ pub fn publishes_in(bytes: &[u8]) -> Vec<(String, Vec<u8>)> {
             break;
         };
         if packet[0] >> 4 == 3 {
-            if let Some((topic, _, payload)) = parse_publish(packet, v5) {
-                out.push((topic, payload));
+            if let Some(p) = parse_publish(packet, v5) {
+                out.push(p);
             }
         }
         at += 1 + used + len;
@@ -501,14 +534,33 @@ fn mock_script(
             drain_recording(conn, record)
         }
         Behaviour::DisconnectOn(poison) => {
-            conn.write_all(connack_accepted)?;
+            if v5 {
+                conn.write_all(&CONNACK_ALIASES_V5)?;
+            } else {
+                conn.write_all(connack_accepted)?;
+            }
+            let mut aliases: std::collections::HashMap<u16, String> = Default::default();
             while let Some(packet) = conn.read_packet()? {
                 record(&packet);
                 match packet.first().map(|b| b >> 4) {
                     Some(3) => {
-                        let Some((topic, id, _)) = parse_publish(&packet, v5) else {
+                        let Some(p) = parse_publish(&packet, v5) else {
                             return Err(io::Error::other("malformed PUBLISH"));
                         };
+                        let (mut topic, id) = (p.topic, p.id);
+                        match (topic.is_empty(), p.alias) {
+                            (false, Some(a)) => {
+                                aliases.insert(a, topic.clone());
+                            }
+                            (true, Some(a)) => {
+                                topic = aliases
+                                    .get(&a)
+                                    .cloned()
+                                    .ok_or_else(|| io::Error::other("an alias never set"))?;
+                            }
+                            (true, None) => return Err(io::Error::other("an empty topic")),
+                            (false, None) => {}
+                        }
                         if topic.starts_with(poison.as_str()) {
                             if v5 {
                                 conn.write_all(&[0xE0, 0x01, 0x95])?;
