@@ -2616,6 +2616,28 @@ mod tests {
     }
 
     #[test]
+    fn bytes_on_the_wire_with_and_without_an_alias_for_a_60_byte_topic() {
+        // The README's figures: QoS 1, a 60-byte topic, a 100-byte payload.
+        let topic = "dt/acme-industries/plant-0042/line-07/gateway-0001/telemetry";
+        assert_eq!(topic.len(), 60);
+        let size = |aliases: u16, n: usize| {
+            let mut s = Spool::new(1 << 16, 16);
+            s.set_version(Version::V5);
+            s.set_topic_aliases(aliases);
+            let mut sizes = Vec::new();
+            for _ in 0..n {
+                let m = Message::plain(topic, &[0; 100], Q1, false);
+                s.push_message(Instant::from_millis(0), 1, &m).unwrap();
+                // Three fit the in-flight window of 4 unacknowledged.
+                sizes.push(send(&mut s, 4).unwrap().len());
+            }
+            sizes
+        };
+        assert_eq!(size(0, 3), [168, 168, 168]);
+        assert_eq!(size(8, 3), [171, 110, 110]);
+    }
+
+    #[test]
     fn a_resend_carries_its_full_topic_and_3_1_1_never_aliases() {
         let mut s = Spool::new(4096, 8);
         s.set_version(Version::V5);

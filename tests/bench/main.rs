@@ -22,6 +22,12 @@
 //!   `examples/bench_floor.rs` (the least a bus server can do per call:
 //!   accept, read one frame, write the null result, close) under the same
 //!   load, in alternating rounds;
+//! - D. the disk spool against the memory spool;
+//! - E. MQTT 5 against MQTT 3.1.1, alternating in the same run: CPU time
+//!   per QoS 0 publish (rate limit off), and bytes written to the broker
+//!   per message for a 60-byte topic (topic aliases); and the daemon's CPU
+//!   per QoS 0 publish against mosquitto_pub's own when it publishes the
+//!   same messages straight to the broker;
 //! - memory with every table full (bus clients, subscriptions, the spool,
 //!   broker unreachable) and the spool's capacity; the binary's size.
 //!
@@ -75,7 +81,7 @@ const UNLIMITED_TARGET_DIR: &str = "target/bench-unlimited";
 /// relative to the manifest.
 const REPORT_DIR: &str = "target/bench";
 /// Runs only the sections named here (comma-separated keys: binary, rate,
-/// unlimited, call, full, spool), e.g. `BENCH_ONLY=rate make bench`.
+/// unlimited, call, disk, mqtt5, full, spool), e.g. `BENCH_ONLY=rate make bench`.
 const ONLY_VAR: &str = "BENCH_ONLY";
 
 // A. Rate limiting.
@@ -135,6 +141,21 @@ const NULL_RESULT: [u8; 17] = [
     0x15,
 ];
 
+// E. MQTT 5.
+/// Alternating rounds of each protocol (5, 3.1.1; then 3.1.1, 5).
+const V5_ROUNDS: usize = 2;
+const V5_MESSAGES: usize = 100_000;
+const V5_MAX: Duration = Duration::from_secs(10);
+/// Messages of the bytes-on-the-wire run, and its 60-byte topic.
+const WIRE_MESSAGES: usize = 2_000;
+const WIRE_PAYLOAD: usize = 100;
+const WIRE_TOPIC: &str = "dt/acme-industries/plant-0042/line-07/gateway-0001/telemetry";
+/// Messages mosquitto_pub publishes straight to the broker (`--repeat`).
+const DIRECT_MESSAGES: usize = 100_000;
+const DIRECT_MAX: Duration = Duration::from_secs(60);
+const TARGET_V5_RATIO: f64 = 1.15;
+const TARGET_DIRECT_RATIO: f64 = 1.5;
+
 // Targets, and Greengrass Lite's C iotcored on these machines.
 const TARGET_CALL_RATIO: f64 = 1.25;
 const TARGET_RSS_KIB: u64 = 6 * 1024;
@@ -162,7 +183,7 @@ fn main() -> ExitCode {
     let built_at = modified(Path::new(BIN));
     report.section("binary", "binary", binary_size);
     let unlimited = report.section(
-        "unlimited,call,disk",
+        "unlimited,call,disk,mqtt5",
         "build of the rate-unlimited variant and the floor server",
         build_unlimited,
     );
@@ -194,6 +215,9 @@ fn main() -> ExitCode {
             });
             report.section("disk", "D. disk spool (rate limit off)", |r| {
                 disk_spool(r, broker, &bin.daemon);
+            });
+            report.section("mqtt5", "E. MQTT 5 (rate limit off)", |r| {
+                mqtt5_costs(r, broker, &bin.daemon);
             });
         }
     }
@@ -657,6 +681,174 @@ fn unlimited_run(r: &mut Report, broker: &Mosquitto, bin: &Path) {
         ]),
     );
     r.json("latency", lat);
+}
+
+/// E: MQTT 5 against 3.1.1 and against mosquitto_pub, in alternating
+/// rounds on the rate-unlimited variant.
+fn mqtt5_costs(r: &mut Report, broker: &Mosquitto, bin: &Path) {
+    let mut cpu: HashMap<&str, Vec<f64>> = HashMap::new();
+    let mut wire: HashMap<&str, f64> = HashMap::new();
+    for round in 0..V5_ROUNDS {
+        let order = if round % 2 == 0 {
+            ["5", "3.1.1"]
+        } else {
+            ["3.1.1", "5"]
+        };
+        for version in order {
+            let id = format!("bench-mqtt{}", version.replace('.', ""));
+            let extra = ["--mqtt".to_string(), version.to_string()];
+            let (d, sock) = start_daemon_with(bin, broker.port(), &id, &extra);
+            wait_connected(&d);
+            let q0 = throughput(broker, &d, &sock, 0, V5_MESSAGES, V5_MAX);
+            if let Some(us) = q0.cpu_us_stat {
+                println!(
+                    "  round {round}, MQTT {version}: {us:.2} µs CPU per QoS 0 publish ({} messages)",
+                    q0.published
+                );
+                cpu.entry(version).or_default().push(us);
+            }
+            if round == 0 {
+                if let Some(b) = wire_bytes(&d, &sock) {
+                    println!("  MQTT {version}: {b:.1} bytes written per message, 60-byte topic");
+                    wire.insert(version, b);
+                }
+            }
+        }
+    }
+    let mean = |v: &str| {
+        cpu.get(v)
+            .filter(|xs| !xs.is_empty())
+            .map(|xs| xs.iter().sum::<f64>() / xs.len() as f64)
+    };
+    if let (Some(v5), Some(v3)) = (mean("5"), mean("3.1.1")) {
+        let ratio = v5 / v3;
+        r.target(
+            "CPU per QoS 0 publish, MQTT 5 against 3.1.1",
+            format!("{v5:.2} µs against {v3:.2} µs: ×{ratio:.2}"),
+            "≤ ×1.15",
+            ratio <= TARGET_V5_RATIO,
+            format!("same run, {V5_ROUNDS} alternating rounds each"),
+        );
+        r.json(
+            "mqtt5_cpu",
+            obj(vec![
+                ("v5_us", J::Num(v5)),
+                ("v311_us", J::Num(v3)),
+                ("ratio", J::Num(ratio)),
+            ]),
+        );
+        if let Some(direct) = mosquitto_pub_cpu_us(broker) {
+            let ratio = v5 / direct;
+            r.target(
+                "CPU per QoS 0 publish against mosquitto_pub publishing directly",
+                format!("{v5:.2} µs against {direct:.2} µs: ×{ratio:.2}"),
+                "≤ ×1.5",
+                ratio <= TARGET_DIRECT_RATIO,
+                format!(
+                    "mosquitto_pub -V 5 --repeat {DIRECT_MESSAGES}, {TPUT_PAYLOAD}-byte payload, its whole life (TLS handshake included)"
+                ),
+            );
+            r.json("mosquitto_pub_cpu_us", J::Num(direct));
+        }
+    }
+    if let (Some(v5), Some(v3)) = (wire.get("5"), wire.get("3.1.1")) {
+        println!(
+            "  topic aliases: {v5:.1} against {v3:.1} bytes per message to the broker ({:.0} % less; MQTT alone: 110 against 167)",
+            100.0 * (1.0 - v5 / v3)
+        );
+        r.json(
+            "wire_bytes_per_message",
+            obj(vec![("v5", J::Num(*v5)), ("v311", J::Num(*v3))]),
+        );
+    }
+}
+
+/// Bytes the daemon writes per QoS 0 message of `WIRE_PAYLOAD` bytes to
+/// `WIRE_TOPIC` (TLS included: everything it writes goes to the broker
+/// but the few `stats` answers).
+fn wire_bytes(d: &Daemon, sock: &Path) -> Option<f64> {
+    let mut c = BusClient::connect(sock);
+    set_write_timeout(&mut c);
+    let s0 = stats(&mut c);
+    let (w0, _) = io_written(d.pid())?;
+    let one = request(
+        "publish",
+        RequestType::Notify,
+        &publish_params(WIRE_TOPIC, &[b'w'; WIRE_PAYLOAD], 0),
+    );
+    for _ in 0..WIRE_MESSAGES / 100 {
+        c.send_raw(&one.repeat(100));
+        let _ = stats(&mut c); // paces the client: the spool never fills
+    }
+    let sent0 = s0.get("sent").copied().unwrap_or(0);
+    let want = sent0 + i64::try_from(WIRE_MESSAGES).ok()?;
+    wait_every(DRAIN_MAX, Duration::from_millis(20), || {
+        stats(&mut c).get("sent").copied().unwrap_or(0) >= want
+    });
+    let (w1, _) = io_written(d.pid())?;
+    Some(w1.saturating_sub(w0) as f64 / WIRE_MESSAGES as f64)
+}
+
+/// mosquitto_pub's CPU time per message, publishing `DIRECT_MESSAGES` QoS 0
+/// messages of `TPUT_PAYLOAD` bytes with MQTT 5 straight to the broker
+/// (its whole life, from `wait4`), or `None` if it failed.
+// `wait4` is the one way to a child's CPU time once it has exited;
+// Cargo.toml denies `unsafe` by default.
+#[allow(unsafe_code)]
+fn mosquitto_pub_cpu_us(broker: &Mosquitto) -> Option<f64> {
+    let pki = Pki::get();
+    let mut child = Command::new("mosquitto_pub")
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &broker.port().to_string(),
+            "-V",
+            "5",
+        ])
+        .arg("--cafile")
+        .arg(pki.path("ca.pem"))
+        .arg("--cert")
+        .arg(pki.path("client.pem"))
+        .arg("--key")
+        .arg(pki.path("client.key"))
+        .args(["-i", "bench-direct", "-t", "bench/direct", "-q", "0"])
+        .args(["--repeat", &DIRECT_MESSAGES.to_string(), "-s"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(&[b'd'; TPUT_PAYLOAD]);
+    }
+    let pid = libc::pid_t::try_from(child.id()).ok()?;
+    let t0 = Instant::now();
+    loop {
+        let mut status = 0;
+        // SAFETY: zeroed rusage is a valid value; wait4 fills it.
+        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+        // SAFETY: our own child's pid, valid pointers.
+        let got = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
+        if got == pid {
+            let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+            let ok = libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0;
+            let cpu = secs(usage.ru_utime) + secs(usage.ru_stime);
+            println!(
+                "  mosquitto_pub, {DIRECT_MESSAGES} messages straight to the broker: {:.2} s CPU in {:.2} s{}",
+                cpu,
+                t0.elapsed().as_secs_f64(),
+                if ok { "" } else { " (it failed)" }
+            );
+            return ok.then(|| cpu * 1e6 / DIRECT_MESSAGES as f64);
+        }
+        if got < 0 || t0.elapsed() > DIRECT_MAX {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
 }
 
 /// D: the disk spool against the memory spool, same build and load:

@@ -620,9 +620,13 @@ pub(crate) fn largest_payload(topic: &str, qos: i64, want: usize) -> usize {
 }
 
 /// A PUBLISH packet's length on the wire [MQTT 3.3]: fixed header, topic,
-/// packet id (QoS 1) and payload; what the daemon's rate limiter counts.
+/// packet id (QoS 1), with MQTT 5 an empty property block, and payload;
+/// what the daemon's rate limiter counts. (With MQTT 5 a repeated topic
+/// goes as a 3-byte alias instead: for these short topics and 10 KiB
+/// payloads a fraction of a percent less.)
 pub(crate) fn publish_packet_len(topic: usize, payload: usize, qos: i64) -> u64 {
-    let rest = 2 + topic + if qos > 0 { 2 } else { 0 } + payload;
+    let props = usize::from(mqtt5());
+    let rest = 2 + topic + if qos > 0 { 2 } else { 0 } + props + payload;
     let len_bytes = match rest {
         0..=127 => 1,
         128..=16_383 => 2,
