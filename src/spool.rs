@@ -439,8 +439,12 @@ pub struct Spool {
 /// IoT Core allows 8).
 pub const ALIAS_SLOTS: usize = 8;
 /// The longest alias header: first byte, remaining length, topic, packet
-/// id, property length, Topic Alias.
-const PREFIX_MAX: usize = 1 + 4 + 2 + MAX_TOPIC_LEN + 2 + 4 + 3;
+/// id, property length, Topic Alias; and room behind it for the rest of a
+/// small message (`STAGED_TAIL`), which then goes out with its header in
+/// one piece: one TLS record, not two (rustls encrypts each write on its
+/// own, and its vectored write allocates).
+const PREFIX_MAX: usize = 1 + 4 + 2 + MAX_TOPIC_LEN + 2 + 4 + 3 + STAGED_TAIL;
+const STAGED_TAIL: usize = 1024;
 
 /// The topics that have an alias on the current connection: alias `i + 1`
 /// is `topics[i]`; the least recently used is replaced [mqtt5-6].
@@ -883,7 +887,18 @@ impl Spool {
         w.varint(new_props_len);
         w.put(&[crate::mqtt::props::id::TOPIC_ALIAS]);
         w.put(&alias.to_be_bytes());
-        self.prefix_len = w.len;
+        let mut len = w.len;
+        let mut skip = skip;
+        if tail <= STAGED_TAIL {
+            // The rest behind the header (in two parts if it wraps).
+            let from = self.wrap(e.off + skip);
+            let first = tail.min(self.buf.len() - from);
+            self.prefix[len..len + first].copy_from_slice(&self.buf[from..from + first]);
+            self.prefix[len + first..len + tail].copy_from_slice(&self.buf[..tail - first]);
+            len += tail;
+            skip = e.len;
+        }
+        self.prefix_len = len;
         self.skip = skip;
     }
 
