@@ -78,6 +78,12 @@
 
 use core::fmt;
 
+mod aliases;
+mod lanes;
+
+pub use aliases::ALIAS_SLOTS;
+use aliases::{Aliases, PREFIX_MAX};
+
 use crate::consts;
 use crate::mqtt::packet::{self, PublishHeader, QoS, Version};
 use crate::mqtt::packet_id::PUBLISH as IDS;
@@ -260,32 +266,6 @@ enum State {
 /// The end of a lane's list.
 const NIL: usize = usize::MAX;
 
-/// Writes an alias header; the buffer is sized for the longest.
-struct PrefixWriter<'a> {
-    buf: &'a mut [u8; PREFIX_MAX],
-    len: usize,
-}
-
-impl PrefixWriter<'_> {
-    fn put(&mut self, bytes: &[u8]) {
-        if let Some(dst) = self.buf.get_mut(self.len..self.len + bytes.len()) {
-            dst.copy_from_slice(bytes);
-            self.len += bytes.len();
-        }
-    }
-
-    fn varint(&mut self, mut v: usize) {
-        loop {
-            let [low, ..] = v.to_le_bytes();
-            v >>= 7;
-            self.put(&[if v == 0 { low & 0x7F } else { low | 0x80 }]);
-            if v == 0 {
-                return;
-            }
-        }
-    }
-}
-
 /// One message's metadata. Entries are byte-adjacent in ring order: each
 /// starts where the previous one ends, holes included.
 #[derive(Clone, Copy, Debug)]
@@ -435,58 +415,6 @@ pub struct Spool {
     skip: usize,
 }
 
-/// Topic aliases the spool uses at most, whatever the broker allows (AWS
-/// IoT Core allows 8).
-pub const ALIAS_SLOTS: usize = 8;
-/// The longest alias header: first byte, remaining length, topic, packet
-/// id, property length, Topic Alias; and room behind it for the rest of a
-/// small message (`STAGED_TAIL`), which then goes out with its header in
-/// one piece: one TLS record, not two (rustls encrypts each write on its
-/// own, and its vectored write allocates).
-const PREFIX_MAX: usize = 1 + 4 + 2 + MAX_TOPIC_LEN + 2 + 4 + 3 + STAGED_TAIL;
-const STAGED_TAIL: usize = 1024;
-
-/// The topics that have an alias on the current connection: alias `i + 1`
-/// is `topics[i]`; the least recently used is replaced [mqtt5-6].
-struct Aliases {
-    /// How many the broker allows now (0: none), at most `ALIAS_SLOTS`.
-    max: usize,
-    topics: [heapless::String<MAX_TOPIC_LEN>; ALIAS_SLOTS],
-    used: [u64; ALIAS_SLOTS],
-    clock: u64,
-}
-
-impl Aliases {
-    const NONE: Aliases = Aliases {
-        max: 0,
-        topics: [const { heapless::String::new() }; ALIAS_SLOTS],
-        used: [0; ALIAS_SLOTS],
-        clock: 0,
-    };
-
-    /// The alias for `topic`, and whether the broker knows it already;
-    /// `None` when aliases are off.
-    fn assign(&mut self, topic: &str) -> Option<(u16, bool)> {
-        if self.max == 0 {
-            return None;
-        }
-        self.clock += 1;
-        let n = self.max;
-        let i = match self.topics[..n].iter().position(|t| t == topic) {
-            Some(i) => {
-                self.used[i] = self.clock;
-                return Some((u16::try_from(i + 1).ok()?, true));
-            }
-            // An unused one (never used: 0), else the least recently used.
-            None => (0..n).min_by_key(|&i| self.used[i])?,
-        };
-        self.topics[i].clear();
-        self.topics[i].push_str(topic).ok()?;
-        self.used[i] = self.clock;
-        Some((u16::try_from(i + 1).ok()?, false))
-    }
-}
-
 impl Default for Spool {
     /// A spool with the build-time capacities.
     fn default() -> Self {
@@ -538,17 +466,6 @@ impl Spool {
             prefix: [0; PREFIX_MAX],
             prefix_len: 0,
             skip: 0,
-        }
-    }
-
-    /// A connection began on which the broker takes `max` topic aliases
-    /// (its CONNACK's Topic Alias Maximum; 0 for none, and always with
-    /// MQTT 3.1.1): every alias of the last connection is forgotten
-    /// [mqtt5-6].
-    pub fn set_topic_aliases(&mut self, max: u16) {
-        self.aliases = Aliases::NONE;
-        if self.version == Version::V5 {
-            self.aliases.max = usize::from(max).min(ALIAS_SLOTS);
         }
     }
 
@@ -847,61 +764,6 @@ impl Spool {
         })
     }
 
-    /// For the message in `slot`, just started: with topic aliases on and
-    /// a first send, the header that carries its alias (and its topic only
-    /// if the broker does not know the alias yet) [mqtt5-6], in `prefix`;
-    /// else none. A resend always carries its full topic.
-    fn alias_header(&mut self, slot: usize) {
-        self.prefix_len = 0;
-        self.skip = 0;
-        let e = self.meta[slot];
-        if e.props_len_at == 0 || e.sent_before || self.aliases.max == 0 {
-            return;
-        }
-        let topic = self.topic_of(&e);
-        let Some((alias, known)) = self.aliases.assign(&topic) else {
-            return;
-        };
-        let skip = e.props_len_at + crate::mqtt::props::varint_len(e.props_len);
-        let tail = e.len - skip; // the properties and the payload
-        let topic_part = if known { "" } else { topic.as_str() };
-        let new_props_len = e.props_len + 3;
-        let id_len = if e.qos == QoS::AtLeastOnce { 2 } else { 0 };
-        let rl = 2
-            + topic_part.len()
-            + id_len
-            + crate::mqtt::props::varint_len(new_props_len)
-            + 3
-            + tail;
-        let mut w = PrefixWriter {
-            buf: &mut self.prefix,
-            len: 0,
-        };
-        w.put(&[self.buf[e.off]]);
-        w.varint(rl);
-        w.put(&u16::try_from(topic_part.len()).unwrap_or(0).to_be_bytes());
-        w.put(topic_part.as_bytes());
-        if e.qos == QoS::AtLeastOnce {
-            w.put(&e.packet_id.to_be_bytes());
-        }
-        w.varint(new_props_len);
-        w.put(&[crate::mqtt::props::id::TOPIC_ALIAS]);
-        w.put(&alias.to_be_bytes());
-        let mut len = w.len;
-        let mut skip = skip;
-        if tail <= STAGED_TAIL {
-            // The rest behind the header (in two parts if it wraps).
-            let from = self.wrap(e.off + skip);
-            let first = tail.min(self.buf.len() - from);
-            self.prefix[len..len + first].copy_from_slice(&self.buf[from..from + first]);
-            self.prefix[len + first..len + tail].copy_from_slice(&self.buf[..tail - first]);
-            len += tail;
-            skip = e.len;
-        }
-        self.prefix_len = len;
-        self.skip = skip;
-    }
-
     /// Records that `n` more bytes of the message from `next` were written;
     /// true when that finished it. Without a started message this does
     /// nothing; `n` past the end counts as the end.
@@ -1138,110 +1000,6 @@ impl Spool {
                     && (self.restored == 0 || e.restored)
                     && (e.qos == QoS::AtMostOnce || self.inflight < limit)
             })
-    }
-
-    /// The lane of process `pid`: its own if it has one, else a dedicated
-    /// lane nobody is waiting in, else the shared one. A process whose
-    /// messages may wait in the shared lane gets no lane of its own until
-    /// that lane is empty, so its messages keep their order.
-    ///
-    /// Pid 0 (unknown) goes to the shared lane, except into an empty spool:
-    /// there the message is the next to start whatever lane holds it, so it
-    /// takes the first lane with the turn on it, and whatever its process
-    /// pushes next cannot overtake it. (So the caller need not ask the
-    /// kernel for the pid of a publish into an empty spool.)
-    fn lane_of(&mut self, pid: u32) -> usize {
-        let shared = self.lanes.len() - 1;
-        if pid == 0 {
-            if self.live == 0 {
-                self.turn = 0;
-                return 0;
-            }
-            return shared;
-        }
-        let own = &self.lanes[..shared];
-        if let Some(l) = own.iter().position(|l| l.pid == pid) {
-            return l;
-        }
-        if self.lanes[shared].waiting > 0 {
-            return shared;
-        }
-        match own.iter().position(|l| l.waiting == 0) {
-            Some(l) => {
-                self.lanes[l].pid = pid;
-                l
-            }
-            None => shared,
-        }
-    }
-
-    /// Appends the queued entry in `slot` to its lane.
-    fn enqueue(&mut self, slot: usize) {
-        let e = self.meta[slot];
-        let lane = &mut self.lanes[e.lane];
-        let last = lane.last;
-        lane.last = slot;
-        if last == NIL {
-            lane.first = slot;
-        }
-        lane.waiting += 1;
-        lane.waiting_bytes += e.len;
-        if e.qos == QoS::AtMostOnce {
-            lane.qos0 += 1;
-            lane.qos0_bytes += e.len;
-        }
-        if let Some(prev) = self.meta.get_mut(last) {
-            prev.next = slot;
-        }
-        self.meta[slot].next = NIL;
-    }
-
-    /// Takes the oldest entry out of lane `l` (which has one).
-    fn dequeue(&mut self, l: usize) {
-        let slot = self.lanes[l].first;
-        self.unlink(l, NIL, slot);
-    }
-
-    /// Takes the entry in `slot`, which follows `prev` (`NIL`: first), out
-    /// of lane `l`.
-    fn unlink(&mut self, l: usize, prev: usize, slot: usize) {
-        let e = self.meta[slot];
-        let lane = &mut self.lanes[l];
-        if prev == NIL {
-            lane.first = e.next;
-        }
-        if lane.last == slot {
-            lane.last = prev;
-        }
-        lane.waiting -= 1;
-        lane.waiting_bytes -= e.len;
-        if e.qos == QoS::AtMostOnce {
-            lane.qos0 -= 1;
-            lane.qos0_bytes -= e.len;
-        }
-        if let Some(p) = self.meta.get_mut(prev) {
-            p.next = e.next;
-        }
-        self.meta[slot].next = NIL;
-    }
-
-    /// Empties every lane's list (keeping whose it is) and puts the queued
-    /// entries back in ring order: after a reset or a compaction.
-    fn rebuild_lanes(&mut self) {
-        for lane in self.lanes.iter_mut() {
-            *lane = Lane {
-                pid: lane.pid,
-                ..NO_LANE
-            };
-        }
-        for i in 0..self.count {
-            let slot = self.slot(i);
-            let waits =
-                self.meta[slot].state == State::Queued && !(self.current && slot == self.cur);
-            if waits {
-                self.enqueue(slot);
-            }
-        }
     }
 
     /// Makes room for a packet of `len` bytes by evicting queued QoS 0

@@ -33,6 +33,15 @@ use core::str;
 use super::props::{self, Context, PropError, Props};
 use super::topic;
 
+mod codes;
+mod filters;
+mod wire;
+
+pub use codes::{reason_name, ConnectReturnCode, SubackCode};
+use filters::parse_filters;
+pub use filters::{EncodedFilters, FilterIter, Filters};
+use wire::{Reader, Writer};
+
 /// Largest remaining length a fixed header can encode (four bytes) [2.2.3].
 pub const MAX_REMAINING_LEN: usize = 268_435_455;
 
@@ -117,83 +126,6 @@ impl QoS {
             0 => Some(QoS::AtMostOnce),
             1 => Some(QoS::AtLeastOnce),
             _ => None,
-        }
-    }
-}
-
-/// CONNACK return code [3.2.2.3].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-#[repr(u8)]
-pub enum ConnectReturnCode {
-    Accepted = 0,
-    UnacceptableProtocolVersion = 1,
-    IdentifierRejected = 2,
-    ServerUnavailable = 3,
-    BadUserNameOrPassword = 4,
-    NotAuthorized = 5,
-}
-
-impl ConnectReturnCode {
-    /// The return code for a wire value; 6 and above are reserved (`None`).
-    pub fn from_u8(v: u8) -> Option<ConnectReturnCode> {
-        match v {
-            0 => Some(ConnectReturnCode::Accepted),
-            1 => Some(ConnectReturnCode::UnacceptableProtocolVersion),
-            2 => Some(ConnectReturnCode::IdentifierRejected),
-            3 => Some(ConnectReturnCode::ServerUnavailable),
-            4 => Some(ConnectReturnCode::BadUserNameOrPassword),
-            5 => Some(ConnectReturnCode::NotAuthorized),
-            _ => None,
-        }
-    }
-}
-
-impl fmt::Display for ConnectReturnCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            ConnectReturnCode::Accepted => "connection accepted",
-            ConnectReturnCode::UnacceptableProtocolVersion => "unacceptable protocol version",
-            ConnectReturnCode::IdentifierRejected => "identifier rejected",
-            ConnectReturnCode::ServerUnavailable => "server unavailable",
-            ConnectReturnCode::BadUserNameOrPassword => "bad user name or password",
-            ConnectReturnCode::NotAuthorized => "not authorized",
-        })
-    }
-}
-
-/// One SUBACK return code [3.9.3].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum SubackCode {
-    Granted(QoS),
-    /// 0x02: granted at QoS 2, which AWS IoT Core never grants.
-    GrantedExactlyOnce,
-    /// 0x80: the subscription was refused.
-    Failure,
-}
-
-impl SubackCode {
-    /// The code for a wire value: 0, 1, 2 and 0x80, and MQTT 5's other
-    /// failure codes [MQTT5-3.9.3] (0x83, 0x87, 0x8F, 0x91, 0x97, 0x9E,
-    /// 0xA1, 0xA2), which refuse the filter like 0x80; anything else is
-    /// `None`.
-    pub fn from_u8(v: u8) -> Option<SubackCode> {
-        match v {
-            0 => Some(SubackCode::Granted(QoS::AtMostOnce)),
-            1 => Some(SubackCode::Granted(QoS::AtLeastOnce)),
-            2 => Some(SubackCode::GrantedExactlyOnce),
-            0x80 | 0x83 | 0x87 | 0x8F | 0x91 | 0x97 | 0x9E | 0xA1 | 0xA2 => {
-                Some(SubackCode::Failure)
-            }
-            _ => None,
-        }
-    }
-
-    /// The wire value.
-    pub fn to_u8(self) -> u8 {
-        match self {
-            SubackCode::Granted(qos) => qos as u8,
-            SubackCode::GrantedExactlyOnce => 2,
-            SubackCode::Failure => 0x80,
         }
     }
 }
@@ -456,98 +388,6 @@ impl Iterator for SubackCodes<'_> {
 
 impl ExactSizeIterator for SubackCodes<'_> {}
 
-/// Topic filters of a SUBSCRIBE or UNSUBSCRIBE: a caller's list to emit, or
-/// the validated bytes of a parsed packet.
-#[derive(Clone, Copy)]
-pub enum Filters<'a> {
-    /// Filters to emit; for UNSUBSCRIBE the QoS is ignored.
-    List(&'a [(&'a str, QoS)]),
-    /// Filters of a parsed packet, decoded lazily by `iter()`.
-    Encoded(EncodedFilters<'a>),
-}
-
-/// The filter list of a parsed packet; only `parse` makes one.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct EncodedFilters<'a> {
-    bytes: &'a [u8],
-    /// SUBSCRIBE carries a QoS byte after each filter, UNSUBSCRIBE does not.
-    with_qos: bool,
-}
-
-impl<'a> Filters<'a> {
-    /// Each filter with its QoS (QoS 0 for a parsed UNSUBSCRIBE).
-    pub fn iter(&self) -> FilterIter<'a> {
-        FilterIter(match *self {
-            Filters::List(list) => FilterIterInner::List(list.iter()),
-            Filters::Encoded(e) => FilterIterInner::Encoded(Reader::new(e.bytes), e.with_qos),
-        })
-    }
-
-    /// The number of filters.
-    pub fn len(&self) -> usize {
-        match self {
-            Filters::List(list) => list.len(),
-            Filters::Encoded(_) => self.iter().count(),
-        }
-    }
-
-    /// Whether there are no filters (never true for a parsed packet).
-    pub fn is_empty(&self) -> bool {
-        match self {
-            Filters::List(list) => list.is_empty(),
-            Filters::Encoded(e) => e.bytes.is_empty(),
-        }
-    }
-}
-
-impl fmt::Debug for Filters<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_list().entries(self.iter()).finish()
-    }
-}
-
-/// Equal when the same filters with the same QoS come in the same order,
-/// whether listed or encoded.
-impl PartialEq for Filters<'_> {
-    fn eq(&self, other: &Self) -> bool {
-        self.iter().eq(other.iter())
-    }
-}
-
-impl Eq for Filters<'_> {}
-
-/// Iterator over topic filters.
-#[derive(Clone, Debug)]
-pub struct FilterIter<'a>(FilterIterInner<'a>);
-
-#[derive(Clone, Debug)]
-enum FilterIterInner<'a> {
-    List(core::slice::Iter<'a, (&'a str, QoS)>),
-    Encoded(Reader<'a>, bool),
-}
-
-impl<'a> Iterator for FilterIter<'a> {
-    type Item = (&'a str, QoS);
-
-    fn next(&mut self) -> Option<(&'a str, QoS)> {
-        match &mut self.0 {
-            FilterIterInner::List(it) => it.next().copied(),
-            FilterIterInner::Encoded(r, with_qos) => {
-                if r.is_empty() {
-                    return None;
-                }
-                // `parse` validated these bytes with the same function, so
-                // this never fails; if it did, the iteration would just end.
-                let item = read_filter(r, *with_qos).ok();
-                if item.is_none() {
-                    r.rest();
-                }
-                item
-            }
-        }
-    }
-}
-
 /// A control packet. `reason` is MQTT 5's reason code (0 for 3.1.1, where
 /// `properties` is `None`); an UNSUBACK's `codes` are empty for 3.1.1.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -574,51 +414,6 @@ pub enum Packet<'a> {
         reason: u8,
         properties: Option<Props<'a>>,
     },
-}
-
-/// The name of an MQTT 5 reason code [MQTT5-2.4], for logs.
-pub fn reason_name(code: u8) -> &'static str {
-    match code {
-        0x00 => "success",
-        0x04 => "disconnect with will message",
-        0x10 => "no matching subscribers",
-        0x11 => "no subscription existed",
-        0x80 => "unspecified error",
-        0x81 => "malformed packet",
-        0x82 => "protocol error",
-        0x83 => "implementation specific error",
-        0x84 => "unsupported protocol version",
-        0x85 => "client identifier not valid",
-        0x86 => "bad user name or password",
-        0x87 => "not authorized",
-        0x88 => "server unavailable",
-        0x89 => "server busy",
-        0x8A => "banned",
-        0x8B => "server shutting down",
-        0x8C => "bad authentication method",
-        0x8D => "keep alive timeout",
-        0x8E => "session taken over",
-        0x8F => "topic filter invalid",
-        0x90 => "topic name invalid",
-        0x91 => "packet identifier in use",
-        0x93 => "receive maximum exceeded",
-        0x94 => "topic alias invalid",
-        0x95 => "packet too large",
-        0x96 => "message rate too high",
-        0x97 => "quota exceeded",
-        0x98 => "administrative action",
-        0x99 => "payload format invalid",
-        0x9A => "retain not supported",
-        0x9B => "qos not supported",
-        0x9C => "use another server",
-        0x9D => "server moved",
-        0x9E => "shared subscriptions not supported",
-        0x9F => "connection rate exceeded",
-        0xA0 => "maximum connect time",
-        0xA1 => "subscription identifiers not supported",
-        0xA2 => "wildcard subscriptions not supported",
-        _ => "unknown reason",
-    }
 }
 
 impl<'a> Packet<'a> {
@@ -1417,254 +1212,6 @@ fn check_string(s: &str) -> Result<(), Error> {
         return Err(Error::InvalidUtf8); // [MQTT-1.5.3-2]
     }
     Ok(())
-}
-
-/// Reads one filter (and its QoS byte for SUBSCRIBE) [3.8.3], [3.10.3].
-fn read_filter<'a>(r: &mut Reader<'a>, with_qos: bool) -> Result<(&'a str, QoS), Error> {
-    let filter = r.string()?;
-    topic::check_filter(filter)?;
-    let qos = if with_qos {
-        // Bits 7-2 are reserved [MQTT-3.8.3-4]; QoS 2 is not supported.
-        QoS::from_u8(r.u8()?).ok_or(Error::InvalidQoS)?
-    } else {
-        QoS::AtMostOnce
-    };
-    Ok((filter, qos))
-}
-
-/// Validates the rest of `r` as a non-empty filter list and takes it.
-fn parse_filters<'a>(
-    r: &mut Reader<'a>,
-    with_qos: bool,
-    empty: &'static str,
-) -> Result<Filters<'a>, Error> {
-    let bytes = r.rest();
-    if bytes.is_empty() {
-        return Err(Error::Protocol(empty)); // [MQTT-3.8.3-3], [MQTT-3.10.3-2]
-    }
-    let mut check = Reader::new(bytes);
-    while !check.is_empty() {
-        read_filter(&mut check, with_qos)?;
-    }
-    Ok(Filters::Encoded(EncodedFilters { bytes, with_qos }))
-}
-
-/// A cursor over a packet body; every read checks the length first.
-#[derive(Clone, Debug)]
-struct Reader<'a> {
-    rest: &'a [u8],
-}
-
-impl<'a> Reader<'a> {
-    fn new(buf: &'a [u8]) -> Reader<'a> {
-        Reader { rest: buf }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.rest.is_empty()
-    }
-
-    fn u8(&mut self) -> Result<u8, Error> {
-        let (&b, rest) = self.rest.split_first().ok_or(Error::Truncated)?;
-        self.rest = rest;
-        Ok(b)
-    }
-
-    fn u16(&mut self) -> Result<u16, Error> {
-        Ok(u16::from_be_bytes([self.u8()?, self.u8()?]))
-    }
-
-    fn packet_id(&mut self) -> Result<u16, Error> {
-        let id = self.u16()?;
-        check_packet_id(id)?;
-        Ok(id)
-    }
-
-    fn bytes(&mut self, n: usize) -> Result<&'a [u8], Error> {
-        if n > self.rest.len() {
-            return Err(Error::Truncated);
-        }
-        let (head, tail) = self.rest.split_at(n);
-        self.rest = tail;
-        Ok(head)
-    }
-
-    /// Two-byte length, then that many bytes [1.5.3].
-    fn binary(&mut self) -> Result<&'a [u8], Error> {
-        let n = self.u16()?;
-        self.bytes(usize::from(n))
-    }
-
-    /// A UTF-8 string without U+0000 [MQTT-1.5.3-1], [MQTT-1.5.3-2].
-    fn string(&mut self) -> Result<&'a str, Error> {
-        let s = str::from_utf8(self.binary()?).map_err(|_| Error::InvalidUtf8)?;
-        if s.contains('\0') {
-            return Err(Error::InvalidUtf8);
-        }
-        Ok(s)
-    }
-
-    fn rest(&mut self) -> &'a [u8] {
-        core::mem::take(&mut self.rest)
-    }
-
-    /// An MQTT 5 property block of a packet of type `ptype`: its length (a
-    /// Variable Byte Integer), then the properties [MQTT5-2.2.2].
-    fn properties(&mut self, ptype: u8) -> Result<Props<'a>, Error> {
-        let (len, used) = props::read_varint(self.rest).ok_or(if self.rest.len() < 4 {
-            Error::Truncated
-        } else {
-            Error::BadRemainingLength
-        })?;
-        self.bytes(used)?;
-        let len = usize::try_from(len).map_err(|_| Error::Truncated)?;
-        let bytes = self.bytes(len)?;
-        Ok(Props::parse(bytes, Context(ptype))?)
-    }
-
-    /// The reason code and property block that end a PUBACK or
-    /// DISCONNECT, each of which MQTT 5 lets the sender leave out (reason
-    /// 0x00, no properties) [MQTT5-3.4.2.1]; nothing in 3.1.1.
-    fn optional_reason(
-        &mut self,
-        ptype: u8,
-        version: Version,
-    ) -> Result<(u8, Option<Props<'a>>), Error> {
-        if version == Version::V311 {
-            return Ok((0, None));
-        }
-        if self.is_empty() {
-            return Ok((0, Some(Props::EMPTY)));
-        }
-        let reason = self.u8()?;
-        if self.is_empty() {
-            return Ok((reason, Some(Props::EMPTY)));
-        }
-        Ok((reason, Some(self.properties(ptype)?)))
-    }
-
-    fn finish(&self) -> Result<(), Error> {
-        if self.rest.is_empty() {
-            Ok(())
-        } else {
-            Err(Error::TrailingBytes)
-        }
-    }
-}
-
-/// A cursor over an output buffer; every write checks the length first.
-/// Writes into `first`, then on into `second` (empty unless the caller
-/// writes across a ring's end); `pos` counts over both.
-struct Writer<'b> {
-    first: &'b mut [u8],
-    second: &'b mut [u8],
-    pos: usize,
-}
-
-impl<'b> Writer<'b> {
-    fn new(buf: &'b mut [u8]) -> Self {
-        Self::split(buf, &mut [])
-    }
-
-    fn split(first: &'b mut [u8], second: &'b mut [u8]) -> Self {
-        Self {
-            first,
-            second,
-            pos: 0,
-        }
-    }
-
-    fn bytes(&mut self, b: &[u8]) -> Result<(), Error> {
-        let end = self.pos.checked_add(b.len()).ok_or(Error::BufferTooSmall)?;
-        // Almost always: `first` has room.
-        if let Some(dst) = self.first.get_mut(self.pos..end) {
-            dst.copy_from_slice(b);
-            self.pos = end;
-            return Ok(());
-        }
-        self.bytes_across(b, end)
-    }
-
-    /// `bytes` for what goes past `first`'s end: on into `second`.
-    #[cold]
-    fn bytes_across(&mut self, b: &[u8], end: usize) -> Result<(), Error> {
-        if end > self.first.len().saturating_add(self.second.len()) {
-            return Err(Error::BufferTooSmall);
-        }
-        // Cannot panic: `end` fits the two slices together.
-        let in_first = self.first.len().saturating_sub(self.pos).min(b.len());
-        let (a, rest) = b.split_at(in_first);
-        if let Some(dst) = self.first.get_mut(self.pos..self.pos + in_first) {
-            dst.copy_from_slice(a);
-        }
-        let at = (self.pos + in_first).saturating_sub(self.first.len());
-        if let Some(dst) = self.second.get_mut(at..at + rest.len()) {
-            dst.copy_from_slice(rest);
-        }
-        self.pos = end;
-        Ok(())
-    }
-
-    fn u8(&mut self, b: u8) -> Result<(), Error> {
-        self.bytes(&[b])
-    }
-
-    fn u16(&mut self, v: u16) -> Result<(), Error> {
-        self.bytes(&v.to_be_bytes())
-    }
-
-    fn binary(&mut self, b: &[u8]) -> Result<(), Error> {
-        let n = u16::try_from(b.len()).map_err(|_| Error::TooLong)?;
-        self.u16(n)?;
-        self.bytes(b)
-    }
-
-    fn string(&mut self, s: &str) -> Result<(), Error> {
-        self.binary(s.as_bytes())
-    }
-
-    /// A property block with its length; nothing for `None` (3.1.1).
-    fn properties(&mut self, properties: Option<Props<'_>>) -> Result<(), Error> {
-        if let Some(p) = properties {
-            self.remaining_len(p.bytes().len())?;
-            self.bytes(p.bytes())?;
-        }
-        Ok(())
-    }
-
-    /// The shortest form of an optional reason code and property block.
-    fn optional_reason(&mut self, reason: u8, properties: Option<Props<'_>>) -> Result<(), Error> {
-        match properties {
-            None => Ok(()),
-            Some(p) if p.is_empty() => {
-                if reason != 0 {
-                    self.u8(reason)?;
-                }
-                Ok(())
-            }
-            Some(p) => {
-                self.u8(reason)?;
-                self.properties(Some(p))
-            }
-        }
-    }
-
-    /// Seven bits per byte, least significant first, bit 7 = more [2.2.3].
-    fn remaining_len(&mut self, mut rl: usize) -> Result<(), Error> {
-        loop {
-            // The low seven bits, taken without a truncating cast.
-            let [low, ..] = rl.to_le_bytes();
-            let mut byte = low & 0x7F;
-            rl >>= 7;
-            if rl != 0 {
-                byte |= 0x80;
-            }
-            self.u8(byte)?;
-            if rl == 0 {
-                return Ok(());
-            }
-        }
-    }
 }
 
 #[cfg(test)]
@@ -3078,6 +2625,32 @@ mod tests {
 
     use crate::test_rng::XorShift;
 
+    /// One random mutation: a bit flipped, a byte replaced, the end cut, a
+    /// byte appended, inserted or removed.
+    fn mutate(rng: &mut XorShift, bytes: &mut Vec<u8>) {
+        let len = bytes.len();
+        match rng.below(6) {
+            0 if len > 0 => {
+                let i = rng.below(len);
+                bytes[i] ^= 1 << rng.below(8);
+            }
+            1 if len > 0 => {
+                let i = rng.below(len);
+                bytes[i] = rng.byte();
+            }
+            2 => bytes.truncate(rng.below(len + 1)),
+            3 => bytes.push(rng.byte()),
+            4 => {
+                let i = rng.below(len + 1);
+                bytes.insert(i, rng.byte());
+            }
+            5 if len > 0 => {
+                bytes.remove(rng.below(len));
+            }
+            _ => {}
+        }
+    }
+
     #[test]
     fn random_mutations_of_valid_packets_never_panic_and_reparse_identically() {
         let mut seeds = goldens();
@@ -3107,27 +2680,7 @@ mod tests {
         for _ in 0..20_000 {
             let mut bytes = seeds[rng.below(seeds.len())].to_vec();
             for _ in 0..=rng.below(3) {
-                let len = bytes.len();
-                match rng.below(6) {
-                    0 if len > 0 => {
-                        let i = rng.below(len);
-                        bytes[i] ^= 1 << rng.below(8);
-                    }
-                    1 if len > 0 => {
-                        let i = rng.below(len);
-                        bytes[i] = rng.byte();
-                    }
-                    2 => bytes.truncate(rng.below(len + 1)),
-                    3 => bytes.push(rng.byte()),
-                    4 => {
-                        let i = rng.below(len + 1);
-                        bytes.insert(i, rng.byte());
-                    }
-                    5 if len > 0 => {
-                        bytes.remove(rng.below(len));
-                    }
-                    _ => {}
-                }
+                mutate(&mut rng, &mut bytes);
             }
             if check_input(&bytes, &mut out) {
                 ok += 1;
@@ -3519,27 +3072,7 @@ mod tests {
                 seeds[rng.below(seeds.len())].clone()
             };
             for _ in 0..=rng.below(3) {
-                let len = bytes.len();
-                match rng.below(7) {
-                    0 if len > 0 => {
-                        let i = rng.below(len);
-                        bytes[i] ^= 1 << rng.below(8);
-                    }
-                    1 if len > 0 => {
-                        let i = rng.below(len);
-                        bytes[i] = rng.byte();
-                    }
-                    2 => bytes.truncate(rng.below(len + 1)),
-                    3 => bytes.push(rng.byte()),
-                    4 => {
-                        let i = rng.below(len + 1);
-                        bytes.insert(i, rng.byte());
-                    }
-                    5 if len > 0 => {
-                        bytes.remove(rng.below(len));
-                    }
-                    _ => {}
-                }
+                mutate(&mut rng, &mut bytes);
                 // Keep the remaining length right half of the time, so
                 // that the mutations reach the fields behind it.
                 if rng.chance(50) && bytes.len() > 2 && bytes.len() < 130 {
