@@ -428,9 +428,9 @@ pub struct Router {
     /// Grows whenever a subscription for a response endpoint starts or
     /// ends: the disk spool keeps them [spool-7].
     endpoint_changes: u64,
-    /// MQTT 5: one filter per SUBSCRIBE, each with the Subscription
-    /// Identifier of its entry (`route_copy`).
-    subscription_ids: bool,
+    /// MQTT 5, per link: one filter per SUBSCRIBE, each with the
+    /// Subscription Identifier of its entry (`route_copy`).
+    subscription_ids: [bool; MAX_CONNECTIONS],
 }
 
 impl Default for Router {
@@ -450,7 +450,7 @@ impl Router {
             settled: Deque::new(),
             quarantined: 0,
             endpoint_changes: 0,
-            subscription_ids: false,
+            subscription_ids: [false; MAX_CONNECTIONS],
         }
     }
 
@@ -460,8 +460,13 @@ impl Router {
     /// one copy of a message per matching subscription [MQTT5-3.3.4]
     /// (mosquitto does); without the identifiers, overlapping filters
     /// would deliver a message several times to one subscriber.
-    pub fn use_subscription_ids(&mut self, yes: bool) {
-        self.subscription_ids = yes;
+    /// Set for link `link` before its `link_up`, from its CONNACK: MQTT 5
+    /// and the broker takes them (AWS IoT Core does not: its SUBSCRIBEs
+    /// then carry up to 8 filters and no identifier, as with 3.1.1).
+    pub fn use_subscription_ids(&mut self, link: usize, yes: bool) {
+        if let Some(flag) = self.subscription_ids.get_mut(link) {
+            *flag = yes;
+        }
     }
 
     /// A router whose links hold `n` filters each, within the table's size.
@@ -613,7 +618,7 @@ impl Router {
     /// virtual), for the disk spool to keep [spool-7].
     pub fn endpoint_subscriptions(
         &self,
-    ) -> impl Iterator<Item = (&str, Vec<&str, MAX_FILTERS_PER_REQUEST>, QoS, bool)> {
+    ) -> impl Iterator<Item = (&str, Vec<&str, MAX_FILTERS_PER_REQUEST>, QoS, bool, bool)> {
         self.subs.iter().filter_map(|sub| {
             let Dest::Endpoint(name) = &sub.dest else {
                 return None;
@@ -628,7 +633,13 @@ impl Router {
                     let _ = filters.push(e.text.as_str());
                 }
             }
-            Some((name.as_str(), filters, sub.qos, sub.is_virtual))
+            Some((
+                name.as_str(),
+                filters,
+                sub.qos,
+                sub.is_virtual,
+                sub.properties,
+            ))
         })
     }
 
@@ -815,11 +826,16 @@ impl Router {
         // share them out. A subscription's copy is the one naming the first
         // of its own among them, or, for one matching through virtual
         // filters only, the first of them all.
+        // (Granted, on a link that is up: what can have brought a copy.)
         let at_broker = |i: u32| {
             usize::try_from(i)
                 .ok()
                 .and_then(|i| self.entries.get(i))
-                .is_some_and(|e| e.placed && e.broker_users() > 0)
+                .is_some_and(|e| {
+                    e.placed
+                        && matches!(e.broker, Broker::Granted(_))
+                        && self.links.get(e.link).is_some_and(|l| l.up)
+                })
         };
         let index = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
         let first_at_broker = (0..self.entries.len())
@@ -1334,7 +1350,7 @@ mod tests {
         // [MQTT5-3.3.4] mosquitto sends one copy per matching subscription,
         // each naming its own; a broker may also send one naming all.
         let mut r = Router::new();
-        r.use_subscription_ids(true);
+        r.use_subscription_ids(0, true);
         r.link_up(0, false, Instant::default());
         let a = sub(&mut r, stream(1), &["down/+", "down/#"], Q0);
         let b = sub(&mut r, stream(2), &["down/#"], Q0);

@@ -2338,7 +2338,7 @@ mod tests {
         for qos in [Q0, Q1] {
             let mut s = Spool::new(1 << 16, 64);
             s.set_version(Version::V5);
-            s.set_topic_aliases(2);
+            s.set_topic_aliases(2, usize::MAX);
             let sent = sent_with_aliases(&mut s, &[topic, topic, "b", topic, "c", "b"], qos);
             let parsed: Vec<(String, Option<u32>)> = sent
                 .iter()
@@ -2371,7 +2371,7 @@ mod tests {
             assert_eq!(sent[0].len() - sent[1].len(), topic.len());
             // A reconnect forgets them: full topic, alias 1 again.
             s.reset_inflight();
-            s.set_topic_aliases(2);
+            s.set_topic_aliases(2, usize::MAX);
             let again = sent_with_aliases(&mut s, &[topic], qos);
             match Packet::parse_as(&again[0], Version::V5) {
                 Ok(Packet::Publish(p)) => {
@@ -2396,7 +2396,7 @@ mod tests {
         let size = |aliases: u16, n: usize| {
             let mut s = Spool::new(1 << 16, 16);
             s.set_version(Version::V5);
-            s.set_topic_aliases(aliases);
+            s.set_topic_aliases(aliases, usize::MAX);
             let mut sizes = Vec::new();
             for _ in 0..n {
                 let m = Message::plain(topic, &[0; 100], Q1, false);
@@ -2411,14 +2411,41 @@ mod tests {
     }
 
     #[test]
+    fn an_alias_never_makes_a_packet_larger_than_the_broker_takes() {
+        // [mqtt5-4] The first PUBLISH of a topic with its alias is 3 bytes
+        // longer: at the broker's maximum it goes without one.
+        let mut s = Spool::new(4096, 8);
+        s.set_version(Version::V5);
+        let m = Message::plain("t/near", &[0; 100], Q0, false);
+        let len = s.encoded_len(&m);
+        s.set_topic_aliases(8, len);
+        s.push_message(Instant::from_millis(0), 1, &m).unwrap();
+        let sent = send(&mut s, 4).unwrap();
+        assert_eq!(sent.len(), len);
+        match Packet::parse_as(&sent, Version::V5) {
+            Ok(Packet::Publish(p)) => assert_eq!(
+                p.properties
+                    .unwrap()
+                    .get(crate::mqtt::props::id::TOPIC_ALIAS),
+                None
+            ),
+            other => panic!("{other:?}"),
+        }
+        // With room for the header, it has one.
+        s.set_topic_aliases(8, len + 8);
+        s.push_message(Instant::from_millis(0), 1, &m).unwrap();
+        assert_eq!(send(&mut s, 4).unwrap().len(), len + 3);
+    }
+
+    #[test]
     fn a_resend_carries_its_full_topic_and_3_1_1_never_aliases() {
         let mut s = Spool::new(4096, 8);
         s.set_version(Version::V5);
-        s.set_topic_aliases(8);
+        s.set_topic_aliases(8, usize::MAX);
         push(&mut s, "t", b"1", Q1).unwrap();
         let first = send(&mut s, 4).unwrap();
         s.reset_inflight();
-        s.set_topic_aliases(8);
+        s.set_topic_aliases(8, usize::MAX);
         let again = send(&mut s, 4).unwrap();
         match Packet::parse_as(&again, Version::V5) {
             Ok(Packet::Publish(p)) => {
@@ -2435,7 +2462,7 @@ mod tests {
         }
         assert_ne!(first, again);
         let mut old = Spool::new(4096, 8);
-        old.set_topic_aliases(8); // 3.1.1: ignored
+        old.set_topic_aliases(8, usize::MAX); // 3.1.1: ignored
         push(&mut old, "t", b"1", Q0).unwrap();
         push(&mut old, "t", b"2", Q0).unwrap();
         let a = send(&mut old, 4).unwrap();
@@ -2448,7 +2475,7 @@ mod tests {
     fn an_aliased_message_written_a_byte_at_a_time_is_the_same_packet() {
         let mut s = Spool::new(256, 8);
         s.set_version(Version::V5);
-        s.set_topic_aliases(4);
+        s.set_topic_aliases(4, usize::MAX);
         // Wrapping around the region's end, with a two-part stored message.
         for i in 0..12 {
             push(&mut s, "wrap/topic", &[i; 40], Q0).unwrap();

@@ -526,3 +526,38 @@ fn repeated_topics_go_with_aliases_when_the_broker_allows_them() {
         ]
     );
 }
+
+#[test]
+fn without_subscription_identifiers_subscribes_go_8_filters_at_a_time_and_bare() {
+    // AWS IoT Core's CONNACK says Subscription Identifier Available 0: an
+    // identifier would be refused, so SUBSCRIBEs carry none (and up to 8
+    // filters, as with 3.1.1).
+    let connack = [0x20, 0x08, 0x00, 0x00, 0x05, 0x29, 0x00, 0x22, 0x00, 0x08];
+    let broker = MockBroker::start(Pki::get(), Behaviour::ReplyRaw(connack.to_vec()));
+    let (d, sock) = start(broker.port(), "gw-noids", &["--mqtt", "5"]);
+    let mut s = BusClient::connect(&sock);
+    s.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["n/1", "n/2", "n/3"], 0),
+    );
+    assert!(
+        wait_until(SECS(5), || broker
+            .received()
+            .first()
+            .is_some_and(|b| b.contains(&0x82))),
+        "{}",
+        d.log()
+    );
+    let bytes = broker.received().remove(0);
+    let at = bytes.iter().position(|&b| b == 0x82).expect("a SUBSCRIBE");
+    let subscribe = &bytes[at..];
+    // 0x82, remaining length 21: packet id, property length 0, three
+    // filters of 2 + 3 bytes, each with its options byte.
+    assert_eq!(&subscribe[1..2], &[21], "{subscribe:02x?}");
+    assert_eq!(subscribe[4], 0x00, "no properties: {subscribe:02x?}");
+    assert_eq!(
+        &subscribe[5..23],
+        b"\x00\x03n/1\x00\x00\x03n/2\x00\x00\x03n/3\x00"
+    );
+}

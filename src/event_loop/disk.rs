@@ -242,7 +242,10 @@ impl DiskSpool {
         let mut restored = 0;
         for line in text.lines() {
             let mut fields = line.split('\t');
-            let (Some(qos), Some(virt), Some(name)) = (fields.next(), fields.next(), fields.next())
+            // The flags: 1 virtual, 2 properties (a file of an older build
+            // has 0 or 1).
+            let (Some(qos), Some(flags), Some(name)) =
+                (fields.next(), fields.next(), fields.next())
             else {
                 continue;
             };
@@ -256,8 +259,12 @@ impl DiskSpool {
             let Some(dest) = Dest::endpoint(name) else {
                 continue;
             };
-            match router.subscribe(dest, &filters, qos, virt == "1") {
-                Ok(_) => restored += 1,
+            let flags: u8 = flags.parse().unwrap_or(0);
+            match router.subscribe(dest, &filters, qos, flags & 1 != 0) {
+                Ok(id) => {
+                    router.set_properties(id, flags & 2 != 0);
+                    restored += 1;
+                }
                 Err(e) => log::warn!(
                     "{}: a subscription for {name:?} not restored: {e}",
                     path.display()
@@ -276,9 +283,10 @@ impl DiskSpool {
         }
         self.saved = router.endpoint_changes();
         let mut text = String::new();
-        for (name, filters, qos, virt) in router.endpoint_subscriptions() {
+        for (name, filters, qos, virt, props) in router.endpoint_subscriptions() {
             let qos = u8::from(qos == QoS::AtLeastOnce);
-            text.push_str(&format!("{qos}\t{}\t{name}", u8::from(virt)));
+            let flags = u8::from(virt) | u8::from(props) << 1;
+            text.push_str(&format!("{qos}\t{flags}\t{name}"));
             for f in filters {
                 text.push('\t');
                 text.push_str(f);

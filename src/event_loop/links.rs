@@ -919,10 +919,17 @@ impl EventLoop {
                             }
                         );
                     }
+                    self.router.use_subscription_ids(
+                        i,
+                        link.session.version() == Version::V5 && limits.subscription_ids,
+                    );
                     if i == PUBLISHING {
                         self.broker = limits;
                         // [mqtt5-6] Aliases start afresh on every connection.
-                        self.spool.set_topic_aliases(limits.topic_alias_maximum);
+                        self.spool.set_topic_aliases(
+                            limits.topic_alias_maximum,
+                            usize::try_from(limits.maximum_packet_size).unwrap_or(usize::MAX),
+                        );
                     }
                     link.backoff.connected(now);
                     let again = if link.was_connected {

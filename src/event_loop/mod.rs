@@ -136,7 +136,6 @@ impl EventLoop {
         let mut spool = Spool::new(consts::SPOOL_BYTES, consts::SPOOL_MESSAGES);
         spool.set_version(config.mqtt);
         let mut router = Router::new();
-        router.use_subscription_ids(config.mqtt == crate::mqtt::packet::Version::V5);
         let disk = match &config.spool_dir {
             Some(dir) => {
                 let mut disk =

@@ -68,6 +68,8 @@ pub struct Limits {
     pub topic_alias_maximum: u16,
     /// Its keepalive for us, replacing ours, if it set one.
     pub server_keep_alive: Option<u16>,
+    /// Whether it takes Subscription Identifiers (AWS IoT Core does not).
+    pub subscription_ids: bool,
 }
 
 impl Default for Limits {
@@ -79,6 +81,7 @@ impl Default for Limits {
             retain_available: true,
             topic_alias_maximum: 0,
             server_keep_alive: None,
+            subscription_ids: true,
         }
     }
 }
@@ -102,6 +105,7 @@ impl Limits {
             retain_available: p.number(id::RETAIN_AVAILABLE) != Some(0),
             topic_alias_maximum: p.number(id::TOPIC_ALIAS_MAXIMUM).map_or(0, u16_of),
             server_keep_alive: p.number(id::SERVER_KEEP_ALIVE).map(u16_of),
+            subscription_ids: p.number(id::SUBSCRIPTION_ID_AVAILABLE) != Some(0),
         }
     }
 }
@@ -328,6 +332,13 @@ impl Session {
         now: Instant,
         bytes: &'a [u8],
     ) -> Result<Option<Event<'a>>, Error> {
+        // A broker of MQTT 3.1.1 only answers our CONNECT with its own
+        // CONNACK, return code 1: unacceptable protocol version [mqtt5-1].
+        if let (Version::V5, State::AwaitingConnack { .. }, [0x20, 0x02, 0x00, 0x01]) =
+            (self.version, self.state, bytes)
+        {
+            return Err(Error::Refused5(0x84));
+        }
         let packet = Packet::parse_as(bytes, self.version).map_err(Error::Malformed)?;
         self.last_rx = now;
         match (self.state, packet) {
@@ -824,6 +835,15 @@ mod tests {
             assert_eq!(s.reason_text(), "no");
             assert!(e.to_string().contains(&format!("0x{code:02X}")), "{e}");
         }
+    }
+
+    #[test]
+    fn a_3_1_1_broker_refusing_level_5_is_unsupported_protocol_version() {
+        // [mqtt5-1] Its own CONNACK, return code 1: the hint follows.
+        let (_, r) = v5_connected(&[0x20, 0x02, 0x00, 0x01]);
+        let e = r.unwrap_err();
+        assert_eq!(e, Error::Refused5(0x84));
+        assert!(e.is_unsupported_version());
     }
 
     #[test]

@@ -145,7 +145,7 @@ impl Router {
             picked = self.pick(link, |e| e.needs_subscribe() && e.strikes == 0);
         }
         let mut subscription_id = Vec::new();
-        if self.subscription_ids && kind == RequestKind::Subscribe {
+        if self.subscription_ids.get(link) == Some(&true) && kind == RequestKind::Subscribe {
             picked.truncate(1);
             if let Some(&i) = picked.first() {
                 let id = u32::try_from(i + 1).unwrap_or(u32::MAX);

@@ -23,6 +23,8 @@ const STAGED_TAIL: usize = 1024;
 pub(super) struct Aliases {
     /// How many the broker allows now (0: none), at most `ALIAS_SLOTS`.
     max: usize,
+    /// The broker's Maximum Packet Size.
+    max_packet: usize,
     topics: [heapless::String<MAX_TOPIC_LEN>; ALIAS_SLOTS],
     used: [u64; ALIAS_SLOTS],
     clock: u64,
@@ -31,6 +33,7 @@ pub(super) struct Aliases {
 impl Aliases {
     pub(super) const NONE: Aliases = Aliases {
         max: 0,
+        max_packet: usize::MAX,
         topics: [const { heapless::String::new() }; ALIAS_SLOTS],
         used: [0; ALIAS_SLOTS],
         clock: 0,
@@ -90,10 +93,13 @@ impl Spool {
     /// (its CONNACK's Topic Alias Maximum; 0 for none, and always with
     /// MQTT 3.1.1): every alias of the last connection is forgotten
     /// [mqtt5-6].
-    pub fn set_topic_aliases(&mut self, max: u16) {
+    /// A packet never grows past `max_packet` (the broker's Maximum
+    /// Packet Size) for its alias: such a message goes without one.
+    pub fn set_topic_aliases(&mut self, max: u16, max_packet: usize) {
         self.aliases = Aliases::NONE;
         if self.version == Version::V5 {
             self.aliases.max = usize::from(max).min(ALIAS_SLOTS);
+            self.aliases.max_packet = max_packet;
         }
     }
 
@@ -108,15 +114,22 @@ impl Spool {
         if e.props_len_at == 0 || e.sent_before || self.aliases.max == 0 {
             return;
         }
+        let skip = e.props_len_at + crate::mqtt::props::varint_len(e.props_len);
+        let tail = e.len - skip; // the properties and the payload
         let topic = self.topic_of(&e);
+        // The packet with its topic and an alias, the longest this header
+        // makes it: past the broker's maximum, it goes as stored [mqtt5-4].
+        let id_len = if e.qos == QoS::AtLeastOnce { 2 } else { 0 };
+        let props_len = crate::mqtt::props::varint_len(e.props_len + 3);
+        let rl_full = 2 + topic.len() + id_len + props_len + 3 + tail;
+        if 1 + crate::mqtt::props::varint_len(rl_full) + rl_full > self.aliases.max_packet {
+            return;
+        }
         let Some((alias, known)) = self.aliases.assign(&topic) else {
             return;
         };
-        let skip = e.props_len_at + crate::mqtt::props::varint_len(e.props_len);
-        let tail = e.len - skip; // the properties and the payload
         let topic_part = if known { "" } else { topic.as_str() };
         let new_props_len = e.props_len + 3;
-        let id_len = if e.qos == QoS::AtLeastOnce { 2 } else { 0 };
         let rl = 2
             + topic_part.len()
             + id_len

@@ -115,9 +115,14 @@ impl EventLoop {
             Failure::TooLarge(_) => Some(0x95),
             _ => None,
         };
+        // Never inside a packet: not while a PUBLISH or a control packet is
+        // part-written (the broker would read the DISCONNECT as its rest).
+        let mid_packet = (i == PUBLISHING
+            && self.spool.next(consts::MAX_INFLIGHT, false).is_some())
+            || !self.links[i].session.pending_tx().is_empty();
         let link = &mut self.links[i];
-        if let (Some(reason), Version::V5, Phase::Mqtt { tls }) =
-            (reason, link.session.version(), &mut link.phase)
+        if let (Some(reason), Version::V5, Phase::Mqtt { tls }, false) =
+            (reason, link.session.version(), &mut link.phase, mid_packet)
         {
             let mut buf = [0u8; 4];
             let disconnect = Packet::Disconnect {
