@@ -215,20 +215,9 @@ impl Clients {
                     if i >= bus.capacity() || bus.slot(i).generation() != *generation {
                         return;
                     }
-                    let (buf, len) = if wants_props && properties.is_some() {
-                        let len = match props_form {
-                            Some((false, len)) => len,
-                            _ => {
-                                let len = answer::message(
-                                    scratch_props,
-                                    topic,
-                                    payload,
-                                    properties.as_ref(),
-                                );
-                                props_form = Some((false, len));
-                                len
-                            }
-                        };
+                    let (buf, len) = if let Some(p) = properties.as_ref().filter(|_| wants_props) {
+                        let len =
+                            props_frame(scratch_props, &mut props_form, false, topic, payload, p);
                         (&scratch_props[..], len)
                     } else {
                         let len = *message_len
@@ -257,20 +246,9 @@ impl Clients {
                     }
                 }
                 Dest::Endpoint(name) => {
-                    let (buf, len) = if wants_props && properties.is_some() {
-                        let len = match props_form {
-                            Some((true, len)) => len,
-                            _ => {
-                                let len = answer::notify(
-                                    scratch_props,
-                                    topic,
-                                    payload,
-                                    properties.as_ref(),
-                                );
-                                props_form = Some((true, len));
-                                len
-                            }
-                        };
+                    let (buf, len) = if let Some(p) = properties.as_ref().filter(|_| wants_props) {
+                        let len =
+                            props_frame(scratch_props, &mut props_form, true, topic, payload, p);
                         (&scratch_props[..], len)
                     } else {
                         let len = *notify_len.get_or_insert_with(|| {
@@ -578,5 +556,30 @@ impl EventLoop {
     /// Tells every `connection_status` subscriber the new state.
     pub(super) fn notify_status(&mut self, connected: bool) {
         self.clients.notify_status(&mut self.router, connected);
+    }
+}
+
+/// A message frame with the MQTT 5 properties (`notify`: the endpoint's
+/// notify, else the stream's message) in `buf`; built only if `built`
+/// says `buf` holds something else.
+fn props_frame(
+    buf: &mut [u8],
+    built: &mut Option<(bool, usize)>,
+    notify: bool,
+    topic: &str,
+    payload: &[u8],
+    props: &Props<'_>,
+) -> usize {
+    match *built {
+        Some((form, len)) if form == notify => len,
+        _ => {
+            let len = if notify {
+                answer::notify(buf, topic, payload, Some(props))
+            } else {
+                answer::message(buf, topic, payload, Some(props))
+            };
+            *built = Some((notify, len));
+            len
+        }
     }
 }
