@@ -388,8 +388,9 @@ impl Session {
                     return Err(Error::TopicAlias);
                 }
                 if let Some(packet_id) = publish.packet_id {
-                    // [MQTT-4.3.2-2] Acknowledge QoS 1 before delivering.
-                    self.queue(&self.puback(packet_id))?;
+                    // [MQTT-4.3.2-2] Acknowledge QoS 1 before delivering (the
+                    // two-byte body means reason 0x00 in MQTT 5 too).
+                    self.queue(&Packet::puback(packet_id))?;
                 }
                 Ok(Some(Event::Publish(publish)))
             }
@@ -426,12 +427,6 @@ impl Session {
                 | Packet::Disconnect { .. },
             ) => Err(Error::Protocol("a packet only clients send")),
         }
-    }
-
-    /// A PUBACK for an incoming QoS 1 PUBLISH, in this session's protocol
-    /// (the same two-byte-body form: reason 0x00, no properties).
-    fn puback(&self, packet_id: u16) -> Packet<'static> {
-        Packet::puback(packet_id)
     }
 
     fn keep_reason(&mut self, props: &Props<'_>) {
