@@ -189,7 +189,7 @@ impl Link {
 
     /// The largest PUBLISH the broker takes on this connection.
     fn max_packet(&self) -> usize {
-        usize::try_from(self.limits.maximum_packet_size).unwrap_or(usize::MAX)
+        self.limits.max_packet()
     }
 
     fn token(&self) -> Token {
@@ -926,10 +926,8 @@ impl EventLoop {
                     if i == PUBLISHING {
                         self.broker = limits;
                         // [mqtt5-6] Aliases start afresh on every connection.
-                        self.spool.set_topic_aliases(
-                            limits.topic_alias_maximum,
-                            usize::try_from(limits.maximum_packet_size).unwrap_or(usize::MAX),
-                        );
+                        self.spool
+                            .set_topic_aliases(limits.topic_alias_maximum, link.max_packet());
                     }
                     link.backoff.connected(now);
                     let again = if link.was_connected {
@@ -996,12 +994,11 @@ impl EventLoop {
                                 if link.refusals_logged.due(&topic, reason, now) {
                                     log::warn!(
                                         "connection {i}: the broker refused a message on {:?}: \
-                                         PUBACK 0x{reason:02X} {}{}{} (not resent; logged once \
+                                         PUBACK 0x{reason:02X} {}{} (not resent; logged once \
                                          a minute per topic and reason)",
                                         topic.as_str(),
                                         packet::reason_name(reason),
-                                        if reason_string.is_some() { ": " } else { "" },
-                                        reason_string.unwrap_or("")
+                                        failure::reason_text(reason_string.unwrap_or(""))
                                     );
                                 }
                             }
@@ -1037,17 +1034,14 @@ impl EventLoop {
                             for &code in suback.raw_codes().iter().filter(|&&c| c >= 0x80) {
                                 log::warn!(
                                     "connection {i}: the broker refused a subscription: SUBACK \
-                                     0x{code:02X} {}{}{}",
+                                     0x{code:02X} {}{}",
                                     packet::reason_name(code),
-                                    if suback.properties.and_then(|p| p.reason_string()).is_some() {
-                                        ": "
-                                    } else {
-                                        ""
-                                    },
-                                    suback
-                                        .properties
-                                        .and_then(|p| p.reason_string())
-                                        .unwrap_or("")
+                                    failure::reason_text(
+                                        suback
+                                            .properties
+                                            .and_then(|p| p.reason_string())
+                                            .unwrap_or("")
+                                    )
                                 );
                             }
                             let codes: heapless::Vec<SubackCode, 8> =

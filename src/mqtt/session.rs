@@ -87,6 +87,11 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// The largest packet the broker takes, in bytes.
+    pub fn max_packet(&self) -> usize {
+        usize::try_from(self.maximum_packet_size).unwrap_or(usize::MAX)
+    }
+
     /// Reads a CONNACK's properties.
     fn from_props(p: &Props<'_>) -> Limits {
         let d = Limits::default();

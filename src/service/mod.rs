@@ -294,8 +294,7 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
                     .expiry
                     .map(|s| ctx.now + core::time::Duration::from_secs(u64::from(s))),
             };
-            let max_packet = usize::try_from(ctx.broker.maximum_packet_size).unwrap_or(usize::MAX);
-            if ctx.spool.encoded_len(&message) > max_packet {
+            if ctx.spool.encoded_len(&message) > ctx.broker.max_packet() {
                 return refuse(
                     out,
                     ErrorCode::Range,
