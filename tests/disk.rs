@@ -165,7 +165,10 @@ fn a_stored_message_is_sent_after_a_restart_and_counted_in_stats() {
 #[test]
 fn a_second_daemon_on_the_same_spool_directory_exits_1() {
     let spool = TestDir::new("spool");
-    let (_d, _sock) = start(free_port(), "gw-first", spool.path(), &[]);
+    let (d, _sock) = start(free_port(), "gw-first", spool.path(), &[]);
+    // Its bus socket exists before it opens (and locks) the spool: only
+    // once it says so is the directory its own.
+    assert!(d.wait_log("disk spool", SECS(10)), "{}", d.log());
     let args = spool_args(free_port(), "gw-second", ".", spool.path());
     exits_1_saying(Daemon::start(BIN, &args), "in use by another iotcored");
 }
