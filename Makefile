@@ -51,7 +51,9 @@ clippy:
 	$(CARGO) clippy --examples -- -D warnings
 
 size: release
-	@ls -l target/release/iotcored | awk '{ printf "stripped release binary: %d bytes (%.2f MiB)\n", $$5, $$5/1048576 }'
+	@for bin in iotcored iotcorectl; do \
+	  ls -l target/release/$$bin | awk -v b=$$bin '{ printf "%s: stripped release binary, %d bytes (%.2f MiB)\n", b, $$5, $$5/1048576 }'; \
+	done
 
 # Benchmark against a local mosquitto on 127.0.0.1 (about 2 minutes): the
 # publish rate limit, throughput, latency, CPU per message, CPU per

@@ -99,8 +99,21 @@ impl fmt::Display for UsageError {
 }
 
 impl From<lexopt::Error> for UsageError {
+    /// lexopt's errors in this module's words: a value is quoted the same
+    /// way in every message (`{:?}`, double quotes).
     fn from(e: lexopt::Error) -> Self {
-        UsageError(e.to_string())
+        use lexopt::Error as E;
+        UsageError(match e {
+            E::MissingValue { option: Some(o) } => format!("{o}: a value is missing"),
+            E::MissingValue { option: None } => "a value is missing".into(),
+            E::UnexpectedOption(o) => format!("unknown option {o:?}"),
+            E::UnexpectedArgument(a) => format!("unexpected argument {a:?}"),
+            E::UnexpectedValue { option, value } => {
+                format!("{option}: takes no value (got {value:?})")
+            }
+            E::NonUnicodeValue(v) => format!("{v:?} is not valid UTF-8"),
+            other => other.to_string(),
+        })
     }
 }
 
@@ -211,13 +224,33 @@ where
         }
     }
 
+    // Every missing required option in one message.
+    let missing: Vec<&str> = [
+        (endpoint.is_none(), "-e/--endpoint"),
+        (client_id.is_none(), "-i/--id"),
+        (rootca.is_none(), "-r/--rootca"),
+        (cert.is_none(), "-c/--cert"),
+        (key.is_none(), "-k/--key"),
+    ]
+    .iter()
+    .filter_map(|&(absent, name)| absent.then_some(name))
+    .collect();
+    let (Some(endpoint), Some(client_id), Some(rootca), Some(cert), Some(key)) =
+        (endpoint, client_id, rootca, cert, key)
+    else {
+        let plural = if missing.len() > 1 { "s" } else { "" };
+        return Err(UsageError(format!(
+            "missing required option{plural} {}",
+            missing.join(", ")
+        )));
+    };
     let config = Config {
-        endpoint: required(endpoint, "endpoint", 'e')?,
+        endpoint,
         port,
-        client_id: required(client_id, "id", 'i')?,
-        rootca: required(rootca, "rootca", 'r')?,
-        cert: required(cert, "cert", 'c')?,
-        key: required(key, "key", 'k')?,
+        client_id,
+        rootca,
+        cert,
+        key,
         keepalive,
         interface_name,
         socket_dir,
@@ -232,10 +265,6 @@ where
     };
     validate(&config)?;
     Ok(Command::Run(Box::new(config)))
-}
-
-fn required<T>(value: Option<T>, long: &str, short: char) -> Result<T, UsageError> {
-    value.ok_or_else(|| UsageError(format!("missing required option -{short}/--{long}")))
 }
 
 fn string(parser: &mut lexopt::Parser, name: &str) -> Result<String, UsageError> {
@@ -311,6 +340,10 @@ fn validate(config: &Config) -> Result<(), UsageError> {
 /// name is an interface name and the path fits a Unix socket address. The
 /// error names the option or the path (the daemon's and iotcorectl's).
 pub fn bus_socket_path(socket_dir: &Path, interface_name: &str) -> Result<PathBuf, String> {
+    if socket_dir.as_os_str().is_empty() {
+        // An empty directory would bind in the current directory.
+        return Err("--socket-dir: the directory is empty".into());
+    }
     if !bus::is_interface_name(interface_name) {
         return Err(format!(
             "--interface_name: {interface_name:?} must be 1 to {MAX_INTERFACE_NAME_LEN} bytes without '/' (nor '.' or '..')"
@@ -402,6 +435,56 @@ mod tests {
             let err = parse(args).unwrap_err();
             assert!(err.0.contains(name), "{err} should name --{name}");
         }
+    }
+
+    #[test]
+    fn every_missing_required_option_is_named_in_one_message() {
+        let err = parse(["-e", "example.com", "-c", "cert.pem"]).unwrap_err();
+        assert_eq!(
+            err.0,
+            "missing required options -i/--id, -r/--rootca, -k/--key"
+        );
+        let err = parse(Vec::<&str>::new()).unwrap_err();
+        assert!(err
+            .0
+            .starts_with("missing required options -e/--endpoint, -i/--id"));
+        let mut one: Vec<&str> = BASE.to_vec();
+        one.drain(8..10);
+        assert_eq!(
+            parse(one).unwrap_err().0,
+            "missing required option -k/--key"
+        );
+    }
+
+    #[test]
+    fn values_are_quoted_alike_and_ranges_are_the_real_ones() {
+        let err = parse_with(&["--max-backoff", "0"]).unwrap_err();
+        assert_eq!(
+            err.0,
+            "--max-backoff: \"0\" is not a whole number from 1 to 3600"
+        );
+        assert_eq!(
+            parse_with(&["--bogus"]).unwrap_err().0,
+            "unknown option \"--bogus\""
+        );
+        assert_eq!(
+            parse_with(&["stray"]).unwrap_err().0,
+            "unexpected argument \"stray\""
+        );
+        assert_eq!(
+            parse_with(&["--port"]).unwrap_err().0,
+            "--port: a value is missing"
+        );
+        assert_eq!(
+            parse_with(&["--persistent-session=yes"]).unwrap_err().0,
+            "--persistent-session: takes no value (got \"yes\")"
+        );
+    }
+
+    #[test]
+    fn an_empty_socket_dir_is_refused() {
+        let err = parse_with(&["--socket-dir", ""]).unwrap_err();
+        assert_eq!(err.0, "--socket-dir: the directory is empty");
     }
 
     #[test]

@@ -256,7 +256,11 @@ fn a_publish_answered_null_exits_0_and_one_answered_busy_exits_13() {
 
     let out = bus.run(&["pub", "-t", "a/b", "-s", "-r"], b"from stdin");
     assert_eq!(status(&out), 13);
-    assert_eq!(stderr(&out), "iotcorectl: daemon answered BUSY (3)\n");
+    // The code, and what it means (the daemon's log has the exact reason).
+    assert_eq!(
+        stderr(&out),
+        "iotcorectl: daemon answered BUSY (3): the daemon's outgoing queue is full; try again later\n"
+    );
     bus.finish();
 }
 
@@ -278,7 +282,7 @@ fn pub_l_pipelines_one_call_per_line_and_reports_the_refused_line() {
     assert_eq!(status(&out), 13);
     assert_eq!(
         stderr(&out),
-        "iotcorectl: line 3: daemon answered BUSY (3)\n\
+        "iotcorectl: line 3: daemon answered BUSY (3): the daemon's outgoing queue is full; try again later\n\
          iotcorectl: 2 of 3 message(s) published\n"
     );
     bus.finish();

@@ -438,6 +438,9 @@ fn bad_command_lines_exit_2_with_a_usage_message() {
         &["--keepalive", "abc"],
         &["stray"],
         &["--port"],
+        // An empty directory would bind in the current one.
+        &["--socket-dir", ""],
+        &["--max-backoff", "0"],
     ] {
         let mut v = base.clone();
         v.extend(extra.iter().map(|s| s.to_string()));

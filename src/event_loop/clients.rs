@@ -23,6 +23,7 @@ use crate::bus::server::{Input, Overdue, SendError, Server, PARTIAL_TIMEOUT, STA
 use crate::consts;
 use crate::mqtt::props::Props;
 use crate::router::{Dest, Router, SubId, ENDPOINT_TIMEOUT};
+use crate::service::params::Refusal;
 use crate::service::{self, answer, Caller, Context, Counters, LinkState, Mode, Reply};
 use crate::spool::Spool;
 use crate::time::Instant;
@@ -54,6 +55,8 @@ pub(super) struct Clients {
     spool_log_at: Option<Instant>,
     /// When the response endpoints are next probed.
     probe_at: Instant,
+    /// Refused requests, logged with their reasons at a bounded rate.
+    refusals: RefusalLog,
 }
 
 impl Clients {
@@ -67,6 +70,7 @@ impl Clients {
             endpoint_results: Vec::with_capacity(consts::MAX_SUBSCRIPTIONS),
             spool_log_at: None,
             probe_at: Instant::default() + ENDPOINT_PROBE_EVERY,
+            refusals: RefusalLog::default(),
             bus,
         }
     }
@@ -476,7 +480,14 @@ impl EventLoop {
                 Input::Frame(n) => self.clients.bus.consume(i, n, now),
                 Input::Idle => break,
                 Input::Malformed(code) => {
-                    log::debug!("bus: slot {i}: malformed frame: {}", code.name());
+                    let why = if code == ErrorCode::NoMem {
+                        "the frame is larger than this daemon's bus frame limit (IOTCORED_BUS_MAX_FRAME)"
+                    } else {
+                        "malformed frame (a bad length or CRC, or the connection ended mid-frame)"
+                    };
+                    let pid = self.clients.bus.pid(i);
+                    let refusal = Refusal::new(code, why);
+                    self.clients.refusals.log(now, i, pid, "request", &refusal);
                     let len = answer::error(&mut self.clients.scratch, code);
                     let reply = Reply {
                         close: true,
@@ -538,6 +549,10 @@ impl EventLoop {
             service::handle(slot.frame(n), caller, &mut ctx, &mut self.clients.scratch)
         };
         self.clients.bus.consume(i, n, now);
+        if let Some((method, refusal)) = reply.refused {
+            let pid = self.clients.bus.pid(i);
+            self.clients.refusals.log(now, i, pid, method, &refusal);
+        }
         if reply.evicted > 0 || reply.busy {
             self.clients.log_spool_pressure(&self.spool, now);
         }
@@ -556,6 +571,47 @@ impl EventLoop {
     /// Tells every `connection_status` subscriber the new state.
     pub(super) fn notify_status(&mut self, connected: bool) {
         self.clients.notify_status(&mut self.router, connected);
+    }
+}
+
+/// Most refusals logged in one second; the rest are counted, and the
+/// count is said on the next line.
+const REFUSAL_LINES_PER_SEC: u32 = 5;
+
+/// The INFO lines of refused requests, each with its reason: a client
+/// that repeats a bad request cannot flood the log.
+#[derive(Default)]
+struct RefusalLog {
+    /// The start of the current second, and the lines logged in it.
+    second: Option<(Instant, u32)>,
+    /// Refusals not logged since the last line.
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn log(&mut self, now: Instant, slot: usize, pid: u32, method: &str, refusal: &Refusal) {
+        let lines = match self.second {
+            Some((start, lines)) if now.saturating_since(start).as_secs() < 1 => lines,
+            _ => 0,
+        };
+        if lines >= REFUSAL_LINES_PER_SEC {
+            self.unlogged += 1;
+            return;
+        }
+        let start = self.second.filter(|_| lines > 0).map_or(now, |(t, _)| t);
+        self.second = Some((start, lines + 1));
+        let unlogged = core::mem::take(&mut self.unlogged);
+        if unlogged > 0 {
+            log::info!(
+                "bus: pid {pid} (slot {slot}): {method} refused, {}: {refusal} ({unlogged} earlier refusals not logged)",
+                refusal.code.name()
+            );
+        } else {
+            log::info!(
+                "bus: pid {pid} (slot {slot}): {method} refused, {}: {refusal}",
+                refusal.code.name()
+            );
+        }
     }
 }
 

@@ -84,6 +84,77 @@ impl fmt::Display for TopicError {
 
 impl std::error::Error for TopicError {}
 
+impl TopicError {
+    /// This refusal of `raw` explained for a person, naming the value as
+    /// `what` ("publish topic", "topic filter", "response_topic", ...).
+    pub fn explain(self, what: &'static str, raw: &[u8]) -> Explained {
+        let text = str::from_utf8(raw).unwrap_or_default();
+        let counted = basic_ingest_suffix(text).unwrap_or(text);
+        Explained {
+            what,
+            error: self,
+            len: raw.len(),
+            slashes: counted.bytes().filter(|&b| b == b'/').count(),
+        }
+    }
+}
+
+/// A topic (or text) refusal with the numbers a person needs to fix it:
+/// "publish topic is 304 bytes; AWS IoT Core allows 256".
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Explained {
+    /// What the value is.
+    pub what: &'static str,
+    /// The rule it breaks.
+    pub error: TopicError,
+    /// Its length in bytes.
+    pub len: usize,
+    /// Its slashes that count against AWS IoT Core's limit.
+    pub slashes: usize,
+}
+
+impl fmt::Display for Explained {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = self.what;
+        match self.error {
+            TopicError::NotUtf8 => write!(f, "{what} is not valid UTF-8"),
+            TopicError::Nul => write!(f, "{what} contains U+0000 (NUL), which MQTT forbids"),
+            TopicError::Forbidden(c) => {
+                let kind = if c.is_control() {
+                    "a control character"
+                } else {
+                    "a Unicode non-character"
+                };
+                write!(f, "{what} contains U+{:04X}, {kind}", u32::from(c))
+            }
+            TopicError::Empty => write!(f, "{what} is empty"),
+            TopicError::Wildcard => write!(f, "wildcards (+ and #) are not allowed in a {what}"),
+            TopicError::BadWildcard => write!(
+                f,
+                "{what}: a wildcard must fill a whole level (a/+/b), and # must be the last level (a/#)"
+            ),
+            TopicError::Reserved => write!(
+                f,
+                "{what} starts with $, which AWS IoT Core reserves: only $aws/ topics may be used"
+            ),
+            TopicError::TooLong if self.len > usize::from(u16::MAX) => {
+                write!(f, "{what} is {} bytes; MQTT allows 65535", self.len)
+            }
+            TopicError::TooLong => write!(
+                f,
+                "{what} is {} bytes; AWS IoT Core allows {MAX_TOPIC_LEN}",
+                self.len
+            ),
+            TopicError::TooManyLevels => write!(
+                f,
+                "{what} has {} slashes; AWS IoT Core allows {MAX_SLASHES} ({} levels)",
+                self.slashes,
+                MAX_SLASHES + 1
+            ),
+        }
+    }
+}
+
 // ---- MQTT ---------------------------------------------------------------------
 
 /// The MQTT rules for a topic name: non-empty [MQTT-4.7.3-1] and free of

@@ -24,7 +24,13 @@ use crate::mqtt::session::Limits;
 use crate::router::{Dest, Outcome, Router, Settled, SubId};
 use crate::spool::{Message, PushError, Spool};
 use crate::time::Instant;
-use params::Confirm;
+use params::{Confirm, Refusal};
+
+/// BUSY for a full spool: the caller should try again later.
+const QUEUE_FULL: Refusal = Refusal::new(
+    ErrorCode::Busy,
+    "the outgoing queue is full of unsent messages; try again later",
+);
 
 /// The publishing connection: every PUBLISH goes over connection 0 (the
 /// bare client id), so publishes leave in the order they were accepted,
@@ -189,6 +195,9 @@ pub struct Reply {
     pub evicted: usize,
     /// The publish was refused because the spool is full of QoS 1.
     pub busy: bool,
+    /// A request refused: its method, and why (for the log; the answer
+    /// carries only the code).
+    pub refused: Option<(&'static str, Refusal)>,
 }
 
 impl Reply {
@@ -201,14 +210,16 @@ impl Reply {
             dropped: false,
             evicted: 0,
             busy: false,
+            refused: None,
         }
     }
 
     /// A malformed request: its code, then close [bus-err-1].
-    fn fatal(out: &mut [u8], code: ErrorCode) -> Self {
+    fn fatal(out: &mut [u8], refusal: Refusal) -> Self {
         Self {
             close: true,
-            ..Self::answer(answer::error(out, code), Mode::Requests)
+            refused: Some(("request", refusal)),
+            ..Self::answer(answer::error(out, refusal.code), Mode::Requests)
         }
     }
 }
@@ -220,15 +231,21 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
     let request = match frame::parse(bytes).and_then(|f| f.request()) {
         Ok(r) => r,
         Err(e) => {
-            log::debug!("bus: slot {slot}: malformed request: {e}");
-            return Reply::fatal(out, e.code());
+            let why = Refusal {
+                code: e.code(),
+                why: params::Why::Frame(e),
+            };
+            return Reply::fatal(out, why);
         }
     };
     let params = match object::parse_params(request.payload) {
         Ok(p) => p,
         Err(e) => {
-            log::debug!("bus: slot {slot}: malformed parameters: {e}");
-            return Reply::fatal(out, e.code());
+            let why = Refusal {
+                code: e.code(),
+                why: params::Why::Object(e),
+            };
+            return Reply::fatal(out, why);
         }
     };
     let notify = request.kind == RequestType::Notify;
@@ -237,51 +254,65 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
         Reply::answer(if notify { 0 } else { answer(out) }, Mode::Requests)
     };
     // A refusal: the code for a call; a notify's is only logged and counted.
-    let refuse = |out: &mut [u8], code: ErrorCode, what: &str| {
-        log::debug!(
-            "bus: slot {slot}: {} refused: {} ({what})",
-            String::from_utf8_lossy(request.method),
-            code.name()
-        );
-        if notify {
+    let method = Method::from_name(request.method);
+    let refuse = |out: &mut [u8], refusal: Refusal| {
+        let reply = if notify {
             Reply {
                 dropped: true,
                 ..Reply::answer(0, Mode::Requests)
             }
         } else {
-            Reply::answer(answer::error(out, code), Mode::Requests)
+            Reply::answer(answer::error(out, refusal.code), Mode::Requests)
+        };
+        Reply {
+            refused: Some((method.map_or("request", Method::name), refusal)),
+            ..reply
         }
     };
-    let Some(method) = Method::from_name(request.method) else {
-        return refuse(out, ErrorCode::NoEntry, "unknown method");
+    let Some(method) = method else {
+        return refuse(
+            out,
+            Refusal::new(
+                ErrorCode::NoEntry,
+                "unknown method (publish, subscribe, unsubscribe, connection_status, stats)",
+            ),
+        );
     };
     let has_endpoint = params.get(b"response_endpoint").is_some();
     if !method.accepts(request.kind, has_endpoint) {
-        return refuse(out, ErrorCode::Invalid, "wrong request type");
+        return refuse(
+            out,
+            Refusal::invalid("wrong request type for the method (call, notify or subscribe)"),
+        );
     }
     match method {
         Method::Publish => {
             let p = match params::publish(&params) {
                 Ok(p) => p,
-                Err(code) => return refuse(out, code, "bad parameters"),
+                Err(refusal) => return refuse(out, refusal),
             };
             // What the broker said it does not take [mqtt5-4].
             if p.qos == QoS::AtLeastOnce && ctx.broker.maximum_qos == QoS::AtMostOnce {
-                return refuse(out, ErrorCode::Unsupported, "the broker takes qos 0 only");
+                return refuse(
+                    out,
+                    Refusal::new(ErrorCode::Unsupported, "the broker takes qos 0 only"),
+                );
             }
             if p.retain && !ctx.broker.retain_available {
                 return refuse(
                     out,
-                    ErrorCode::Unsupported,
-                    "the broker takes no retained messages",
+                    Refusal::new(
+                        ErrorCode::Unsupported,
+                        "the broker takes no retained messages",
+                    ),
                 );
             }
             // MQTT 5 properties, encoded once here; 3.1.1 sends none
             // [mqtt5-5].
             let mut block = Builder::<{ params::MAX_PROPERTIES }>::new();
             if ctx.version == Version::V5 {
-                if let Err(code) = p.properties.encode(&mut block) {
-                    return refuse(out, code, "properties too long");
+                if let Err(refusal) = p.properties.encode(&mut block) {
+                    return refuse(out, refusal);
                 }
             }
             let message = Message {
@@ -294,11 +325,16 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
                     .expiry
                     .map(|s| ctx.now + core::time::Duration::from_secs(u64::from(s))),
             };
-            if ctx.spool.encoded_len(&message) > ctx.broker.max_packet() {
+            let len = ctx.spool.encoded_len(&message);
+            if len > ctx.broker.max_packet() {
                 return refuse(
                     out,
-                    ErrorCode::Range,
-                    "over the broker's maximum packet size",
+                    Refusal::long(
+                        "the MQTT packet",
+                        len,
+                        ctx.broker.max_packet(),
+                        "the broker's Maximum Packet Size",
+                    ),
                 );
             }
             // Each process queues in a lane of its own [bus-iso-5]. Into an
@@ -314,7 +350,13 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
             // A notify is never answered, whatever it asks [bus-confirm-1].
             let confirm = if notify { Confirm::Queued } else { p.confirm };
             if confirm == Confirm::Stored && ctx.store.is_none() {
-                return refuse(out, ErrorCode::Unsupported, "no disk spool");
+                return refuse(
+                    out,
+                    Refusal::new(
+                        ErrorCode::Unsupported,
+                        "confirm \"stored\" needs a disk spool (--spool-dir)",
+                    ),
+                );
             }
             let mut stored = 0;
             if let (Some(store), QoS::AtLeastOnce) = (ctx.store.as_deref_mut(), p.qos) {
@@ -323,7 +365,7 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
                     // Not in memory, it has no ticket to wait on yet.
                     return Reply {
                         busy: true,
-                        ..refuse(out, ErrorCode::Busy, "outgoing queue full")
+                        ..refuse(out, QUEUE_FULL)
                     };
                 }
                 match store.append(pid, &message, p.expiry) {
@@ -331,7 +373,13 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
                     None => {
                         return Reply {
                             busy: true,
-                            ..refuse(out, ErrorCode::Busy, "disk spool full")
+                            ..refuse(
+                                out,
+                                Refusal::new(
+                                    ErrorCode::Busy,
+                                    "the disk spool is full; try again later",
+                                ),
+                            )
                         }
                     }
                 }
@@ -373,25 +421,42 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
                 }
                 Err(PushError::Busy) => Reply {
                     busy: true,
-                    ..refuse(out, ErrorCode::Busy, "outgoing queue full")
+                    ..refuse(out, QUEUE_FULL)
                 },
-                Err(PushError::TooLong) => refuse(out, ErrorCode::Range, "too long"),
+                Err(PushError::TooLong) => refuse(
+                    out,
+                    Refusal::new(
+                        ErrorCode::Range,
+                        "the message is larger than the whole spool",
+                    ),
+                ),
             }
         }
         Method::Subscribe => {
             let s = match params::subscribe(&params) {
                 Ok(s) => s,
-                Err(code) => return refuse(out, code, "bad parameters"),
+                Err(refusal) => return refuse(out, refusal),
             };
             let dest = match s.endpoint {
                 // [bus-iso-4] An endpoint nobody serves would only cost
                 // dropped messages and a table slot: refused at once.
                 Some(name) if !(ctx.endpoint_reachable)(name) => {
-                    return refuse(out, ErrorCode::NoEntry, "response endpoint unreachable");
+                    return refuse(
+                        out,
+                        Refusal::new(
+                            ErrorCode::NoEntry,
+                            "nobody serves the response_endpoint's socket",
+                        ),
+                    );
                 }
                 Some(name) => match Dest::endpoint(name) {
                     Some(d) => d,
-                    None => return refuse(out, ErrorCode::Invalid, "endpoint name"),
+                    None => {
+                        return refuse(
+                            out,
+                            Refusal::invalid("response_endpoint is not an interface name"),
+                        )
+                    }
                 },
                 None => Dest::Stream {
                     client: u16::try_from(slot).unwrap_or(u16::MAX),
@@ -410,23 +475,26 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
                 Ok(id) if s.endpoint.is_none() => Reply::answer(0, Mode::AwaitStream(id)),
                 Ok(_) if notify => Reply::answer(0, Mode::Requests),
                 Ok(id) => Reply::answer(0, Mode::AwaitCall(id)),
-                Err(e) => {
-                    log::warn!("bus: slot {slot}: subscribe refused: {e}");
-                    refuse(out, params::subscribe_error_code(e), "subscribe")
-                }
+                Err(e) => refuse(out, Refusal::subscribe(e)),
             }
         }
         Method::Unsubscribe => {
             let u = match params::unsubscribe(&params) {
                 Ok(u) => u,
-                Err(code) => return refuse(out, code, "bad parameters"),
+                Err(refusal) => return refuse(out, refusal),
             };
             match ctx.router.find_endpoint(u.endpoint, &u.filters) {
                 Some(id) => {
                     ctx.router.unsubscribe(id);
                     done(out, answer::null)
                 }
-                None => refuse(out, ErrorCode::NoEntry, "no such subscription"),
+                None => refuse(
+                    out,
+                    Refusal::new(
+                        ErrorCode::NoEntry,
+                        "no subscription with these filters for this response_endpoint",
+                    ),
+                ),
             }
         }
         Method::ConnectionStatus => {
@@ -677,6 +745,8 @@ mod tests {
         /// The protocol, and what the broker allows.
         version: Version,
         broker: Limits,
+        /// The last refusal's reason.
+        last_refusal: Option<Refusal>,
     }
 
     impl World {
@@ -692,6 +762,7 @@ mod tests {
                 disk: None,
                 version: Version::V311,
                 broker: Limits::default(),
+                last_refusal: None,
             }
         }
 
@@ -720,8 +791,25 @@ mod tests {
                 pid: &move || pid,
             };
             let mut out = vec![0u8; 4096];
-            let reply = handle(bytes, caller, &mut ctx, &mut out);
+            let mut reply = handle(bytes, caller, &mut ctx, &mut out);
             out.truncate(reply.len);
+            // Every refusal carries its reason for the log, and only a
+            // refusal does: an error answer, or a notify's drop.
+            let code = frame::parse(&out).ok().and_then(|f| match f.response() {
+                frame::Response::Error(c) => ErrorCode::from_i32(c),
+                _ => None,
+            });
+            match reply.refused.take() {
+                Some((_, refusal)) => {
+                    assert!(code == Some(refusal.code) || reply.dropped, "{refusal}");
+                    assert!(!refusal.to_string().is_empty());
+                    self.last_refusal = Some(refusal);
+                }
+                None => assert!(
+                    code.is_none() && !reply.dropped,
+                    "a refusal without a reason"
+                ),
+            }
             (reply, out)
         }
 

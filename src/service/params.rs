@@ -17,6 +17,103 @@ use crate::router::{SubscribeError, MAX_FILTERS_PER_REQUEST};
 /// AWS IoT Core's largest PUBLISH payload.
 pub const MAX_PAYLOAD: usize = 128 * 1024;
 
+/// Why a request is refused: its bus error code, and the reason for a
+/// person (logged by the daemon; the bus carries only the code).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    /// The code answered [bus-err-3].
+    pub code: ErrorCode,
+    /// The reason.
+    pub why: Why,
+}
+
+/// The reason of a `Refusal`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Why {
+    /// Said in full.
+    Text(&'static str),
+    /// A topic, filter or text value breaking a rule, with its numbers.
+    Topic(topic::Explained),
+    /// `what` is `len` bytes where `whose` limit allows `max`.
+    Long {
+        what: &'static str,
+        len: usize,
+        max: usize,
+        whose: &'static str,
+    },
+    /// The subscription tables said no.
+    Subscribe(SubscribeError),
+    /// The frame was malformed.
+    Frame(bus::frame::Error),
+    /// The parameters were not a valid object.
+    Object(bus::object::Error),
+}
+
+impl Refusal {
+    /// A refusal with a fixed reason.
+    pub const fn new(code: ErrorCode, why: &'static str) -> Self {
+        Self {
+            code,
+            why: Why::Text(why),
+        }
+    }
+
+    /// INVALID, with a fixed reason.
+    pub const fn invalid(why: &'static str) -> Self {
+        Self::new(ErrorCode::Invalid, why)
+    }
+
+    /// RANGE: `what` is `len` bytes where `whose` limit allows `max`.
+    pub const fn long(what: &'static str, len: usize, max: usize, whose: &'static str) -> Self {
+        Self {
+            code: ErrorCode::Range,
+            why: Why::Long {
+                what,
+                len,
+                max,
+                whose,
+            },
+        }
+    }
+
+    /// `raw`, a `what`, broke a topic rule.
+    pub fn topic(what: &'static str, raw: &[u8], e: TopicError) -> Self {
+        Self {
+            code: topic_error_code(e),
+            why: Why::Topic(e.explain(what, raw)),
+        }
+    }
+
+    /// The subscription tables refused.
+    pub fn subscribe(e: SubscribeError) -> Self {
+        Self {
+            code: subscribe_error_code(e),
+            why: match e {
+                SubscribeError::Filter(t) => Why::Topic(t.explain("topic filter", &[])),
+                other => Why::Subscribe(other),
+            },
+        }
+    }
+}
+
+impl core::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.why {
+            Why::Text(t) => f.write_str(t),
+            Why::Topic(e) => e.fmt(f),
+            Why::Long {
+                what,
+                len,
+                max,
+                whose,
+            } => write!(f, "{what} is {len} bytes; {whose} allows {max}"),
+            Why::Subscribe(e) => e.fmt(f),
+            Why::Frame(e) => write!(f, "malformed request: {e}"),
+            Why::Object(e) => write!(f, "malformed parameters: {e}"),
+        }
+    }
+}
+
 /// The methods of the interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Method {
@@ -33,6 +130,17 @@ pub enum Method {
 }
 
 impl Method {
+    /// The method's request name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Method::Publish => "publish",
+            Method::Subscribe => "subscribe",
+            Method::Unsubscribe => "unsubscribe",
+            Method::ConnectionStatus => "connection_status",
+            Method::Stats => "stats",
+        }
+    }
+
     /// The method of a request name, if known (else NOENTRY).
     pub fn from_name(name: &[u8]) -> Option<Method> {
         Some(match name {
@@ -90,6 +198,8 @@ pub struct PublishProperties<'a> {
 /// The most bytes of user properties a message may carry (AWS IoT Core:
 /// 8 KiB in total).
 pub const MAX_USER_PROPERTIES: usize = 8 * 1024;
+/// The most bytes of `content_type` and of `correlation_data` each.
+pub const MAX_PROPERTY: usize = 1024;
 /// The largest property block a publish may make: the user properties
 /// and the other three at their own limits.
 pub const MAX_PROPERTIES: usize = MAX_USER_PROPERTIES + 3 * 1024;
@@ -100,9 +210,14 @@ impl PublishProperties<'_> {
     pub fn encode<const N: usize>(
         &self,
         b: &mut crate::mqtt::props::Builder<N>,
-    ) -> Result<(), ErrorCode> {
+    ) -> Result<(), Refusal> {
         use crate::mqtt::props::id;
-        let full = |_| ErrorCode::Range;
+        let full = |_| {
+            Refusal::new(
+                ErrorCode::Range,
+                "the MQTT 5 properties together are too long",
+            )
+        };
         if let Some(t) = self.content_type {
             b.string(id::CONTENT_TYPE, t).map_err(full)?;
         }
@@ -119,7 +234,7 @@ impl PublishProperties<'_> {
                     core::str::from_utf8(k),
                     v.as_buf().map(core::str::from_utf8),
                 ) else {
-                    return Err(ErrorCode::Invalid);
+                    return Err(Refusal::invalid("a user property is not valid UTF-8"));
                 };
                 b.pair(k, v).map_err(full)?;
             }
@@ -164,18 +279,26 @@ pub struct Unsubscribe<'a> {
 }
 
 /// Reads `publish` parameters.
-pub fn publish<'a>(params: &Map<'a>) -> Result<Publish<'a>, ErrorCode> {
+pub fn publish<'a>(params: &Map<'a>) -> Result<Publish<'a>, Refusal> {
     let topic = match params.get(b"topic") {
-        Some(Object::Buf(t)) => topic::validate_topic(t).map_err(topic_error_code)?,
-        _ => return Err(ErrorCode::Invalid),
+        Some(Object::Buf(t)) => {
+            topic::validate_topic(t).map_err(|e| Refusal::topic("publish topic", t, e))?
+        }
+        None | Some(Object::Null) => return Err(Refusal::invalid("topic is missing")),
+        Some(_) => return Err(Refusal::invalid("topic is not a buffer")),
     };
     let payload = match params.get(b"payload") {
         None | Some(Object::Null) => &[][..],
         Some(Object::Buf(p)) => p,
-        Some(_) => return Err(ErrorCode::Invalid),
+        Some(_) => return Err(Refusal::invalid("payload is not a buffer")),
     };
     if payload.len() > MAX_PAYLOAD {
-        return Err(ErrorCode::Range);
+        return Err(Refusal::long(
+            "payload",
+            payload.len(),
+            MAX_PAYLOAD,
+            "AWS IoT Core",
+        ));
     }
     let qos = qos(params)?;
     let confirm = match params.get(b"confirm") {
@@ -183,11 +306,17 @@ pub fn publish<'a>(params: &Map<'a>) -> Result<Publish<'a>, ErrorCode> {
         Some(Object::Buf(b"queued")) => Confirm::Queued,
         Some(Object::Buf(b"stored")) => Confirm::Stored,
         Some(Object::Buf(b"acked")) => Confirm::Acked,
-        Some(_) => return Err(ErrorCode::Invalid),
+        Some(_) => {
+            return Err(Refusal::invalid(
+                "confirm must be \"queued\", \"stored\" or \"acked\"",
+            ))
+        }
     };
     // Only a QoS 1 message is acknowledged, or stored on disk.
     if confirm != Confirm::Queued && qos == QoS::AtMostOnce {
-        return Err(ErrorCode::Invalid);
+        return Err(Refusal::invalid(
+            "confirm \"stored\" or \"acked\" needs qos 1",
+        ));
     }
     let expiry = match params.get(b"expiry") {
         None | Some(Object::Null) => None,
@@ -195,15 +324,17 @@ pub fn publish<'a>(params: &Map<'a>) -> Result<Publish<'a>, ErrorCode> {
             u32::try_from(s)
                 .ok()
                 .filter(|&s| s > 0)
-                .ok_or(ErrorCode::Invalid)?,
+                .ok_or(Refusal::invalid("expiry must be 1 to 4294967295 seconds"))?,
         ),
-        Some(_) => return Err(ErrorCode::Invalid),
+        Some(_) => return Err(Refusal::invalid("expiry is not an integer")),
     };
-    let text = |key: &[u8]| -> Result<Option<&'a str>, ErrorCode> {
-        match params.get(key) {
+    let text = |key: &'static str| -> Result<Option<&'a str>, Refusal> {
+        match params.get(key.as_bytes()) {
             None | Some(Object::Null) => Ok(None),
-            Some(Object::Buf(b)) => topic::validate_text(b).map(Some).map_err(topic_error_code),
-            Some(_) => Err(ErrorCode::Invalid),
+            Some(Object::Buf(b)) => topic::validate_text(b)
+                .map(Some)
+                .map_err(|e| Refusal::topic(key, b, e)),
+            Some(_) => Err(Refusal::invalid("a text property is not a buffer")),
         }
     };
     let user = match params.get(b"user_properties") {
@@ -212,33 +343,52 @@ pub fn publish<'a>(params: &Map<'a>) -> Result<Publish<'a>, ErrorCode> {
             let mut total = 0usize;
             for (k, v) in m.iter() {
                 let Some(v) = v.as_buf() else {
-                    return Err(ErrorCode::Invalid);
+                    return Err(Refusal::invalid("a user_properties value is not a buffer"));
                 };
-                topic::validate_text(k).map_err(topic_error_code)?;
-                topic::validate_text(v).map_err(topic_error_code)?;
+                topic::validate_text(k).map_err(|e| Refusal::topic("user property name", k, e))?;
+                topic::validate_text(v).map_err(|e| Refusal::topic("user property value", v, e))?;
                 total = total.saturating_add(k.len() + v.len());
             }
             if total > MAX_USER_PROPERTIES {
-                return Err(ErrorCode::Range);
+                return Err(Refusal::long(
+                    "user_properties",
+                    total,
+                    MAX_USER_PROPERTIES,
+                    "AWS IoT Core",
+                ));
             }
             Some(m)
         }
-        Some(_) => return Err(ErrorCode::Invalid),
+        Some(_) => return Err(Refusal::invalid("user_properties is not a map")),
     };
     let response_topic = match params.get(b"response_topic") {
         None | Some(Object::Null) => None,
-        Some(Object::Buf(t)) => Some(topic::validate_topic(t).map_err(topic_error_code)?),
-        Some(_) => return Err(ErrorCode::Invalid),
+        Some(Object::Buf(t)) => {
+            Some(topic::validate_topic(t).map_err(|e| Refusal::topic("response_topic", t, e))?)
+        }
+        Some(_) => return Err(Refusal::invalid("response_topic is not a buffer")),
     };
     let correlation_data = match params.get(b"correlation_data") {
         None | Some(Object::Null) => None,
-        Some(Object::Buf(d)) if d.len() <= 1024 => Some(d),
-        Some(Object::Buf(_)) => return Err(ErrorCode::Range),
-        Some(_) => return Err(ErrorCode::Invalid),
+        Some(Object::Buf(d)) if d.len() <= MAX_PROPERTY => Some(d),
+        Some(Object::Buf(d)) => {
+            return Err(Refusal::long(
+                "correlation_data",
+                d.len(),
+                MAX_PROPERTY,
+                "iotcored",
+            ))
+        }
+        Some(_) => return Err(Refusal::invalid("correlation_data is not a buffer")),
     };
-    let content_type = text(b"content_type")?;
-    if content_type.is_some_and(|t| t.len() > 1024) {
-        return Err(ErrorCode::Range);
+    let content_type = text("content_type")?;
+    if let Some(t) = content_type.filter(|t| t.len() > MAX_PROPERTY) {
+        return Err(Refusal::long(
+            "content_type",
+            t.len(),
+            MAX_PROPERTY,
+            "iotcored",
+        ));
     }
     let properties = PublishProperties {
         user,
@@ -250,7 +400,7 @@ pub fn publish<'a>(params: &Map<'a>) -> Result<Publish<'a>, ErrorCode> {
         topic,
         payload,
         qos,
-        retain: flag(params, b"retain")?,
+        retain: flag(params, b"retain", "retain is not a boolean")?,
         confirm,
         expiry,
         properties,
@@ -258,59 +408,64 @@ pub fn publish<'a>(params: &Map<'a>) -> Result<Publish<'a>, ErrorCode> {
 }
 
 /// Reads `subscribe` parameters.
-pub fn subscribe<'a>(params: &Map<'a>) -> Result<Subscribe<'a>, ErrorCode> {
+pub fn subscribe<'a>(params: &Map<'a>) -> Result<Subscribe<'a>, Refusal> {
     Ok(Subscribe {
         filters: filters(params)?,
         qos: qos(params)?,
         endpoint: match params.get(b"response_endpoint") {
             None | Some(Object::Null) => None,
             Some(Object::Buf(e)) => Some(endpoint(e)?),
-            Some(_) => return Err(ErrorCode::Invalid),
+            Some(_) => return Err(Refusal::invalid("response_endpoint is not a buffer")),
         },
-        virtual_only: flag(params, b"virtual")?,
-        properties: flag(params, b"properties")?,
+        virtual_only: flag(params, b"virtual", "virtual is not a boolean")?,
+        properties: flag(params, b"properties", "properties is not a boolean")?,
     })
 }
 
 /// Reads `unsubscribe` parameters.
-pub fn unsubscribe<'a>(params: &Map<'a>) -> Result<Unsubscribe<'a>, ErrorCode> {
+pub fn unsubscribe<'a>(params: &Map<'a>) -> Result<Unsubscribe<'a>, Refusal> {
     Ok(Unsubscribe {
         filters: filters(params)?,
         endpoint: match params.get(b"response_endpoint") {
             Some(Object::Buf(e)) => endpoint(e)?,
-            _ => return Err(ErrorCode::Invalid),
+            _ => return Err(Refusal::invalid(
+                "response_endpoint is missing (unsubscribe ends a response_endpoint subscription)",
+            )),
         },
     })
 }
 
-fn qos(params: &Map<'_>) -> Result<QoS, ErrorCode> {
+fn qos(params: &Map<'_>) -> Result<QoS, Refusal> {
     match params.get(b"qos") {
         None | Some(Object::Null) => Ok(QoS::AtMostOnce),
         Some(Object::I64(0)) => Ok(QoS::AtMostOnce),
         Some(Object::I64(1)) => Ok(QoS::AtLeastOnce),
         // QoS 2 (and anything else) is not supported [iotcored-bus-publish-3.3].
-        Some(_) => Err(ErrorCode::Invalid),
+        Some(_) => Err(Refusal::invalid(
+            "qos must be 0 or 1 (AWS IoT Core has no qos 2)",
+        )),
     }
 }
 
-fn flag(params: &Map<'_>, key: &[u8]) -> Result<bool, ErrorCode> {
+fn flag(params: &Map<'_>, key: &[u8], wrong: &'static str) -> Result<bool, Refusal> {
     match params.get(key) {
         None | Some(Object::Null) => Ok(false),
         Some(Object::Bool(b)) => Ok(b),
-        Some(_) => Err(ErrorCode::Invalid),
+        Some(_) => Err(Refusal::invalid(wrong)),
     }
 }
 
 fn filters<'a>(
     params: &Map<'a>,
-) -> Result<heapless::Vec<&'a str, MAX_FILTERS_PER_REQUEST>, ErrorCode> {
+) -> Result<heapless::Vec<&'a str, MAX_FILTERS_PER_REQUEST>, Refusal> {
     let mut out = heapless::Vec::new();
-    let mut add = |raw: &'a [u8]| -> Result<(), ErrorCode> {
-        let f = topic::validate_filter(raw).map_err(topic_error_code)?;
+    let mut add = |raw: &'a [u8]| -> Result<(), Refusal> {
+        let f = topic::validate_filter(raw).map_err(|e| Refusal::topic("topic filter", raw, e))?;
         if out.contains(&f) {
             return Ok(());
         }
-        out.push(f).map_err(|_| ErrorCode::Range)
+        out.push(f)
+            .map_err(|_| Refusal::subscribe(SubscribeError::TooManyFilters))
     };
     match params.get(b"topic_filter") {
         Some(Object::Buf(f)) => add(f)?,
@@ -318,14 +473,19 @@ fn filters<'a>(
             for item in list.iter() {
                 match item {
                     Object::Buf(f) => add(f)?,
-                    _ => return Err(ErrorCode::Invalid),
+                    _ => return Err(Refusal::invalid("a topic_filter item is not a buffer")),
                 }
             }
         }
-        _ => return Err(ErrorCode::Invalid),
+        None | Some(Object::Null) => return Err(Refusal::invalid("topic_filter is missing")),
+        Some(_) => {
+            return Err(Refusal::invalid(
+                "topic_filter is not a buffer or a list of buffers",
+            ))
+        }
     }
     if out.is_empty() {
-        return Err(ErrorCode::Invalid);
+        return Err(Refusal::invalid("topic_filter is an empty list"));
     }
     Ok(out)
 }
@@ -361,11 +521,13 @@ pub fn subscribe_error_code(e: SubscribeError) -> ErrorCode {
 }
 
 /// A `response_endpoint` names a bus interface [bus-sock-1].
-fn endpoint(raw: &[u8]) -> Result<&str, ErrorCode> {
+fn endpoint(raw: &[u8]) -> Result<&str, Refusal> {
     core::str::from_utf8(raw)
         .ok()
         .filter(|name| bus::is_interface_name(name))
-        .ok_or(ErrorCode::Invalid)
+        .ok_or(Refusal::invalid(
+            "response_endpoint is not an interface name (1 to 50 bytes, no '/')",
+        ))
 }
 
 #[cfg(test)]
@@ -471,7 +633,11 @@ mod tests {
         for (key, value, code) in cases {
             let entries = [("topic", Val::Buf(b"a/b")), (*key, value.clone())];
             with_params(&entries, |m| {
-                assert_eq!(publish(m).map(|_| ()), Err(*code), "{key}");
+                assert_eq!(
+                    publish(m).map(|_| ()).map_err(|r| r.code),
+                    Err(*code),
+                    "{key}"
+                );
             });
         }
     }
@@ -524,18 +690,61 @@ mod tests {
             &[("topic", Val::Buf(b"a")), ("retain", Val::I64(1))],
         ];
         for entries in cases {
-            with_params(entries, |m| assert_eq!(publish(m), Err(ErrorCode::Invalid)));
+            with_params(entries, |m| {
+                assert_eq!(publish(m).map_err(|r| r.code), Err(ErrorCode::Invalid))
+            });
         }
+    }
+
+    #[test]
+    fn refusals_say_why_in_words_a_user_can_act_on() {
+        let long = [b'x'; 304];
+        let deep = b"a/b/c/d/e/f/g/h/i";
+        let cases: [(&[(&str, Val<'_>)], &str); 7] = [
+            (
+                &[("topic", Val::Buf(b"a/+"))],
+                "wildcards (+ and #) are not allowed in a publish topic",
+            ),
+            (&[("topic", Val::Buf(b""))], "publish topic is empty"),
+            (
+                &[("topic", Val::Buf(&long))],
+                "publish topic is 304 bytes; AWS IoT Core allows 256",
+            ),
+            (
+                &[("topic", Val::Buf(deep))],
+                "publish topic has 8 slashes; AWS IoT Core allows 7 (8 levels)",
+            ),
+            (
+                &[("topic", Val::Buf(b"$SYS/x"))],
+                "publish topic starts with $, which AWS IoT Core reserves: only $aws/ topics may be used",
+            ),
+            (
+                &[("topic", Val::Buf(b"a")), ("qos", Val::I64(2))],
+                "qos must be 0 or 1 (AWS IoT Core has no qos 2)",
+            ),
+            (&[("payload", Val::Buf(b"x"))], "topic is missing"),
+        ];
+        for (entries, why) in cases {
+            with_params(entries, |m| {
+                assert_eq!(publish(m).unwrap_err().to_string(), why);
+            });
+        }
+        with_params(&[("topic_filter", Val::Buf(b"a/#/b"))], |m| {
+            assert_eq!(
+                subscribe(m).unwrap_err().to_string(),
+                "topic filter: a wildcard must fill a whole level (a/+/b), and # must be the last level (a/#)"
+            );
+        });
     }
 
     #[test]
     fn publish_topics_outside_mqtt_or_aws_rules_are_refused() {
         with_params(&[("topic", Val::Buf(b"a/+"))], |m| {
-            assert_eq!(publish(m), Err(ErrorCode::Invalid));
+            assert_eq!(publish(m).map_err(|r| r.code), Err(ErrorCode::Invalid));
         });
         let long = [b'x'; 257];
         with_params(&[("topic", Val::Buf(&long))], |m| {
-            assert_eq!(publish(m), Err(ErrorCode::Range));
+            assert_eq!(publish(m).map_err(|r| r.code), Err(ErrorCode::Range));
         });
         let big = vec![0u8; MAX_PAYLOAD + 1];
         let mut buf = vec![0u8; MAX_PAYLOAD + 64];
@@ -544,7 +753,10 @@ mod tests {
         e.key(b"payload").unwrap().buf(&big).unwrap();
         let n = e.written();
         let m = parse_params(&buf[..n]).unwrap();
-        assert_eq!(publish(&m), Err(ErrorCode::Range));
+        assert_eq!(
+            publish(&m).unwrap_err().to_string(),
+            "payload is 131073 bytes; AWS IoT Core allows 131072"
+        );
     }
 
     #[test]
@@ -595,7 +807,9 @@ mod tests {
             ),
         ];
         for (entries, code) in cases {
-            with_params(entries, |m| assert_eq!(subscribe(m).err(), Some(code)));
+            with_params(entries, |m| {
+                assert_eq!(subscribe(m).err().map(|r| r.code), Some(code))
+            });
         }
     }
 
@@ -606,7 +820,7 @@ mod tests {
             .collect();
         let refs: std::vec::Vec<&[u8]> = names.iter().map(|n| n.as_slice()).collect();
         with_params(&[("topic_filter", Val::List(&refs))], |m| {
-            assert_eq!(subscribe(m).err(), Some(ErrorCode::Range));
+            assert_eq!(subscribe(m).err().map(|r| r.code), Some(ErrorCode::Range));
         });
     }
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use iotcored::bus::frame::{self, FrameLen, RequestType, Response};
 use iotcored::bus::object::{self, Encoder, Object};
+use iotcored::service::params::{self, Method};
 
 use crate::Error;
 
@@ -72,7 +73,7 @@ pub(crate) fn publish_request(
     if retain {
         len += object::key_len(6) + object::BOOL_LEN;
     }
-    request(b"publish", RequestType::Call, len, |enc| {
+    let built = request(b"publish", RequestType::Call, len, |enc| {
         enc.map(if retain { 4 } else { 3 })?
             .key(b"topic")?
             .buf(topic)?
@@ -84,7 +85,29 @@ pub(crate) fn publish_request(
             enc.key(b"retain")?.bool(true)?;
         }
         Ok(())
-    })
+    })?;
+    precheck(&built, Method::Publish)?;
+    Ok(built)
+}
+
+/// The daemon's own check of a request's parameters (`params`), run on
+/// the built frame before it is sent: the bus answers only a code, so a
+/// request the daemon would refuse is stopped here with the reason
+/// (`Error::Refused`). What depends on the daemon's state (the broker's
+/// limits, full tables) is still the daemon's to say.
+fn precheck(frame_bytes: &[u8], method: Method) -> Result<(), Error> {
+    let Ok(request) = frame::parse(frame_bytes).and_then(|f| f.request()) else {
+        return Ok(()); // not this check's business: the daemon answers it
+    };
+    let Ok(map) = object::parse_params(request.payload) else {
+        return Ok(());
+    };
+    let checked = match method {
+        Method::Publish => params::publish(&map).map(|_| ()),
+        Method::Subscribe => params::subscribe(&map).map(|_| ()),
+        _ => Ok(()),
+    };
+    checked.map_err(Error::Refused)
 }
 
 /// `subscribe` as a stream (no response_endpoint): `{topic_filter, qos}`,
@@ -101,7 +124,7 @@ pub(crate) fn subscribe_request(filters: &[Vec<u8>], qos: i64) -> Result<Vec<u8>
         + filters_len
         + object::key_len(3)
         + object::I64_LEN;
-    request(b"subscribe", RequestType::Subscribe, len, |enc| {
+    let built = request(b"subscribe", RequestType::Subscribe, len, |enc| {
         enc.map(2)?.key(b"topic_filter")?;
         match filters {
             [one] => {
@@ -116,7 +139,9 @@ pub(crate) fn subscribe_request(filters: &[Vec<u8>], qos: i64) -> Result<Vec<u8>
         }
         enc.key(b"qos")?.i64(qos)?;
         Ok(())
-    })
+    })?;
+    precheck(&built, Method::Subscribe)?;
+    Ok(built)
 }
 
 /// A request whose params are an empty map (`connection_status`, `stats`).
@@ -426,8 +451,31 @@ mod tests {
             publish_request(b"t", &big, 0, false),
             Err(Error::RequestTooLarge(n)) if n > TX_MAX_FRAME
         ));
-        let fits = vec![b'x'; TX_MAX_FRAME - 200];
+        let fits = vec![b'x'; iotcored::service::params::MAX_PAYLOAD];
         assert!(publish_request(b"t", &fits, 0, false).is_ok());
+    }
+
+    #[test]
+    fn a_request_the_daemon_would_refuse_is_stopped_here_with_the_reason() {
+        let over = vec![b'x'; iotcored::service::params::MAX_PAYLOAD + 1];
+        let err = publish_request(b"t", &over, 0, false).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "payload is 131073 bytes; AWS IoT Core allows 131072 (not sent: the daemon would answer RANGE)"
+        );
+        assert_eq!(err.status(), 18);
+        let err = publish_request(b"a/#", b"x", 0, false).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "wildcards (+ and #) are not allowed in a publish topic (not sent: the daemon would answer INVALID)"
+        );
+        assert_eq!(err.status(), 15);
+        let err = subscribe_request(&[b"a/#/b".to_vec()], 0).unwrap_err();
+        assert_eq!(err.status(), 15);
+        assert!(
+            err.to_string().starts_with("topic filter: a wildcard"),
+            "{err}"
+        );
     }
 
     /// Hands out its bytes `step` at a time, then reports the end.

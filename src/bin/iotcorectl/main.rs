@@ -100,6 +100,8 @@ enum Error {
     Unexpected(String),
     /// An error frame with this code.
     Daemon(i32),
+    /// Not sent: the daemon's own check refuses it, for this reason.
+    Refused(iotcored::service::params::Refusal),
     Input(String, io::Error),
     InputTooLarge(String),
     RequestTooLarge(usize),
@@ -113,6 +115,7 @@ impl Error {
         match self {
             Error::Timeout | Error::WaitElapsed(_) => EXIT_TIMEOUT,
             Error::Daemon(code) => daemon_status(*code),
+            Error::Refused(r) => daemon_status(r.code.as_i32()),
             _ => EXIT_ERROR,
         }
     }
@@ -151,9 +154,14 @@ impl fmt::Display for Error {
             Error::BadObject(e) => write!(f, "bad answer from the daemon: {e}"),
             Error::Unexpected(what) => write!(f, "unexpected answer from the daemon: {what}"),
             Error::Daemon(code) => match ErrorCode::from_i32(*code) {
-                Some(name) => write!(f, "daemon answered {name} ({code})"),
+                Some(name) => write!(f, "daemon answered {name} ({code}): {}", explain(name)),
                 None => write!(f, "daemon answered unknown error code {code}"),
             },
+            Error::Refused(r) => write!(
+                f,
+                "{r} (not sent: the daemon would answer {})",
+                r.code.name()
+            ),
             Error::Input(what, e) => write!(f, "cannot read {what}: {e}"),
             Error::InputTooLarge(what) => {
                 write!(
@@ -168,6 +176,29 @@ impl fmt::Display for Error {
             Error::Encode(e) => write!(f, "cannot encode the request: {e}"),
             Error::Stdout(e) => write!(f, "cannot write to stdout: {e}"),
         }
+    }
+}
+
+/// What an error code from the daemon most likely means for this tool's
+/// requests; the daemon logs the exact reason of each refusal.
+fn explain(code: ErrorCode) -> &'static str {
+    match code {
+        ErrorCode::Invalid => "a parameter is not valid (the daemon's log says which, and why)",
+        ErrorCode::Range => {
+            "a value is outside AWS IoT Core's or the broker's limits (the daemon's log says which)"
+        }
+        ErrorCode::Busy => "the daemon's outgoing queue is full; try again later",
+        ErrorCode::NoMem => {
+            "the request is larger than the daemon's bus frame limit, or its tables are full"
+        }
+        ErrorCode::Unsupported => {
+            "the broker takes no QoS 1 or no retained messages, or the daemon has no disk spool"
+        }
+        ErrorCode::Unauthorized => "the broker refused the message: not authorized",
+        ErrorCode::Remote => "the broker refused the message",
+        ErrorCode::NoEntry => "no such method or subscription",
+        ErrorCode::Parse => "the daemon could not parse the request",
+        _ => "see the daemon's log",
     }
 }
 
@@ -375,7 +406,7 @@ fn publish_lines(
             .and_then(expect_null)
         {
             Ok(()) => published += 1,
-            Err(e @ Error::Daemon(_)) => {
+            Err(e @ (Error::Daemon(_) | Error::Refused(_))) => {
                 eprintln!("iotcorectl: line {line_no}: {e}");
                 if refused == 0 {
                     status = e.status();
@@ -408,7 +439,10 @@ mod tests {
         assert_eq!(Error::Daemon(18).status(), 28);
         assert_eq!(Error::Daemon(99).status(), 11);
         assert_eq!(Error::Daemon(-1).status(), 11);
-        assert_eq!(Error::Daemon(3).to_string(), "daemon answered BUSY (3)");
+        assert_eq!(
+            Error::Daemon(3).to_string(),
+            "daemon answered BUSY (3): the daemon's outgoing queue is full; try again later"
+        );
         assert_eq!(
             Error::Daemon(99).to_string(),
             "daemon answered unknown error code 99"
