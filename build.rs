@@ -53,10 +53,26 @@ const SETTINGS: &[(&str, &str, u64, u64, u64, &str)] = &[
     (
         "IOTCORED_BUS_MAX_FRAME",
         "BUS_MAX_FRAME",
+        147_456,
+        10_012,
+        1_048_576,
+        "largest core bus frame accepted, bytes: room for AWS's 128 KiB payload, a 256-byte topic and ~12 KiB of MQTT 5 properties [bus-frame-4]",
+    ),
+    (
+        "IOTCORED_BUS_SLOT_BUFFER",
+        "BUS_SLOT_BUFFER",
         10_012,
         10_012,
         1_048_576,
-        "largest core bus frame accepted, bytes (GGL sends at most 10012) [bus-frame-4]",
+        "each client slot's own receive buffer, bytes (GGL sends at most 10012); a larger frame borrows a large buffer",
+    ),
+    (
+        "IOTCORED_BUS_LARGE_BUFFERS",
+        "BUS_LARGE_BUFFERS",
+        4,
+        1,
+        1_000,
+        "large receive buffers of IOTCORED_BUS_MAX_FRAME bytes, shared by all client slots; one process holds at most half",
     ),
     (
         "IOTCORED_BUS_CLIENT_TX",

@@ -29,6 +29,15 @@ pub const MAX_BUS_CLIENTS: usize = 4;
 #[cfg(test)]
 pub const BUS_MAX_FRAME: usize = 10_012;
 
+/// Test value, below `BUS_MAX_FRAME` so that unit tests lend large
+/// buffers; see `build.rs` for the meaning.
+#[cfg(test)]
+pub const BUS_SLOT_BUFFER: usize = 4_096;
+
+/// Test value; see `build.rs` for the meaning.
+#[cfg(test)]
+pub const BUS_LARGE_BUFFERS: usize = 2;
+
 /// Test value; see `build.rs` for the meaning.
 #[cfg(test)]
 pub const BUS_CLIENT_TX: usize = 1_024;

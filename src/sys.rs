@@ -204,6 +204,37 @@ pub fn unread_bytes(fd: RawFd) -> usize {
     usize::try_from(n).unwrap_or(0)
 }
 
+/// Room left in a connected socket's send buffer: `SO_SNDBUF` less what
+/// it holds unsent or unread (`SIOCOUTQ`, which for a Unix stream socket
+/// counts until the peer reads). `None` when the kernel cannot tell.
+pub fn send_room(fd: RawFd) -> Option<usize> {
+    let mut sndbuf: libc::c_int = 0;
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).ok()?;
+    // SAFETY: `sndbuf` and `len` are valid for writes and `len` is the
+    // size of `sndbuf`; the result is checked.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            std::ptr::addr_of_mut!(sndbuf).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one c_int through the pointer,
+    // which is valid for writes; the result is checked.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, std::ptr::addr_of_mut!(queued)) };
+    if rc != 0 {
+        return None;
+    }
+    let sndbuf = usize::try_from(sndbuf).ok()?;
+    Some(sndbuf.saturating_sub(usize::try_from(queued).ok()?))
+}
+
 /// Takes an exclusive, non-blocking `flock` on `fd`: held until the file
 /// is closed, so a second daemon on the same spool directory is refused.
 pub fn lock_exclusive(fd: RawFd) -> io::Result<()> {

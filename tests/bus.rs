@@ -385,7 +385,7 @@ fn every_malformed_frame_gets_its_code_and_the_connection_closes() {
     let big = request(
         "publish",
         RequestType::Call,
-        &publish_params("a", &vec![7u8; 20_000], 0),
+        &publish_params("a", &vec![7u8; iotcored::consts::BUS_MAX_FRAME], 0),
     );
     let mut c = BusClient::connect(&sock);
     c.send_raw(&big);
@@ -1100,4 +1100,78 @@ fn more_pipelined_calls_than_one_turn_serves_are_all_answered() {
     for i in 0..60 {
         assert!(is_null(&c.read()), "answer {i}");
     }
+}
+
+#[test]
+fn payloads_up_to_aws_128_kib_go_from_several_processes_at_once() {
+    // Issue 14: the default build takes AWS's full 128 KiB payloads over
+    // the bus; frames larger than a slot's own buffer borrow from a small
+    // pool, and a process that finds it empty waits (never refused).
+    let broker = Mosquitto::start();
+    let sub = Subscriber::start(&broker, "big/#", 1);
+    let (d, sock) = connected(broker.port(), "gw-big");
+    let ctl = env!("CARGO_BIN_EXE_iotcorectl");
+    let dir = d.dir().display().to_string();
+    // Six processes at once, more than the pool's buffers: 128 KiB each,
+    // every byte printable so that mosquitto_sub prints one line each.
+    let payload = |k: usize| -> Vec<u8> {
+        (0..iotcored::service::params::MAX_PAYLOAD)
+            .map(|i| b"abcdefghijklmnopqrstuvwxyz"[(i * 7 + k) % 26])
+            .collect()
+    };
+    let files: Vec<PathBuf> = (0..6)
+        .map(|k| {
+            let path = d.dir().join(format!("payload{k}"));
+            std::fs::write(&path, payload(k)).unwrap();
+            path
+        })
+        .collect();
+    let children: Vec<_> = files
+        .iter()
+        .enumerate()
+        .map(|(k, f)| {
+            std::process::Command::new(ctl)
+                .args(["--socket-dir", &dir, "pub", "-q", "1", "-t"])
+                .arg(format!("big/{k}"))
+                .arg("-f")
+                .arg(f)
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn iotcorectl")
+        })
+        .collect();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // 768 KiB at 512 KiB/s per connection: about 1.5 s.
+    assert!(sub.wait_lines(6, SECS(20)), "{} lines", sub.lines().len());
+    let lines = sub.lines();
+    for k in 0..6 {
+        let want = format!("big/{k} {}", String::from_utf8(payload(k)).unwrap());
+        assert!(lines.contains(&want), "big/{k} missing or damaged");
+    }
+    // A byte more than AWS allows is refused, with the reason.
+    let mut over = payload(0);
+    over.push(b'x');
+    std::fs::write(&files[0], &over).unwrap();
+    let out = std::process::Command::new(ctl)
+        .args(["--socket-dir", &dir, "pub", "-t", "big/over", "-f"])
+        .arg(&files[0])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(10 + code::RANGE));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("payload is 131073 bytes; AWS IoT Core allows 131072"));
+    // The same frame sent raw reaches the daemon, which says RANGE too.
+    let mut c = BusClient::connect(&sock);
+    assert_eq!(
+        c.call("publish", &publish_params("big/over", &over, 0)),
+        Some(Reply::Error(code::RANGE))
+    );
 }

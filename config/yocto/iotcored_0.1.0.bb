@@ -36,7 +36,7 @@ require ${BPN}-crates.inc
 # out of range. The defaults below are build.rs's own (tests/packaging.rs
 # checks that they agree). Set them in local.conf or a bbappend, e.g.
 #   IOTCORED_MAX_CONNECTIONS:pn-iotcored = "3"
-#   IOTCORED_BUS_MAX_FRAME:pn-iotcored = "140000"
+#   IOTCORED_BUS_LARGE_BUFFERS:pn-iotcored = "8"
 # They are exported to cargo and listed in do_compile[vardeps], so changing
 # one rebuilds the recipe.
 export IOTCORED_MAX_CONNECTIONS ?= "1"
@@ -44,7 +44,9 @@ export IOTCORED_SUBSCRIPTIONS_PER_CONNECTION ?= "50"
 export IOTCORED_MAX_SUBSCRIPTIONS ?= "100"
 export IOTCORED_MQTT_MAX_PACKET ?= "133120"
 export IOTCORED_MAX_BUS_CLIENTS ?= "100"
-export IOTCORED_BUS_MAX_FRAME ?= "10012"
+export IOTCORED_BUS_MAX_FRAME ?= "147456"
+export IOTCORED_BUS_SLOT_BUFFER ?= "10012"
+export IOTCORED_BUS_LARGE_BUFFERS ?= "4"
 export IOTCORED_BUS_CLIENT_TX ?= "8192"
 export IOTCORED_SPOOL_BYTES ?= "1048576"
 export IOTCORED_SPOOL_MESSAGES ?= "2048"
@@ -60,6 +62,8 @@ IOTCORED_CAPACITIES = "\
     IOTCORED_MQTT_MAX_PACKET \
     IOTCORED_MAX_BUS_CLIENTS \
     IOTCORED_BUS_MAX_FRAME \
+    IOTCORED_BUS_SLOT_BUFFER \
+    IOTCORED_BUS_LARGE_BUFFERS \
     IOTCORED_BUS_CLIENT_TX \
     IOTCORED_SPOOL_BYTES \
     IOTCORED_SPOOL_MESSAGES \

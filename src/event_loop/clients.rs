@@ -426,6 +426,11 @@ impl EventLoop {
     pub(super) fn drive_pending_clients(&mut self, now: Instant) -> bool {
         let mut changed = self.clients.probe_endpoints(&mut self.router, now);
         for i in 0..self.clients.bus.capacity() {
+            if !self.clients.may_read(i) {
+                // Not read by our choice (an answer awaited, or one not
+                // yet taken): part of a frame held meanwhile is not late.
+                self.clients.bus.hold_partial(i, now);
+            }
             if let Some(why) = self.clients.bus.overdue(i, now) {
                 let pid = self.clients.bus.pid(i);
                 match why {

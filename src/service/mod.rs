@@ -278,7 +278,11 @@ pub fn handle(bytes: &[u8], caller: Caller<'_>, ctx: &mut Context<'_>, out: &mut
             ),
         );
     };
-    let has_endpoint = params.get(b"response_endpoint").is_some();
+    // `null` is no value, for this check as for the parameters.
+    let has_endpoint = !matches!(
+        params.get(b"response_endpoint"),
+        None | Some(object::Object::Null)
+    );
     if !method.accepts(request.kind, has_endpoint) {
         return refuse(
             out,
@@ -1134,6 +1138,14 @@ mod tests {
             request("connection_status", RequestType::Call, empty),
             subscribe(RequestType::Call, b"a", None),
             unsubscribe(RequestType::Subscribe, b"a", Some(b"x")),
+            // `response_endpoint: null` is no endpoint: a subscribe call
+            // without one is the wrong type, not a stream on a call
+            // connection.
+            request("subscribe", RequestType::Call, |e| {
+                e.map(2).unwrap();
+                e.key(b"topic_filter").unwrap().buf(b"a").unwrap();
+                e.key(b"response_endpoint").unwrap().null().unwrap();
+            }),
         ];
         for bytes in wrong {
             let (reply, answer) = w.call(&bytes);
