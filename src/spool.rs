@@ -863,6 +863,12 @@ impl Spool {
         None
     }
 
+    /// The topic of the message `next` started last (for the trace of
+    /// each message sent): its bytes stay until the next push.
+    pub fn last_started_topic(&self) -> heapless::String<MAX_TOPIC_LEN> {
+        self.topic_of(&self.meta[self.cur])
+    }
+
     /// The topic of the in-flight message with this packet id (for the
     /// log of a refusal).
     pub fn inflight_topic(&self, packet_id: u16) -> Option<heapless::String<MAX_TOPIC_LEN>> {

@@ -1175,3 +1175,54 @@ fn payloads_up_to_aws_128_kib_go_from_several_processes_at_once() {
         Some(Reply::Error(code::RANGE))
     );
 }
+
+#[test]
+fn at_trace_level_each_message_in_and_out_is_one_line_without_its_payload() {
+    // Issue 14: visible traffic, never the payload.
+    let broker = Mosquitto::start();
+    let mut args = iotcored_args(Pki::get(), broker.port(), "gw-trace");
+    args.extend(["--socket-dir".into(), ".".into()]);
+    let d = Daemon::builder(BIN)
+        .args(&args)
+        .env("RUST_LOG", "iotcored=trace")
+        .start();
+    assert!(
+        d.wait_log("connected (session present", SECS(10)),
+        "{}",
+        d.log()
+    );
+    let sock = d.dir().join("aws_iot_mqtt");
+    let mut back = BusClient::connect(&sock);
+    back.send(
+        "subscribe",
+        RequestType::Subscribe,
+        &subscribe_params(&["trace/in"], 1),
+    );
+    assert_eq!(back.read(), Some(Reply::Accepted));
+    let mut c = BusClient::connect(&sock);
+    assert!(is_null(&c.call(
+        "publish",
+        &publish_params("trace/out", b"SECRET-OUT", 1)
+    )));
+    publish(&broker, "trace/in", b"SECRET-IN", 1, false);
+    assert_eq!(back.read().unwrap().message().0, "trace/in");
+    assert!(
+        d.wait_log(
+            "connection 0 in: PUBLISH \"trace/in\" qos 1 9 bytes id ",
+            SECS(5)
+        ),
+        "{}",
+        d.log()
+    );
+    let log = d.log();
+    // The whole PUBLISH out: 2 + 2 + 9 topic + 2 id + 10 payload, and with
+    // MQTT 5 a 4-byte property block setting the topic's alias.
+    let out_len = if mqtt5() { 29 } else { 25 };
+    assert!(
+        log.contains(&format!(
+            "TRACE connection 0 out: PUBLISH \"trace/out\" qos 1 {out_len} bytes id "
+        )),
+        "{log}"
+    );
+    assert!(!log.contains("SECRET"), "a payload in the log:\n{log}");
+}

@@ -788,9 +788,20 @@ impl EventLoop {
                     break 'fill false;
                 };
                 link.limiter.record(now, out.len);
+                let (len, qos, packet_id) = (out.len, out.qos, out.packet_id);
                 let n = send_parts(tls, out.prefix, out.first, out.second);
                 let done = self.spool.advance(n);
                 link.session.note_tx(now);
+                if log::log_enabled!(log::Level::Trace) {
+                    trace_publish(
+                        i,
+                        "out",
+                        &self.spool.last_started_topic(),
+                        qos,
+                        len,
+                        packet_id,
+                    );
+                }
                 if !done {
                     break 'fill true;
                 }
@@ -958,10 +969,7 @@ impl EventLoop {
                             }
                         }
                     }
-                    log::debug!(
-                        "connection {i}: PUBLISH on {topic} ({} bytes)",
-                        payload.len()
-                    );
+                    trace_publish(i, "in", topic, p.qos, payload.len(), p.packet_id);
                     self.counters.dropped += self.clients.deliver(
                         &mut self.router,
                         topic,
@@ -1114,6 +1122,28 @@ pub fn client_id(base: &str, index: usize) -> String {
         base.to_owned()
     } else {
         format!("{base}_{index}")
+    }
+}
+
+/// One line per message in or out at `RUST_LOG=trace`: the connection, the
+/// topic, QoS, size (the whole PUBLISH out, the payload in) and packet id;
+/// never the payload.
+fn trace_publish(
+    link: usize,
+    direction: &str,
+    topic: &str,
+    qos: crate::mqtt::packet::QoS,
+    len: usize,
+    packet_id: Option<u16>,
+) {
+    let qos = u8::from(qos == crate::mqtt::packet::QoS::AtLeastOnce);
+    match packet_id {
+        Some(id) => log::trace!(
+            "connection {link} {direction}: PUBLISH {topic:?} qos {qos} {len} bytes id {id}"
+        ),
+        None => {
+            log::trace!("connection {link} {direction}: PUBLISH {topic:?} qos {qos} {len} bytes")
+        }
     }
 }
 
