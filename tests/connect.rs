@@ -566,3 +566,31 @@ fn a_tls_handshake_that_never_completes_times_out_and_is_retried() {
         d.log()
     );
 }
+
+#[test]
+fn two_daemons_sharing_a_client_id_are_told_why_they_keep_being_disconnected() {
+    // Issue 14: the broker closes the older of two connections with one
+    // client id; with MQTT 3.1.1 it says nothing more, so the daemon names
+    // the likely cause once it has happened twice in a row.
+    let broker = Mosquitto::start();
+    let a = start(broker.port(), "gw-twin", &["--max-backoff", "3"]);
+    assert!(
+        a.wait_log("connected (session present", SECS(10)),
+        "{}",
+        a.log()
+    );
+    let b = start(broker.port(), "gw-twin", &["--max-backoff", "3"]);
+    // An MQTT 5 broker may say so (DISCONNECT 0x8E, session taken over);
+    // mosquitto closes the connection without a word in either protocol.
+    let hints = [
+        "times in a row; another client may be using the client id \"gw-twin\"",
+        "another client connected with our client id \"gw-twin\"",
+    ];
+    let told = |d: &Daemon| hints.iter().any(|h| d.log().contains(h));
+    assert!(
+        wait_until(SECS(30), || told(&a) || told(&b)),
+        "A:\n{}\nB:\n{}",
+        a.log(),
+        b.log()
+    );
+}

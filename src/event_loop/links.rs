@@ -47,6 +47,11 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// and our CONNECT, without a CONNACK, that count as an authorization
 /// failure: AWS IoT Core answers a CONNECT its policy forbids that way.
 pub const CLOSES_WITHOUT_CONNACK_LIMIT: u32 = 3;
+/// A connection the broker closes this soon after accepting it, again and
+/// again, is probably thrown off by another client with our client id.
+pub const EARLY_CLOSE: Duration = Duration::from_secs(10);
+/// Consecutive early closes that get the warning.
+pub const EARLY_CLOSES_WARNED: u32 = 2;
 /// Plaintext read from a link per read, and reads per turn of the loop.
 const READ_CHUNK: usize = 16 * 1024;
 const READS_PER_TURN: usize = 4;
@@ -132,6 +137,12 @@ pub(super) struct Link {
     rx_blocked: bool,
     generation: u64,
     closes_without_connack: u32,
+    /// When the current connection's CONNACK accepted it.
+    connected_at: Option<Instant>,
+    /// Consecutive connections the broker closed within `EARLY_CLOSE` of
+    /// accepting them, TCP and TLS being fine: the sign of another client
+    /// with our client id.
+    early_closes: u32,
     /// Whether this link was connected before (for "reconnected" logs).
     was_connected: bool,
     /// When the last connection attempt began (or the link was closed):
@@ -168,6 +179,8 @@ impl Link {
             rx_blocked: false,
             generation: 0,
             closes_without_connack: 0,
+            connected_at: None,
+            early_closes: 0,
             was_connected: false,
             limiter: RateLimiter::new(
                 consts::PUBLISH_RATE,
@@ -906,6 +919,7 @@ impl EventLoop {
                     limits,
                 })) => {
                     link.closes_without_connack = 0;
+                    link.connected_at = Some(now);
                     link.limits = limits;
                     if link.session.version() == Version::V5 {
                         log::info!(

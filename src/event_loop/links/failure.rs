@@ -143,6 +143,33 @@ impl EventLoop {
         }
 
         let link = &mut self.links[i];
+        // Closed by the broker (an end of stream, not a reset) soon after
+        // it accepted us: with MQTT 3.1.1 that is all a broker says when
+        // another client takes our client id (mosquitto says no more with
+        // MQTT 5; others say 0x8E, below).
+        let lived = link
+            .connected_at
+            .take()
+            .filter(|_| was_up)
+            .map(|at| now.saturating_since(at));
+        let early = lived.filter(|&d| d < EARLY_CLOSE && matches!(failure, Failure::Closed));
+        match (lived, early) {
+            (_, Some(_)) => link.early_closes += 1,
+            (Some(_), None) => link.early_closes = 0,
+            (None, _) => {}
+        }
+        if let (Some(d), true) = (early, link.early_closes >= EARLY_CLOSES_WARNED) {
+            log::warn!(
+                "connection {i} ({}): the broker closed the connection {:.1} s after accepting \
+                 it, {} times in a row; another client may be using the client id {:?} (a \
+                 broker closes the older of two connections with one id, so two clients \
+                 sharing it throw each other off for ever)",
+                link.client_id,
+                d.as_secs_f64(),
+                link.early_closes,
+                link.client_id
+            );
+        }
         let id = &link.client_id;
         match &failure {
             Failure::Stream(StreamError::Tls(e)) => match tls::classify(e) {
