@@ -91,10 +91,12 @@ pub const RATE_WINDOW: Duration = Duration::from_millis(1020);
 
 /// The packet count is also limited per fifth of the window (25 per 204 ms
 /// for AWS's 100/s, a quarter, so a late wake-up can be caught up). The
-/// rate is the same, but a burst of 100 cannot leave at once: AWS counts at its end, where network jitter can push a burst
-/// into the next second and discard what exceeds 100 there. (Bytes are not
-/// paced: AWS delays excess bytes rather than discarding them, and pacing
-/// large packets would cost far more than 5 % of the byte rate.)
+/// rate is the same, but a burst of 100 cannot leave at once: AWS counts at
+/// its end, where network jitter can push a burst into the next second and
+/// discard what exceeds 100 there. Bytes are paced the same way, a quarter
+/// of the budget per fifth of the window (a packet larger than that goes
+/// alone in an empty fifth), so that a whole window's bytes never leave in
+/// one burst that queues downstream and arrives together with the next.
 const RATE_SUBWINDOWS: usize = 5;
 const RATE_SUBWINDOWS_U32: u32 = 5;
 
@@ -182,6 +184,31 @@ impl RateLimiter {
         if self.count_limited && self.len >= sub_cap {
             let (t, _) = self.entry(self.len - sub_cap);
             ready = ready.max(t + RATE_WINDOW / RATE_SUBWINDOWS_U32);
+        }
+        // Bytes, paced: a quarter of the budget in any fifth of the window.
+        if self.max_bytes > 0 {
+            let fifth = RATE_WINDOW / RATE_SUBWINDOWS_U32;
+            let cap = self.max_bytes.div_ceil(RATE_SUBWINDOWS as u64 - 1);
+            let len = u64::try_from(len).unwrap_or(u64::MAX).min(cap);
+            // The sends of the last fifth: from `first` on.
+            let mut first = self.len;
+            let mut recent = 0u64;
+            while first > 0 {
+                let (t, n) = self.entry(first - 1);
+                if t + fifth <= now {
+                    break;
+                }
+                recent += u64::from(n);
+                first -= 1;
+            }
+            let mut excess = (recent + len).saturating_sub(cap);
+            let mut i = first;
+            while excess > 0 && i < self.len {
+                let (t, n) = self.entry(i);
+                excess = excess.saturating_sub(u64::from(n));
+                ready = ready.max(t + fifth);
+                i += 1;
+            }
         }
         // Bytes: the oldest sends must leave until this one fits (a packet
         // larger than the whole budget goes alone in an empty window).
@@ -372,6 +399,9 @@ mod tests {
         let per_window = max_in_window(&times, 1_020);
         assert!(per_window * 10 * 1024 <= 512 * 1024, "{per_window}");
         assert_eq!(per_window, 51);
+        // Paced: no fifth of the window holds more than a quarter of the
+        // budget (12 packets of 10 KiB).
+        assert_eq!(max_in_window(&times, 204), 12);
         let bytes_per_sec = times.len() as f64 * 10.0 * 1024.0 / 30.0;
         assert!(
             bytes_per_sec >= 0.95 * 512.0 * 1024.0 * 1000.0 / 1020.0,
