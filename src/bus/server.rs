@@ -1081,6 +1081,11 @@ impl<S: Copy + Default> Server<S> {
             log::debug!("bus: slot {i} closed");
         }
         slot.rx_len = 0;
+        if slot.wants_large {
+            // Its place in the queue goes with it: at most one entry per
+            // slot, so the queue never outgrows the table.
+            self.pool.waiting.retain(|&(w, _)| w != i);
+        }
         self.give_back(i);
         self.slots[i].reset();
     }
@@ -1672,16 +1677,17 @@ mod tests {
         b.write_all(&frame_of(7000, 2)).unwrap();
         assert_eq!(read_until(&mut f, j, 20), Input::Idle);
         assert!(f.server.slot(j).wants_large);
-        // b goes away while waiting; c takes its slot and waits in turn:
-        // b's stale place in the queue is not c's.
+        // b goes away while waiting, and its place in the queue with it;
+        // c takes its slot and waits in turn.
         f.server.close(j);
         drop(b);
+        assert!(f.server.pool.waiting.is_empty());
         let (mut c, k) = f.connect();
         assert_eq!(k, j, "the freed slot is reused");
         let frame_c = frame_of(7000, 3);
         c.write_all(&frame_c).unwrap();
         assert_eq!(read_until(&mut f, k, 20), Input::Idle);
-        assert_eq!(f.server.pool.waiting.len(), 2);
+        assert_eq!(f.server.pool.waiting.len(), 1);
         // a is closed mid-frame: its buffer goes to c.
         f.server.close(i);
         assert!(f.server.pool.waiting.is_empty());
