@@ -370,7 +370,12 @@ pub struct Spool {
     start: usize,
     /// Bytes from `start` to the tail, holes included.
     span: usize,
-    meta: Box<[Entry]>,
+    meta: Vec<Entry>,
+    /// The number of metadata slots: `meta`'s capacity, allocated at
+    /// start-up. Slots are first used in order, and `meta` holds the ones
+    /// used so far: an idle daemon does not touch (keep resident) the
+    /// metadata of 2048 messages it has never held.
+    slots: usize,
     /// Slot of the first entry.
     head: usize,
     /// Entries in the ring, dead ones included.
@@ -442,7 +447,8 @@ impl Spool {
             buf: vec![0; capacity_bytes].into_boxed_slice(),
             start: 0,
             span: 0,
-            meta: vec![EMPTY; capacity_messages].into_boxed_slice(),
+            meta: Vec::with_capacity(capacity_messages),
+            slots: capacity_messages,
             head: 0,
             count: 0,
             current: false,
@@ -583,7 +589,7 @@ impl Spool {
             self.stats.busy += 1;
             return Err(PushError::Busy);
         };
-        if self.count >= self.meta.len() || self.span + len > self.buf.len() {
+        if self.count >= self.slots || self.span + len > self.buf.len() {
             self.compact();
         }
 
@@ -599,6 +605,10 @@ impl Spool {
 
         let lane = self.lane_of(pid);
         let slot = self.slot(self.count);
+        if slot == self.meta.len() {
+            // First use of this slot: within the capacity, no allocation.
+            self.meta.push(EMPTY);
+        }
         self.meta[slot] = Entry {
             off,
             len,
@@ -1042,7 +1052,7 @@ impl Spool {
         if len > self.buf.len() {
             return None;
         }
-        let need_msgs = (self.live + 1).saturating_sub(self.meta.len());
+        let need_msgs = (self.live + 1).saturating_sub(self.slots);
         let need_bytes = (self.live_bytes + len).saturating_sub(self.buf.len());
         if need_msgs == 0 && need_bytes == 0 {
             return Some((0, 0));
@@ -1135,7 +1145,7 @@ impl Spool {
 
     /// The index (from the first entry) of the entry in `slot`.
     fn slot_index(&self, slot: usize) -> usize {
-        (slot + self.meta.len() - self.head) % self.meta.len().max(1)
+        (slot + self.slots - self.head) % self.slots.max(1)
     }
 
     /// Writes `bytes` into the ring at `pos`, wrapping; returns the position
@@ -1194,7 +1204,7 @@ impl Spool {
     /// The metadata slot of entry `i` (`i` at most the slot count).
     fn slot(&self, i: usize) -> usize {
         let s = self.head + i;
-        s.checked_sub(self.meta.len()).unwrap_or(s)
+        s.checked_sub(self.slots).unwrap_or(s)
     }
 
     fn entry(&self, i: usize) -> &Entry {
@@ -1215,7 +1225,8 @@ mod tests {
     /// The invariants documented on `Spool`, checked from the outside in.
     fn check(s: &Spool) {
         let cap = s.buf.len();
-        assert!(s.count <= s.meta.len());
+        assert!(s.count <= s.slots && s.meta.len() <= s.slots);
+        assert!(s.meta.capacity() == s.slots, "meta never reallocates");
         assert!(s.span <= cap);
         let (mut pos, mut sum, mut live, mut bytes, mut inflight) = (s.start, 0, 0, 0, 0);
         let mut held = [0u64; ID_WORDS];
