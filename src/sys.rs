@@ -77,6 +77,29 @@ pub fn random_seed() -> u64 {
     h.finish()
 }
 
+/// Fills `buf` from the kernel's random number generator (`getrandom(2)`,
+/// which waits only until it is seeded, early at boot).
+pub fn fill_random(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: the pointer and length describe `rest`, valid for writes;
+        // getrandom writes at most that many bytes and the result is
+        // checked.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        match usize::try_from(n) {
+            Ok(n) => filled += n,
+            Err(_) => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 /// systemd's readiness protocol (`sd_notify(3)`): datagrams on
 /// `$NOTIFY_SOCKET`, written without blocking and without libsystemd.
 /// Without `NOTIFY_SOCKET` every call does nothing.

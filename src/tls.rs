@@ -93,7 +93,7 @@ pub fn client_config(
     let chain = read_certs(cert, "certificate")?;
     let key_der = read_key(key)?;
 
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = Arc::new(provider());
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| file_error(cert, format!("TLS setup failed: {e}")))?
@@ -112,6 +112,107 @@ pub fn client_config(
         .map(|p| vec![p.to_vec()])
         .unwrap_or_default();
     Ok(Arc::new(config))
+}
+
+/// ring's TLS provider with the AES-GCM cipher suites only: what AWS IoT
+/// Core's security policies and mosquitto choose, and what the gateways'
+/// CPUs accelerate (AES-NI, the ARMv8 crypto extensions, NEON on armv7).
+/// Without ChaCha20-Poly1305 its ~45 KiB of code stays out of the binary,
+/// which is why the provider is assembled here rather than taken whole
+/// from `rustls::crypto::ring::default_provider` (that one names every
+/// suite, so the linker keeps them all).
+fn provider() -> rustls::crypto::CryptoProvider {
+    use rustls::crypto::ring::{cipher_suite as suite, kx_group};
+    rustls::crypto::CryptoProvider {
+        cipher_suites: vec![
+            suite::TLS13_AES_256_GCM_SHA384,
+            suite::TLS13_AES_128_GCM_SHA256,
+            suite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+            suite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256,
+            suite::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384,
+            suite::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,
+        ],
+        kx_groups: vec![kx_group::X25519, kx_group::SECP256R1, kx_group::SECP384R1],
+        signature_verification_algorithms: VERIFY,
+        secure_random: &OsRandom,
+        key_provider: &KeyLoader,
+    }
+}
+
+/// What the broker's certificate chain and handshake signature may use
+/// (ring's provider verifies the same): ECDSA on P-256 and P-384 (Amazon
+/// Root CA 3), RSA of 2048 to 8192 bits with PKCS #1 v1.5 or PSS (Amazon
+/// Root CA 1), Ed25519.
+static VERIFY: rustls::crypto::WebPkiSupportedAlgorithms = {
+    use rustls::SignatureScheme as Scheme;
+    use webpki::ring as alg;
+    rustls::crypto::WebPkiSupportedAlgorithms {
+        all: &[
+            alg::ECDSA_P256_SHA256,
+            alg::ECDSA_P256_SHA384,
+            alg::ECDSA_P384_SHA256,
+            alg::ECDSA_P384_SHA384,
+            alg::ED25519,
+            alg::RSA_PSS_2048_8192_SHA256_LEGACY_KEY,
+            alg::RSA_PSS_2048_8192_SHA384_LEGACY_KEY,
+            alg::RSA_PSS_2048_8192_SHA512_LEGACY_KEY,
+            alg::RSA_PKCS1_2048_8192_SHA256,
+            alg::RSA_PKCS1_2048_8192_SHA384,
+            alg::RSA_PKCS1_2048_8192_SHA512,
+            alg::RSA_PKCS1_2048_8192_SHA256_ABSENT_PARAMS,
+            alg::RSA_PKCS1_2048_8192_SHA384_ABSENT_PARAMS,
+            alg::RSA_PKCS1_2048_8192_SHA512_ABSENT_PARAMS,
+        ],
+        mapping: &[
+            (
+                Scheme::ECDSA_NISTP384_SHA384,
+                &[alg::ECDSA_P384_SHA384, alg::ECDSA_P256_SHA384],
+            ),
+            (
+                Scheme::ECDSA_NISTP256_SHA256,
+                &[alg::ECDSA_P256_SHA256, alg::ECDSA_P384_SHA256],
+            ),
+            (Scheme::ED25519, &[alg::ED25519]),
+            (
+                Scheme::RSA_PSS_SHA512,
+                &[alg::RSA_PSS_2048_8192_SHA512_LEGACY_KEY],
+            ),
+            (
+                Scheme::RSA_PSS_SHA384,
+                &[alg::RSA_PSS_2048_8192_SHA384_LEGACY_KEY],
+            ),
+            (
+                Scheme::RSA_PSS_SHA256,
+                &[alg::RSA_PSS_2048_8192_SHA256_LEGACY_KEY],
+            ),
+            (Scheme::RSA_PKCS1_SHA512, &[alg::RSA_PKCS1_2048_8192_SHA512]),
+            (Scheme::RSA_PKCS1_SHA384, &[alg::RSA_PKCS1_2048_8192_SHA384]),
+            (Scheme::RSA_PKCS1_SHA256, &[alg::RSA_PKCS1_2048_8192_SHA256]),
+        ],
+    }
+};
+
+/// Randomness for TLS from the kernel (`getrandom(2)`).
+#[derive(Debug)]
+struct OsRandom;
+
+impl rustls::crypto::SecureRandom for OsRandom {
+    fn fill(&self, buf: &mut [u8]) -> Result<(), rustls::crypto::GetRandomFailed> {
+        crate::sys::fill_random(buf).map_err(|_| rustls::crypto::GetRandomFailed)
+    }
+}
+
+/// Loads the client's private key as ring's provider does.
+#[derive(Debug)]
+struct KeyLoader;
+
+impl rustls::crypto::KeyProvider for KeyLoader {
+    fn load_private_key(
+        &self,
+        key_der: rustls::pki_types::PrivateKeyDer<'static>,
+    ) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
+        rustls::crypto::ring::sign::any_supported_type(&key_der)
+    }
 }
 
 /// The ALPN protocol to offer: AWS IoT Core serves MQTT on 443 only to a
