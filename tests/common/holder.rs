@@ -17,7 +17,8 @@ use super::{wait_until, TestDir};
 const SCRIPT: &str = r#"
 import select, socket, sys, time
 path, n = sys.argv[1], int(sys.argv[2])
-datas = [bytes.fromhex(h) for h in sys.argv[3:]]
+datas = [open(h[1:], "rb").read() if h.startswith("@") else bytes.fromhex(h)
+         for h in sys.argv[3:]]
 socks = []
 for i in range(n):
     data = datas[i % len(datas)]
@@ -62,14 +63,26 @@ impl Holder {
         Holder::start_each(socket, n, &[data.to_vec()])
     }
 
+    /// As `start`, each connection writing the bytes of the file at `path`
+    /// (for data too large for a command line).
+    pub fn start_file(socket: &Path, n: usize, path: &Path) -> Holder {
+        Holder::start_args(socket, n, vec![format!("@{}", path.display())])
+    }
+
     /// As `start`, connection `i` writing `datas[i % datas.len()]`.
     pub fn start_each(socket: &Path, n: usize, datas: &[Vec<u8>]) -> Holder {
+        let hex = datas
+            .iter()
+            .map(|d| d.iter().map(|b| format!("{b:02x}")).collect::<String>())
+            .collect();
+        Holder::start_args(socket, n, hex)
+    }
+
+    /// Starts the script with `datas` as given (hex, or `@path`).
+    fn start_args(socket: &Path, n: usize, hex: Vec<String>) -> Holder {
         let dir = TestDir::new("holder");
         let out = dir.join("out.log");
         let (stdout, stderr) = log_stdio(&out);
-        let hex = datas
-            .iter()
-            .map(|d| d.iter().map(|b| format!("{b:02x}")).collect::<String>());
         let child = Command::new("python3")
             .args(["-c", SCRIPT])
             .arg(socket)
