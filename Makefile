@@ -3,7 +3,6 @@
 
 CARGO ?= cargo
 DEMO_DIR ?= $(CURDIR)/demo
-APT_PACKAGES = mosquitto mosquitto-clients openssl
 
 .PHONY: all build release test demo deps lint fmt clippy clean size bench
 
@@ -15,15 +14,18 @@ build:
 release:
 	$(CARGO) build --release
 
-# Installs the broker and openssl when missing (Debian/Ubuntu, as root).
+# Installs what is missing of the broker, its clients and openssl (Debian
+# or Ubuntu, as root); nothing already installed is upgraded. Debian's
+# mosquitto package enables and starts mosquitto.service (localhost:1883),
+# which the tests and the demo do not use (README, "Development").
 deps:
 	@missing=; \
-	for cmd in mosquitto mosquitto_sub openssl; do \
-	  command -v $$cmd >/dev/null 2>&1 || missing=1; \
-	done; \
+	command -v mosquitto >/dev/null 2>&1 || missing="$$missing mosquitto"; \
+	command -v mosquitto_sub >/dev/null 2>&1 || missing="$$missing mosquitto-clients"; \
+	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
 	if [ -n "$$missing" ]; then \
-	  echo "installing $(APT_PACKAGES)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(APT_PACKAGES); \
+	  echo "installing$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-upgrade $$missing; \
 	fi
 
 # Unit tests and end-to-end tests against a real mosquitto with mutual TLS,
@@ -35,10 +37,17 @@ test: deps
 	$(CARGO) test --all-targets
 	IOTCORED_TEST_MQTT=3.1.1 $(CARGO) test $(E2E_BOTH)
 
-# A local mosquitto with generated certificates on 127.0.0.1, and iotcored
-# in the foreground against it. Ctrl-C stops both.
+# A local mosquitto with generated certificates on 127.0.0.1:DEMO_PORT,
+# and iotcored in the foreground against it; prints the iotcorectl status,
+# stats, sub and pub commands and a broker-side mosquitto_sub line. Ctrl-C
+# stops both and make exits 0. DEMO_PORT (default 8883; from the command
+# line, make demo DEMO_PORT=18883, or the environment) chooses the port;
+# DEMO_DIR holds the PKI (made once, kept), the config, the broker's log and
+# the bus socket. A second demo on a DEMO_DIR whose demo runs exits 1 and
+# leaves it alone; so does one whose port is taken. See config/dev/demo.sh.
+DEMO_PORT ?= 8883
 demo: deps release
-	bash config/dev/demo.sh $(DEMO_DIR)
+	DEMO_PORT=$(DEMO_PORT) bash config/dev/demo.sh $(DEMO_DIR)
 
 lint: fmt clippy
 
