@@ -91,8 +91,14 @@ pub fn fill_random(buf: &mut [u8]) -> io::Result<()> {
             Ok(n) => filled += n,
             Err(_) => {
                 let e = io::Error::last_os_error();
-                if e.kind() != io::ErrorKind::Interrupted {
-                    return Err(e);
+                match e.raw_os_error() {
+                    Some(libc::EINTR) => {}
+                    // A kernel before 3.17, or a seccomp filter without it.
+                    Some(libc::ENOSYS) => {
+                        use std::io::Read;
+                        return std::fs::File::open("/dev/urandom")?.read_exact(rest);
+                    }
+                    _ => return Err(e),
                 }
             }
         }
@@ -227,10 +233,10 @@ pub fn unread_bytes(fd: RawFd) -> usize {
     usize::try_from(n).unwrap_or(0)
 }
 
-/// Room left in a connected socket's send buffer: `SO_SNDBUF` less what
-/// it holds unsent or unread (`SIOCOUTQ`, which for a Unix stream socket
+/// A connected socket's send buffer: its size (`SO_SNDBUF`) and what it
+/// holds unsent or unread (`SIOCOUTQ`, which for a Unix stream socket
 /// counts until the peer reads). `None` when the kernel cannot tell.
-pub fn send_room(fd: RawFd) -> Option<usize> {
+pub fn send_buffer(fd: RawFd) -> Option<(usize, usize)> {
     let mut sndbuf: libc::c_int = 0;
     let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).ok()?;
     // SAFETY: `sndbuf` and `len` are valid for writes and `len` is the
@@ -254,8 +260,7 @@ pub fn send_room(fd: RawFd) -> Option<usize> {
     if rc != 0 {
         return None;
     }
-    let sndbuf = usize::try_from(sndbuf).ok()?;
-    Some(sndbuf.saturating_sub(usize::try_from(queued).ok()?))
+    Some((usize::try_from(sndbuf).ok()?, usize::try_from(queued).ok()?))
 }
 
 /// Takes an exclusive, non-blocking `flock` on `fd`: held until the file

@@ -202,7 +202,8 @@ impl rustls::crypto::SecureRandom for OsRandom {
     }
 }
 
-/// Loads the client's private key as ring's provider does.
+/// Loads the client's private key as ring's provider does, wiping its DER
+/// afterwards.
 #[derive(Debug)]
 struct KeyLoader;
 
@@ -211,7 +212,7 @@ impl rustls::crypto::KeyProvider for KeyLoader {
         &self,
         key_der: rustls::pki_types::PrivateKeyDer<'static>,
     ) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
-        rustls::crypto::ring::sign::any_supported_type(&key_der)
+        rustls::crypto::ring::sign::any_supported_type(&zeroize::Zeroizing::new(key_der))
     }
 }
 

@@ -289,6 +289,34 @@ fn pub_l_pipelines_one_call_per_line_and_reports_the_refused_line() {
 }
 
 #[test]
+fn pub_l_reports_a_line_the_daemons_own_check_refuses_and_sends_the_rest() {
+    // Issue 14: a line over AWS's payload limit is stopped here with the
+    // reason, in its turn; the lines around it are published.
+    let bus = FakeBus::start("lines-local", |l| {
+        let mut c = l.accept();
+        let payloads: Vec<String> = (0..2)
+            .map(|_| c.request().param("payload").unwrap())
+            .collect();
+        assert_eq!(payloads, ["one", "three"]);
+        c.send(&null());
+        c.send(&null());
+        c.hold();
+    });
+    let mut input = b"one\n".to_vec();
+    input.extend(std::iter::repeat(b'x').take(131_073));
+    input.extend(b"\nthree\n");
+    let out = bus.run(&["pub", "-t", "t", "-l"], &input);
+    assert_eq!(status(&out), 18, "{}", stderr(&out));
+    assert_eq!(
+        stderr(&out),
+        "iotcorectl: line 2: payload is 131073 bytes; AWS IoT Core allows 131072 \
+         (not sent: the daemon would answer RANGE)\n\
+         iotcorectl: 2 of 3 message(s) published\n"
+    );
+    bus.finish();
+}
+
+#[test]
 fn sub_prints_each_message_until_the_count() {
     let bus = FakeBus::start("sub", |l| {
         let mut c = l.accept();

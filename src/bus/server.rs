@@ -411,6 +411,9 @@ pub enum SendError {
     Closed,
     /// The kernel buffer and the backlog are full: the peer is not reading.
     Full,
+    /// The frame cannot fit the socket's send buffer (this many bytes)
+    /// even empty, with the backlog.
+    TooLarge(usize),
 }
 
 impl<S: Copy + Default> Server<S> {
@@ -790,15 +793,27 @@ impl<S: Copy + Default> Server<S> {
             // Whatever the peer has sent, up to the buffer's end: a request
             // usually arrives whole in one read. What follows the first
             // frame stays buffered for the next one (bounded by the buffer).
+            // Into a lent buffer, no further than its frame's end: it then
+            // holds one frame, and goes back as soon as that is handled,
+            // even if the caller stops reading from the slot for a while
+            // (a call waiting for its answer).
+            let end = match (
+                slot.lent.is_some(),
+                frame::frame_len(slot.received(), consts::BUS_MAX_FRAME),
+            ) {
+                (true, FrameLen::Len(n)) => n,
+                _ => usize::MAX,
+            };
             let buf = match slot.lent.as_deref_mut() {
                 Some(large) => large,
                 None => &mut *slot.rx,
             };
+            let end = end.min(buf.len());
             let Some(stream) = slot.stream.as_mut() else {
                 return Input::Closed;
             };
-            let free = buf.len() - slot.rx_len;
-            match stream.read(&mut buf[slot.rx_len..]) {
+            let free = end - slot.rx_len;
+            match stream.read(&mut buf[slot.rx_len..end]) {
                 Ok(0) => {
                     slot.read_closed = true;
                     if slot.rx_len > 0 {
@@ -839,7 +854,9 @@ impl<S: Copy + Default> Server<S> {
                 .iter()
                 .filter(|s| s.lent.is_some() && s.peer_pid() == pid)
                 .count();
-            pid == 0 || held < large_per_process()
+            // A pid the kernel cannot give (0: another pid namespace) is
+            // one process here, so such peers share one share.
+            held < large_per_process()
         };
         let slot = &mut self.slots[i];
         let large = match self.pool.free.pop() {
@@ -960,18 +977,23 @@ impl<S: Copy + Default> Server<S> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let mut written = 0;
         // A frame the backlog could not hold the rest of (a large message)
-        // is written only if the kernel has room for all of it: a torn
-        // frame would cost the connection, a frame not sent costs only
-        // this message for this peer.
+        // is written only if the kernel's buffer and the backlog have room
+        // for all of it: a torn frame would cost the connection, a frame
+        // not sent costs only this message for this peer. One that could
+        // not fit even an empty buffer is not the peer's doing.
         let tx_free = slot.tx.len() - slot.tx_len;
-        if slot.tx_len == 0
-            && total > tx_free
-            && !crate::sys::send_room(stream.as_raw_fd())
-                .is_some_and(|room| room >= total + total / 16 + SKB_SLACK)
-        {
-            slot.behind = true;
-            self.want_writable(i);
-            return Err(SendError::Full);
+        if slot.tx_len == 0 && total > tx_free {
+            if let Some((size, queued)) = crate::sys::send_buffer(stream.as_raw_fd()) {
+                let need = total + total / 16 + SKB_SLACK;
+                if size.saturating_sub(queued) + tx_free < need {
+                    if queued == 0 {
+                        return Err(SendError::TooLarge(size));
+                    }
+                    slot.behind = true;
+                    self.want_writable(i);
+                    return Err(SendError::Full);
+                }
+            }
         }
         if slot.tx_len == 0 {
             let slices: heapless::Vec<IoSlice<'_>, 4> =
@@ -1610,7 +1632,8 @@ mod tests {
         let mut f = fixture("large");
         let (mut client, i) = f.connect();
         let big = frame_of(consts::BUS_MAX_FRAME, 0xA5);
-        let small = frame_of(100, 0x5A);
+        // Pipelined behind it, another larger than the slot's own buffer.
+        let small = frame_of(8000, 0x5A);
         client.write_all(&big).unwrap();
         client.write_all(&small).unwrap();
         let mut input = read_until(&mut f, i, 200);
@@ -1624,11 +1647,16 @@ mod tests {
         assert_eq!(input, Input::Frame(big.len()));
         assert_eq!(f.server.slot(i).frame(big.len()), &big[..]);
         assert_eq!(f.server.pool.free.len(), consts::BUS_LARGE_BUFFERS - 1);
+        // Nothing past the frame was read into the lent buffer, so it is
+        // back once the frame is handled, whether or not the caller reads
+        // the slot again soon (a call waiting for its answer).
+        assert_eq!(f.server.slot(i).rx_len, big.len());
         f.server.consume(i, big.len(), t(0));
-        // What follows fits the slot's own buffer: the large one is back.
         assert_eq!(f.server.pool.free.len(), consts::BUS_LARGE_BUFFERS);
         assert_eq!(read_until(&mut f, i, 200), Input::Frame(small.len()));
         assert_eq!(f.server.slot(i).frame(small.len()), &small[..]);
+        f.server.consume(i, small.len(), t(0));
+        assert_eq!(f.server.pool.free.len(), consts::BUS_LARGE_BUFFERS);
     }
 
     #[test]
@@ -1656,9 +1684,12 @@ mod tests {
         // The first frame handled: its buffer goes to the one waiting.
         f.server.consume(i, frame_a.len(), t(0));
         assert!(f.server.slot(j).has_input());
+        assert!(f.server.slot(j).granted);
+        assert_eq!(f.server.slot(j).partial_deadline(), None);
         assert_eq!(read_until(&mut f, j, 200), Input::Frame(frame_b.len()));
         assert_eq!(f.server.slot(j).frame(frame_b.len()), &frame_b[..]);
-        // Its partial timeout started again when it was served.
+        // Its frame's time started again when it was served (at t(0)).
+        assert_eq!(f.server.slot(j).frame_since, Some(t(0)));
         f.server.consume(j, frame_b.len(), t(0));
         assert_eq!(f.server.pool.free.len(), consts::BUS_LARGE_BUFFERS);
     }

@@ -57,6 +57,8 @@ pub(super) struct Clients {
     probe_at: Instant,
     /// Refused requests, logged with their reasons at a bounded rate.
     refusals: RefusalLog,
+    /// A message too large for a subscriber's socket buffer was logged.
+    warned_too_large: bool,
 }
 
 impl Clients {
@@ -71,6 +73,7 @@ impl Clients {
             spool_log_at: None,
             probe_at: Instant::default() + ENDPOINT_PROBE_EVERY,
             refusals: RefusalLog::default(),
+            warned_too_large: false,
             bus,
         }
     }
@@ -198,6 +201,7 @@ impl Clients {
             scratch_props,
             to_close,
             endpoint_results,
+            warned_too_large,
             ..
         } = self;
         to_close.clear();
@@ -247,6 +251,19 @@ impl Clients {
                             dropped += 1;
                             to_close.push(i);
                         }
+                        Err(SendError::TooLarge(size)) => {
+                            dropped += 1;
+                            if !*warned_too_large {
+                                *warned_too_large = true;
+                                log::warn!(
+                                    "bus: a {}-byte message cannot fit a subscriber's socket \
+                                     buffer ({size} bytes) and is dropped for it; raise \
+                                     net.core.wmem_default or build with a smaller \
+                                     IOTCORED_MQTT_MAX_PACKET (logged once)",
+                                    frame.len()
+                                );
+                            }
+                        }
                     }
                 }
                 Dest::Endpoint(name) => {
@@ -268,7 +285,10 @@ impl Clients {
                         Ok(i) => {
                             bus.set_state(i, Mode::Outbound);
                             bus.ignore_input(i);
-                            let sent = bus.send(i, &[frame]).map_err(|e| (false, format!("{e:?}")));
+                            // A full or too small buffer: the endpoint is there.
+                            let sent = bus
+                                .send(i, &[frame])
+                                .map_err(|e| (e != SendError::Closed, format!("{e:?}")));
                             bus.close_after_flush(i);
                             if bus.flush(i) {
                                 to_close.push(i);

@@ -88,10 +88,7 @@ impl Refusal {
     pub fn subscribe(e: SubscribeError) -> Self {
         Self {
             code: subscribe_error_code(e),
-            why: match e {
-                SubscribeError::Filter(t) => Why::Topic(t.explain("topic filter", &[])),
-                other => Why::Subscribe(other),
-            },
+            why: Why::Subscribe(e),
         }
     }
 }

@@ -353,8 +353,11 @@ fn publish_lines(
 ) -> Result<u8, Error> {
     let mut writer = conn.writer()?;
     let topic = topic.to_vec();
-    // Each sent call's line number, or the error that stopped the writer.
-    let (tx, rx) = mpsc::channel::<Result<usize, Error>>();
+    // Each line: its number, and `None` if its call was sent or the
+    // reason the daemon's own check refused it (not sent); or the error
+    // that stopped the writer.
+    type Line = (usize, Option<iotcored::service::params::Refusal>);
+    let (tx, rx) = mpsc::channel::<Result<Line, Error>>();
     // Not joined: on an early error `main` returns while it may still be
     // blocked on stdin, and the process exits with it.
     thread::spawn(move || {
@@ -364,9 +367,13 @@ fn publish_lines(
             let sent = match read_line(&mut input, &mut line) {
                 Ok(false) => return,
                 Ok(true) if trim_line(&line).is_empty() => continue,
-                Ok(true) => publish_request(&topic, trim_line(&line), qos, retain)
-                    .and_then(|frame| send(&mut writer, &frame))
-                    .map(|()| line_no),
+                Ok(true) => match publish_request(&topic, trim_line(&line), qos, retain) {
+                    // Refused here: reported in its turn, the rest go on.
+                    Err(Error::Refused(r)) => Ok((line_no, Some(r))),
+                    built => built
+                        .and_then(|frame| send(&mut writer, &frame))
+                        .map(|()| (line_no, None)),
+                },
                 Err(e) => Err(e),
             };
             let stop = sent.is_err();
@@ -389,7 +396,7 @@ fn publish_lines(
                 rx.try_recv()
             };
             match event {
-                Ok(Ok(line_no)) => pending.push_back(line_no),
+                Ok(Ok(line)) => pending.push_back(line),
                 Ok(Err(e)) => writer_error = Some(e),
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {
@@ -398,13 +405,16 @@ fn publish_lines(
                 }
             }
         }
-        let Some(line_no) = pending.pop_front() else {
+        let Some((line_no, refused_here)) = pending.pop_front() else {
             break;
         };
-        match conn
-            .recv(Some(Instant::now() + timeout))
-            .and_then(expect_null)
-        {
+        let answer = match refused_here {
+            Some(r) => Err(Error::Refused(r)),
+            None => conn
+                .recv(Some(Instant::now() + timeout))
+                .and_then(expect_null),
+        };
+        match answer {
             Ok(()) => published += 1,
             Err(e @ (Error::Daemon(_) | Error::Refused(_))) => {
                 eprintln!("iotcorectl: line {line_no}: {e}");

@@ -163,7 +163,8 @@ impl EventLoop {
                 "connection {i} ({}): the broker closed the connection {:.1} s after accepting \
                  it, {} times in a row; another client may be using the client id {:?} (a \
                  broker closes the older of two connections with one id, so two clients \
-                 sharing it throw each other off for ever)",
+                 sharing it throw each other off for ever), or the broker's policy refuses \
+                 a topic this client subscribes or publishes to",
                 link.client_id,
                 d.as_secs_f64(),
                 link.early_closes,
