@@ -1751,4 +1751,31 @@ mod tests {
         assert_eq!(f.server.send(i, &[&big]), Ok(()));
         assert_eq!(read_n(&mut client, big.len()), big);
     }
+
+    #[test]
+    fn a_frame_no_empty_socket_buffer_can_hold_is_refused_without_blaming_the_peer() {
+        // Larger than the kernel's default Unix send buffer (208 KiB) and
+        // the backlog together: it could only ever go torn.
+        let mut f = fixture("too-large");
+        let (mut client, i) = f.connect();
+        let huge = frame_of(400 * 1024, 3);
+        assert!(matches!(
+            f.server.send(i, &[&huge]),
+            Err(SendError::TooLarge(_))
+        ));
+        let slot = f.server.slot(i);
+        assert!(!slot.behind && !slot.is_closing() && !slot.has_backlog());
+        assert!(!f.server.stalled(i, t(0)));
+        assert_eq!(
+            f.server.stalled(i, t(60_000)),
+            false,
+            "not counted as a stall"
+        );
+        // The connection goes on.
+        f.server.send(i, &[&error_frame(ErrorCode::Busy)]).unwrap();
+        assert_eq!(
+            read_n(&mut client, ERROR_FRAME_LEN),
+            error_frame(ErrorCode::Busy)
+        );
+    }
 }
