@@ -1774,4 +1774,68 @@ mod tests {
             error_frame(ErrorCode::Busy)
         );
     }
+
+    #[test]
+    fn random_mixes_of_small_and_large_frames_arrive_whole_and_the_pool_comes_back() {
+        // Two clients (one process: one large buffer at a time between
+        // them) pipeline random frames, small and larger than a slot's own
+        // buffer, written in random pieces between the server's reads, in
+        // random turns. Every frame arrives whole and in order, the one
+        // without a buffer waits and is served, and every large buffer is
+        // back at the end.
+        let mut rng = crate::test_rng::XorShift::new(0x5EED_F00D);
+        let mut f = fixture("large-random");
+        let (a, i) = f.connect();
+        let (b, j) = f.connect();
+        let mut clients = [a, b];
+        let slots = [i, j];
+        let mut waits = 0;
+        for round in 0..300 {
+            let mut sent: [Vec<Vec<u8>>; 2] = [Vec::new(), Vec::new()];
+            let mut pending: [Vec<u8>; 2] = [Vec::new(), Vec::new()];
+            for k in 0..2 {
+                for _ in 0..1 + rng.below(4) {
+                    let len = if rng.chance(40) {
+                        SLOT_BUFFER + 1 + rng.below(consts::BUS_MAX_FRAME - SLOT_BUFFER)
+                    } else {
+                        frame::request_len(b"publish", 0) + rng.below(2000)
+                    };
+                    let fr = frame_of(len, rng.byte());
+                    pending[k].extend_from_slice(&fr);
+                    sent[k].push(fr);
+                }
+            }
+            let mut got: [Vec<Vec<u8>>; 2] = [Vec::new(), Vec::new()];
+            for _ in 0..100_000 {
+                if got == sent {
+                    break;
+                }
+                let k = rng.below(2);
+                if !pending[k].is_empty() && rng.chance(50) {
+                    let n = (1 + rng.below(6000)).min(pending[k].len());
+                    clients[k].write_all(&pending[k][..n]).unwrap();
+                    pending[k].drain(..n);
+                    continue;
+                }
+                let slot = slots[k];
+                f.server.set_readable(slot, false);
+                match f.server.read(slot, t(0)) {
+                    Input::Frame(n) => {
+                        got[k].push(f.server.slot(slot).frame(n).to_vec());
+                        f.server.consume(slot, n, t(0));
+                    }
+                    Input::Idle => waits += usize::from(f.server.slot(slot).wants_large),
+                    other => panic!("round {round}: {other:?}"),
+                }
+            }
+            assert_eq!(got, sent, "round {round}");
+            assert_eq!(
+                f.server.pool.free.len(),
+                consts::BUS_LARGE_BUFFERS,
+                "round {round}"
+            );
+            assert!(f.server.pool.waiting.is_empty(), "round {round}");
+        }
+        assert!(waits > 0, "the waiting path was never taken");
+    }
 }
