@@ -761,8 +761,9 @@ impl<S: Copy + Default> Server<S> {
                     Err(_) => return Input::Closed,
                 }
             }
-            // A complete frame already buffered?
-            match frame::frame_len(slot.received(), consts::BUS_MAX_FRAME) {
+            // A complete frame already buffered? Else where the frame
+            // being received ends, if its prelude is in.
+            let frame_end = match frame::frame_len(slot.received(), consts::BUS_MAX_FRAME) {
                 FrameLen::Invalid(e) => return Input::Malformed(e.code()),
                 FrameLen::Oversized { total_len } => {
                     let remaining = total_len - slot.rx_len;
@@ -780,8 +781,9 @@ impl<S: Copy + Default> Server<S> {
                     }
                     continue;
                 }
-                FrameLen::Len(_) | FrameLen::NeedPrelude => {}
-            }
+                FrameLen::Len(n) => Some(n),
+                FrameLen::NeedPrelude => None,
+            };
             if slot.read_closed {
                 return Input::Closed;
             }
@@ -797,13 +799,9 @@ impl<S: Copy + Default> Server<S> {
             // holds one frame, and goes back as soon as that is handled,
             // even if the caller stops reading from the slot for a while
             // (a call waiting for its answer).
-            let end = match (
-                slot.lent.is_some(),
-                frame::frame_len(slot.received(), consts::BUS_MAX_FRAME),
-            ) {
-                (true, FrameLen::Len(n)) => n,
-                _ => usize::MAX,
-            };
+            let end = frame_end
+                .filter(|_| slot.lent.is_some())
+                .unwrap_or(usize::MAX);
             let buf = match slot.lent.as_deref_mut() {
                 Some(large) => large,
                 None => &mut *slot.rx,
@@ -847,7 +845,7 @@ impl<S: Copy + Default> Server<S> {
     /// one is free and its process holds fewer than `large_per_process`;
     /// else queues it to wait (nothing more is read from it meanwhile).
     fn lend(&mut self, i: usize) -> bool {
-        let allowed = !self.pool.free.is_empty() && {
+        let within_share = || {
             let pid = self.slots[i].peer_pid();
             let held = self
                 .slots
@@ -858,21 +856,20 @@ impl<S: Copy + Default> Server<S> {
             // one process here, so such peers share one share.
             held < large_per_process()
         };
+        let large = if !self.pool.free.is_empty() && within_share() {
+            self.pool.free.pop()
+        } else {
+            None
+        };
         let slot = &mut self.slots[i];
-        let large = match self.pool.free.pop() {
-            Some(large) if allowed => large,
-            other => {
-                if let Some(large) = other {
-                    self.pool.free.push(large);
-                }
-                if !slot.wants_large {
-                    slot.wants_large = true;
-                    // At most one entry per slot: the queue has room.
-                    self.pool.waiting.push_back((i, slot.generation));
-                    log::debug!("bus: slot {i}: waits for a large frame buffer");
-                }
-                return false;
+        let Some(large) = large else {
+            if !slot.wants_large {
+                slot.wants_large = true;
+                // At most one entry per slot: the queue has room.
+                self.pool.waiting.push_back((i, slot.generation));
+                log::debug!("bus: slot {i}: waits for a large frame buffer");
             }
+            return false;
         };
         large[..slot.rx_len].copy_from_slice(&slot.rx[..slot.rx_len]);
         slot.lent = Some(large);
