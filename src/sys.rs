@@ -196,71 +196,58 @@ pub fn activated_listener(name: &str) -> Option<std::os::unix::net::UnixListener
 /// The pid of the process at the other end of a connected Unix socket
 /// (`SO_PEERCRED`), if the kernel gives one.
 pub fn peer_pid(fd: RawFd) -> Option<u32> {
-    let mut cred = libc::ucred {
+    let empty = libc::ucred {
         pid: 0,
         uid: 0,
         gid: 0,
     };
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::ucred>()).ok()?;
-    // SAFETY: `cred` and `len` are valid for writes and `len` is the size
-    // of `cred`; getsockopt writes at most `len` bytes and the result is
-    // checked.
-    let rc = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_PEERCRED,
-            std::ptr::addr_of_mut!(cred).cast(),
-            &mut len,
-        )
-    };
-    if rc != 0 {
-        return None;
-    }
+    let cred = socket_option(fd, libc::SO_PEERCRED, empty)?;
     u32::try_from(cred.pid).ok().filter(|&pid| pid > 0)
 }
 
 /// How many bytes the kernel holds unread on a connected socket
 /// (`FIONREAD`); 0 when it cannot tell.
 pub fn unread_bytes(fd: RawFd) -> usize {
-    let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one c_int through the pointer, which is
-    // valid for writes; the result is checked.
-    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, std::ptr::addr_of_mut!(n)) };
-    if rc != 0 {
-        return 0;
-    }
-    usize::try_from(n).unwrap_or(0)
+    ioctl_int(fd, libc::FIONREAD)
+        .and_then(|n| usize::try_from(n).ok())
+        .unwrap_or(0)
 }
 
 /// A connected socket's send buffer: its size (`SO_SNDBUF`) and what it
 /// holds unsent or unread (`SIOCOUTQ`, which for a Unix stream socket
 /// counts until the peer reads). `None` when the kernel cannot tell.
 pub fn send_buffer(fd: RawFd) -> Option<(usize, usize)> {
-    let mut sndbuf: libc::c_int = 0;
-    let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).ok()?;
-    // SAFETY: `sndbuf` and `len` are valid for writes and `len` is the
-    // size of `sndbuf`; the result is checked.
+    let size = socket_option(fd, libc::SO_SNDBUF, 0 as libc::c_int)?;
+    let queued = ioctl_int(fd, libc::TIOCOUTQ)?;
+    Some((usize::try_from(size).ok()?, usize::try_from(queued).ok()?))
+}
+
+/// A `SOL_SOCKET` option whose value is a plain `T` (an integer or a C
+/// struct), read into `value`.
+fn socket_option<T>(fd: RawFd, name: libc::c_int, mut value: T) -> Option<T> {
+    let mut len = libc::socklen_t::try_from(std::mem::size_of::<T>()).ok()?;
+    // SAFETY: `value` and `len` are valid for writes and `len` is the size
+    // of `value`; getsockopt writes at most `len` bytes and the result is
+    // checked.
     let rc = unsafe {
         libc::getsockopt(
             fd,
             libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            std::ptr::addr_of_mut!(sndbuf).cast(),
+            name,
+            std::ptr::addr_of_mut!(value).cast(),
             &mut len,
         )
     };
-    if rc != 0 {
-        return None;
-    }
-    let mut queued: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one c_int through the pointer,
-    // which is valid for writes; the result is checked.
-    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, std::ptr::addr_of_mut!(queued)) };
-    if rc != 0 {
-        return None;
-    }
-    Some((usize::try_from(sndbuf).ok()?, usize::try_from(queued).ok()?))
+    (rc == 0).then_some(value)
+}
+
+/// An `ioctl` that writes one `c_int` (`FIONREAD`, `TIOCOUTQ`).
+fn ioctl_int(fd: RawFd, request: libc::Ioctl) -> Option<libc::c_int> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: these requests write one c_int through the pointer, which is
+    // valid for writes; the result is checked.
+    let rc = unsafe { libc::ioctl(fd, request, std::ptr::addr_of_mut!(n)) };
+    (rc == 0).then_some(n)
 }
 
 /// Takes an exclusive, non-blocking `flock` on `fd`: held until the file
