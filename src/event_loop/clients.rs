@@ -56,7 +56,7 @@ pub(super) struct Clients {
     /// When the response endpoints are next probed.
     probe_at: Instant,
     /// Refused requests, logged with their reasons at a bounded rate.
-    refusals: RefusalLog,
+    refusals: RefusalLines,
     /// A message too large for a subscriber's socket buffer was logged.
     warned_too_large: bool,
 }
@@ -72,7 +72,7 @@ impl Clients {
             endpoint_results: Vec::with_capacity(consts::MAX_SUBSCRIPTIONS),
             spool_log_at: None,
             probe_at: Instant::default() + ENDPOINT_PROBE_EVERY,
-            refusals: RefusalLog::default(),
+            refusals: RefusalLines::default(),
             warned_too_large: false,
             bus,
         }
@@ -606,14 +606,14 @@ const REFUSAL_LINES_PER_SEC: u32 = 5;
 /// The INFO lines of refused requests, each with its reason: a client
 /// that repeats a bad request cannot flood the log.
 #[derive(Default)]
-struct RefusalLog {
+struct RefusalLines {
     /// The start of the current second, and the lines logged in it.
     second: Option<(Instant, u32)>,
     /// Refusals not logged since the last line.
     unlogged: u64,
 }
 
-impl RefusalLog {
+impl RefusalLines {
     fn log(&mut self, now: Instant, slot: usize, pid: u32, method: &str, refusal: &Refusal) {
         let lines = match self.second {
             Some((start, lines)) if now.saturating_since(start).as_secs() < 1 => lines,
