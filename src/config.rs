@@ -10,6 +10,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::mqtt::packet::Version;
+use crate::pkcs11::{is_uri, Uri};
 
 use crate::bus::{self, MAX_INTERFACE_NAME_LEN};
 
@@ -36,8 +37,9 @@ pub struct Config {
     pub rootca: PathBuf,
     /// Client certificate (chain) file [iotcored-param-cert-1].
     pub cert: PathBuf,
-    /// Private key file of `cert` [iotcored-param-key-1].
-    pub key: PathBuf,
+    /// The private key of `cert` [iotcored-param-key-1]: a PEM file or a
+    /// key on a PKCS#11 token.
+    pub key: Key,
     /// MQTT keepalive in seconds (1..=65535).
     pub keepalive: u16,
     /// Bus interface name; the socket is `<socket_dir>/<interface_name>`.
@@ -74,6 +76,35 @@ impl Config {
     /// Whether the keepalive lies outside the range AWS IoT Core honours.
     pub fn keepalive_outside_aws_range(&self) -> bool {
         !AWS_KEEPALIVE_SECS.contains(&self.keepalive)
+    }
+}
+
+/// Where the client's private key is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Key {
+    /// A PEM file (PKCS#8, PKCS#1 or SEC1).
+    File(PathBuf),
+    /// A key on a PKCS#11 token, named by an RFC 7512 URI.
+    Pkcs11(Box<Uri>),
+}
+
+impl fmt::Display for Key {
+    /// The file name, or the URI with any PIN hidden.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Key::File(p) => write!(f, "{}", p.display()),
+            Key::Pkcs11(uri) => write!(f, "{uri}"),
+        }
+    }
+}
+
+/// `-k`'s value: a `pkcs11:` URI, else a file name.
+fn key(value: OsString) -> Result<Key, UsageError> {
+    match value.to_str() {
+        Some(text) if is_uri(text) => Uri::parse(text)
+            .map(|uri| Key::Pkcs11(Box::new(uri)))
+            .map_err(|e| UsageError(format!("-k/--key: bad PKCS#11 URI: {e}"))),
+        _ => Ok(Key::File(PathBuf::from(value))),
     }
 }
 
@@ -128,7 +159,8 @@ Required:
   -i, --id CLIENT_ID          MQTT client id (extra connections add _1, _2, ...)
   -r, --rootca FILE           root CA certificate(s), PEM, to verify the endpoint
   -c, --cert FILE             client certificate (chain), PEM
-  -k, --key FILE              private key of the client certificate, PEM
+  -k, --key FILE|URI          private key of the client certificate: a PEM file, or a
+                              pkcs11: URI naming a key on a TPM or HSM (see below)
 
 Options:
       --port N                TCP port [default: 8883; 443 offers ALPN x-amzn-mqtt-ca]
@@ -152,6 +184,13 @@ Options:
                               1-60000 [default: 100]
   -h, --help                  print this help
   -V, --version               print the version
+
+Keys on a PKCS#11 token (RFC 7512 URI; quote it for the shell):
+  -k 'pkcs11:token=LABEL;object=KEY?pin-source=file:/etc/iotcored/pin'
+  The token: token=, serial=, model=, manufacturer=, slot-id=; the key: object=
+  (its label) and/or id= (e.g. id=%01); module-path=/path/to/module.so (default:
+  p11-kit's proxy module); the PIN: pin-source=file:PATH (its first line) or
+  pin-value=PIN (visible to other processes: for tests only).
 
 Logging: RUST_LOG=error|warn|info|debug|trace (default info), to stderr.
 Exit status: 0 stopped by SIGTERM/SIGINT, 1 error, 2 usage,
@@ -191,7 +230,7 @@ where
             Short('i') | Long("id") => client_id = Some(string(&mut parser, "id")?),
             Short('r') | Long("rootca") => rootca = Some(PathBuf::from(parser.value()?)),
             Short('c') | Long("cert") => cert = Some(PathBuf::from(parser.value()?)),
-            Short('k') | Long("key") => key = Some(PathBuf::from(parser.value()?)),
+            Short('k') | Long("key") => key = Some(self::key(parser.value()?)?),
             Long("port") => port = number(&mut parser, "port", 1, u16::MAX)?,
             Long("keepalive") => keepalive = number(&mut parser, "keepalive", 1, u16::MAX)?,
             Short('n') | Long("interface_name") | Long("interface-name") => {
@@ -398,7 +437,7 @@ mod tests {
         assert_eq!(c.client_id, "dev1");
         assert_eq!(c.rootca, PathBuf::from("ca.pem"));
         assert_eq!(c.cert, PathBuf::from("c.pem"));
-        assert_eq!(c.key, PathBuf::from("c.key"));
+        assert_eq!(c.key, Key::File(PathBuf::from("c.key")));
         assert_eq!(c.port, 8883);
         assert_eq!(c.keepalive, 60);
         assert_eq!(

@@ -12,6 +12,7 @@ pub mod event_loop;
 pub mod journal;
 pub mod limits;
 pub mod mqtt;
+pub mod pkcs11;
 pub mod router;
 pub mod service;
 pub mod spool;

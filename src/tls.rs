@@ -17,6 +17,8 @@ use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{AlertDescription, ClientConfig, ClientConnection, RootCertStore};
 
+use crate::config::Key;
+
 /// ALPN protocol AWS IoT Core requires for MQTT over port 443.
 pub const ALPN_AWS_MQTT_443: &[u8] = b"x-amzn-mqtt-ca";
 
@@ -76,14 +78,44 @@ fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, FileError> {
     PrivateKeyDer::from_pem_file(path).map_err(|e| pem_error(path, e, "private key"))
 }
 
-/// Builds the client configuration from the root CA, certificate and key
-/// files, checking that each loads and that the key matches the certificate.
+/// A start-up error of the TLS material: a file, or the key on a token.
+#[derive(Debug)]
+pub enum SetupError {
+    /// One of the PEM files.
+    File(FileError),
+    /// The PKCS#11 key: the URI (PIN hidden) and what is wrong.
+    Token {
+        /// The URI, as `Key`'s `Display` shows it.
+        uri: String,
+        /// What is wrong.
+        what: String,
+    },
+}
+
+impl fmt::Display for SetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SetupError::File(e) => e.fmt(f),
+            SetupError::Token { uri, what } => write!(f, "key {uri}: {what}"),
+        }
+    }
+}
+
+impl From<FileError> for SetupError {
+    fn from(e: FileError) -> Self {
+        SetupError::File(e)
+    }
+}
+
+/// Builds the client configuration from the root CA and certificate files
+/// and the key (a PEM file or a key on a token), checking that each loads
+/// and that the key matches the certificate.
 pub fn client_config(
     rootca: &Path,
     cert: &Path,
-    key: &Path,
+    key: &Key,
     port: u16,
-) -> Result<Arc<ClientConfig>, FileError> {
+) -> Result<Arc<ClientConfig>, SetupError> {
     let mut roots = RootCertStore::empty();
     for ca in read_certs(rootca, "CA certificate")? {
         roots
@@ -91,27 +123,93 @@ pub fn client_config(
             .map_err(|e| file_error(rootca, format!("unusable CA certificate: {e}")))?;
     }
     let chain = read_certs(cert, "certificate")?;
-    let key_der = read_key(key)?;
 
     let provider = Arc::new(provider());
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| file_error(cert, format!("TLS setup failed: {e}")))?
         .with_root_certificates(roots);
-    let mut config = builder
-        .with_client_auth_cert(chain, key_der)
-        .map_err(|e| match e {
-            rustls::Error::InconsistentKeys(_) => file_error(
-                key,
-                format!("does not match the certificate in {}", cert.display()),
-            ),
-            rustls::Error::General(msg) => file_error(key, format!("unusable private key: {msg}")),
-            other => file_error(cert, format!("unusable certificate: {other}")),
-        })?;
+    let mut config = match key {
+        Key::File(key) => {
+            let key_der = read_key(key)?;
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| match e {
+                    rustls::Error::InconsistentKeys(_) => file_error(
+                        key,
+                        format!("does not match the certificate in {}", cert.display()),
+                    ),
+                    rustls::Error::General(msg) => {
+                        file_error(key, format!("unusable private key: {msg}"))
+                    }
+                    other => file_error(cert, format!("unusable certificate: {other}")),
+                })?
+        }
+        Key::Pkcs11(uri) => {
+            let token_error = |what: String| SetupError::Token {
+                uri: uri.to_string(),
+                what,
+            };
+            builder.with_client_cert_resolver(token_key(uri, chain, cert).map_err(token_error)?)
+        }
+    };
     config.alpn_protocols = alpn_for_port(port)
         .map(|p| vec![p.to_vec()])
         .unwrap_or_default();
     Ok(Arc::new(config))
+}
+
+/// The resolver that hands rustls the certificate and the key on the
+/// token, once the key is found and checked against the certificate.
+#[cfg(feature = "pkcs11")]
+fn token_key(
+    uri: &crate::pkcs11::Uri,
+    chain: Vec<CertificateDer<'static>>,
+    cert: &Path,
+) -> Result<Arc<dyn rustls::client::ResolvesClientCert>, String> {
+    use crate::pkcs11::TokenError;
+    let key = crate::pkcs11::open(uri, &chain[0]).map_err(|e| match e {
+        TokenError::Mismatch => format!("does not match the certificate in {}", cert.display()),
+        TokenError::Other(what) => what,
+    })?;
+    Ok(Arc::new(TokenCert(Arc::new(
+        rustls::sign::CertifiedKey::new(chain, Arc::new(key)),
+    ))))
+}
+
+/// Without the `pkcs11` feature a URI cannot be used.
+#[cfg(not(feature = "pkcs11"))]
+fn token_key(
+    _uri: &crate::pkcs11::Uri,
+    _chain: Vec<CertificateDer<'static>>,
+    _cert: &Path,
+) -> Result<Arc<dyn rustls::client::ResolvesClientCert>, String> {
+    Err(
+        "this iotcored was built without PKCS#11 support (cargo feature pkcs11): \
+         give a PEM key file"
+            .into(),
+    )
+}
+
+/// Always the one certificate and token key: what rustls's own resolver
+/// does for a key it loaded itself.
+#[cfg(feature = "pkcs11")]
+#[derive(Debug)]
+struct TokenCert(Arc<rustls::sign::CertifiedKey>);
+
+#[cfg(feature = "pkcs11")]
+impl rustls::client::ResolvesClientCert for TokenCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[rustls::SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(self.0.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
 }
 
 /// ring's TLS provider with the AES-GCM cipher suites only: what AWS IoT
@@ -476,7 +574,7 @@ mod tests {
         let e = client_config(
             Path::new("/nonexistent/ca.pem"),
             Path::new("/nonexistent/c.pem"),
-            Path::new("/nonexistent/c.key"),
+            &Key::File("/nonexistent/c.key".into()),
             8883,
         )
         .err()

@@ -9,6 +9,8 @@
 #   client.pem client.key              CN=iotcored-test, EC P-256, PKCS#8 key
 #   client-rsa.pem client-rsa.key      RSA 2048 client, traditional "BEGIN RSA PRIVATE KEY"
 #   client-ec-sec1.key                 client.key as traditional "BEGIN EC PRIVATE KEY"
+#   client-p384.pem client-p384.key    CN=iotcored-test-p384, EC P-384 client
+#   p521.key                           an EC P-521 key (a curve iotcored does not sign with)
 #   client-nonl.pem client-nonl.key ca-nonl.pem   the same without the trailing newline
 #   client-chain.pem client-chain.key  leaf signed by an intermediate CA, followed by the intermediate
 #   client-expired.pem client-expired.key         valid only in January 2020
@@ -162,6 +164,9 @@ issue client.key client.pem iotcored-test ca.pem ca.key client_ext
 openssl genrsa -traditional -out client-rsa.key 2048 2>/dev/null
 issue client-rsa.key client-rsa.pem iotcored-test-rsa ca.pem ca.key client_ext
 openssl ec -in client.key -out client-ec-sec1.key 2>/dev/null
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-384 -out client-p384.key 2>/dev/null
+issue client-p384.key client-p384.pem iotcored-test-p384 ca.pem ca.key client_ext
+openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-521 -out p521.key 2>/dev/null
 for f in client.pem client.key ca.pem; do
     printf '%s' "$(cat "$f")" >"${f%.*}-nonl.${f##*.}"
 done

@@ -254,7 +254,12 @@ const PORT_MARK: &str = "@PORT@";
 
 /// The CNs of the client certificates `config/dev/gen-pki.sh` issues (the
 /// expired and the untrusted one never get in), which become usernames.
-const DYNSEC_PKI_CLIENTS: &[&str] = &["iotcored-test", "iotcored-test-rsa", "iotcored-test-chain"];
+const DYNSEC_PKI_CLIENTS: &[&str] = &[
+    "iotcored-test",
+    "iotcored-test-rsa",
+    "iotcored-test-p384",
+    "iotcored-test-chain",
+];
 
 /// Where Debian and Ubuntu install the dynamic-security plugin.
 const DYNSEC_PLUGIN_DIRS: &[&str] = &[
