@@ -14,8 +14,9 @@ build:
 release:
 	$(CARGO) build --release
 
-# Installs what is missing of the broker, its clients and openssl (Debian
-# or Ubuntu, as root); nothing already installed is upgraded. Debian's
+# Installs what is missing of the broker, its clients, openssl, and the
+# PKCS#11 tests' SoftHSM2, OpenSC's pkcs11-tool and p11-kit's proxy module
+# (Debian or Ubuntu, as root); nothing already installed is upgraded. Debian's
 # mosquitto package enables and starts mosquitto.service (localhost:1883),
 # which the tests and the demo do not use (README, "Development").
 deps:
@@ -23,6 +24,10 @@ deps:
 	command -v mosquitto >/dev/null 2>&1 || missing="$$missing mosquitto"; \
 	command -v mosquitto_sub >/dev/null 2>&1 || missing="$$missing mosquitto-clients"; \
 	command -v openssl >/dev/null 2>&1 || missing="$$missing openssl"; \
+	command -v softhsm2-util >/dev/null 2>&1 || missing="$$missing softhsm2"; \
+	command -v pkcs11-tool >/dev/null 2>&1 || missing="$$missing opensc"; \
+	ls /usr/lib/*/p11-kit-proxy.so /usr/lib/p11-kit-proxy.so 2>/dev/null | grep -q . || \
+	  missing="$$missing p11-kit-modules"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-upgrade $$missing; \
@@ -30,12 +35,16 @@ deps:
 
 # Unit tests and end-to-end tests against a real mosquitto with mutual TLS,
 # the daemon speaking MQTT 5 (its default); then the end-to-end tests that
-# do not depend on the protocol again with MQTT 3.1.1 [mqtt5-1].
+# do not depend on the protocol again with MQTT 3.1.1 [mqtt5-1]; then the
+# unit tests and the PKCS#11 tests of a build without the pkcs11 feature
+# (in target/no-pkcs11, so the two builds do not replace each other).
 E2E_BOTH = --test bus --test connect --test disk --test isolation \
 	--test limits --test robustness --test spool
 test: deps
 	$(CARGO) test --all-targets
 	IOTCORED_TEST_MQTT=3.1.1 $(CARGO) test $(E2E_BOTH)
+	CARGO_TARGET_DIR=$(CURDIR)/target/no-pkcs11 \
+	  $(CARGO) test --no-default-features --lib --test pkcs11
 
 # A local mosquitto with generated certificates on 127.0.0.1:DEMO_PORT,
 # and iotcored in the foreground against it; prints the iotcorectl status,
@@ -56,6 +65,7 @@ fmt:
 
 clippy:
 	$(CARGO) clippy --all-targets -- -D warnings
+	$(CARGO) clippy --all-targets --no-default-features -- -D warnings
 	$(CARGO) clippy --test bench -- -D warnings
 	$(CARGO) clippy --examples -- -D warnings
 

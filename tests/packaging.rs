@@ -282,6 +282,46 @@ fn buildroot_options_cover_every_capacity_with_build_rs_defaults_and_ranges() {
     assert!(mk.contains("define IOTCORED_USERS"));
 }
 
+#[test]
+fn yocto_and_buildroot_switch_pkcs11_off_with_no_default_features() {
+    // Both packages turn PKCS#11 off with --no-default-features, which is
+    // right only while pkcs11 is the one default feature.
+    let cargo = read("Cargo.toml");
+    assert!(
+        cargo.lines().any(|l| l.trim() == "default = [\"pkcs11\"]"),
+        "Cargo.toml's default features are no longer just pkcs11: \
+         update the recipe and the Buildroot package"
+    );
+    let recipe = read("config/yocto/iotcored_0.1.0.bb");
+    assert!(
+        recipe.contains("\nPACKAGECONFIG ??= \"pkcs11\"\n"),
+        "{recipe}"
+    );
+    assert!(
+        recipe.contains("\nPACKAGECONFIG[pkcs11] = \",--no-default-features\"\n"),
+        "{recipe}"
+    );
+    let config_in = read("config/buildroot/iotcored/Config.in");
+    let block = config_in
+        .split("\nconfig ")
+        .find(|b| b.starts_with("BR2_PACKAGE_IOTCORED_PKCS11\n"))
+        .expect("Config.in has BR2_PACKAGE_IOTCORED_PKCS11");
+    assert!(
+        block.contains("\tbool \"") && block.contains("\tdefault y\n"),
+        "{block}"
+    );
+    let mk = read("config/buildroot/iotcored/iotcored.mk");
+    assert!(
+        mk.contains(
+            "ifeq ($(BR2_PACKAGE_IOTCORED_PKCS11),)\n\
+             IOTCORED_CARGO_BUILD_OPTS += --no-default-features\n\
+             IOTCORED_CARGO_INSTALL_OPTS += --no-default-features\n\
+             endif"
+        ),
+        "{mk}"
+    );
+}
+
 // ---------------------------------------------------------------------------
 // (c) systemd-analyze verify, security, and systemd-sysusers
 

@@ -34,6 +34,12 @@ IOTCORED_CARGO_ENV = \
 	IOTCORED_PUBLISH_RATE=$(BR2_PACKAGE_IOTCORED_PUBLISH_RATE) \
 	IOTCORED_PUBLISH_BYTES_PER_SEC=$(BR2_PACKAGE_IOTCORED_PUBLISH_BYTES_PER_SEC)
 
+# PKCS#11 keys are the cargo feature pkcs11, a default one.
+ifeq ($(BR2_PACKAGE_IOTCORED_PKCS11),)
+IOTCORED_CARGO_BUILD_OPTS += --no-default-features
+IOTCORED_CARGO_INSTALL_OPTS += --no-default-features
+endif
+
 # The daemon's user and group, and `iotcore`, the group of core bus clients
 # (the socket is root:iotcore 0660); iotcored is in it too. The same as
 # config/systemd/iotcored.sysusers.
