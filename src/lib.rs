@@ -2,7 +2,7 @@
 //!
 //! The event loop (`event_loop`) owns every socket and the clock; everything
 //! it drives is sans-I/O and takes `now` as an argument. `unsafe` code is
-//! denied (Cargo.toml's `[lints.rust]`) but in `sys`.
+//! denied (Cargo.toml's `[lints.rust]`) but in `sys` and `pkcs11::ffi`.
 
 pub mod bus;
 pub mod config;
