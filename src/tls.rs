@@ -170,7 +170,7 @@ fn token_key(
     use crate::pkcs11::TokenError;
     let key = crate::pkcs11::open(uri, &chain[0]).map_err(|e| match e {
         TokenError::Mismatch => format!("does not match the certificate in {}", cert.display()),
-        TokenError::Other(what) => what,
+        TokenError::Other(what) | TokenError::Pin(what) => what,
     })?;
     Ok(Arc::new(TokenCert(Arc::new(
         rustls::sign::CertifiedKey::new(chain, Arc::new(key)),
@@ -300,8 +300,10 @@ impl rustls::crypto::SecureRandom for OsRandom {
     }
 }
 
-/// Loads the client's private key as ring's provider does, wiping its DER
-/// afterwards.
+/// Loads the client's private key, RSA or ECDSA (P-256, P-384), wiping its
+/// DER afterwards. Not Ed25519, which ring's provider would also take: AWS
+/// IoT Core accepts device certificates with RSA and ECDSA keys only, and
+/// leaving Ed25519 signing out keeps 6 KiB out of the binary.
 #[derive(Debug)]
 struct KeyLoader;
 
@@ -310,7 +312,16 @@ impl rustls::crypto::KeyProvider for KeyLoader {
         &self,
         key_der: rustls::pki_types::PrivateKeyDer<'static>,
     ) -> Result<Arc<dyn rustls::sign::SigningKey>, rustls::Error> {
-        rustls::crypto::ring::sign::any_supported_type(&zeroize::Zeroizing::new(key_der))
+        use rustls::crypto::ring::sign::{any_ecdsa_type, RsaSigningKey};
+        let der = zeroize::Zeroizing::new(key_der);
+        if let Ok(rsa) = RsaSigningKey::new(&der) {
+            return Ok(Arc::new(rsa));
+        }
+        any_ecdsa_type(&der).map_err(|_| {
+            rustls::Error::General(
+                "not an RSA or ECDSA (P-256, P-384) key, the kinds AWS IoT Core accepts".into(),
+            )
+        })
     }
 }
 

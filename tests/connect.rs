@@ -338,9 +338,27 @@ fn bad_files_exit_1_with_a_message_naming_the_file() {
     std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\n!!!!\n").unwrap();
     let unreadable = dir.join("dir.pem");
     std::fs::create_dir(&unreadable).unwrap();
+    // An Ed25519 key: AWS IoT Core takes RSA and ECDSA device keys only.
+    let ed25519 = dir.join("ed25519.key");
+    let out = std::process::Command::new("openssl")
+        .args(["genpkey", "-algorithm", "ED25519", "-out"])
+        .arg(&ed25519)
+        .output()
+        .expect("openssl");
+    assert!(out.status.success(), "{out:?}");
     let p = |n: &str| pki.path(n).display().to_string();
     let s = |p: &std::path::Path| p.display().to_string();
     let cases: Vec<([String; 3], String, &str)> = vec![
+        (
+            [p("ca.pem"), p("client.pem"), s(&ed25519)],
+            s(&ed25519),
+            "unusable private key: not an RSA or ECDSA (P-256, P-384) key",
+        ),
+        (
+            [p("ca.pem"), p("client.pem"), p("p521.key")],
+            p("p521.key"),
+            "unusable private key: not an RSA or ECDSA (P-256, P-384) key",
+        ),
         (
             [
                 s(&dir.join("missing.pem")),
