@@ -10,7 +10,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use crate::mqtt::packet::Version;
-use crate::pkcs11::{is_uri, Uri};
+use crate::pkcs11::{Uri, SCHEME};
 
 use crate::bus::{self, MAX_INTERFACE_NAME_LEN};
 
@@ -100,12 +100,22 @@ impl fmt::Display for Key {
 
 /// `-k`'s value: a `pkcs11:` URI, else a file name.
 fn key(value: OsString) -> Result<Key, UsageError> {
-    match value.to_str() {
-        Some(text) if is_uri(text) => Uri::parse(text)
-            .map(|uri| Key::Pkcs11(Box::new(uri)))
-            .map_err(|e| UsageError(format!("-k/--key: bad PKCS#11 URI: {e}"))),
-        _ => Ok(Key::File(PathBuf::from(value))),
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = value.as_bytes();
+    let uri = bytes.len() >= SCHEME.len()
+        && bytes[..SCHEME.len()].eq_ignore_ascii_case(SCHEME.as_bytes());
+    if !uri {
+        return Ok(Key::File(PathBuf::from(value)));
     }
+    // Never repeated in a message: the URI may hold a PIN.
+    let text = value.to_str().ok_or_else(|| {
+        UsageError(
+            "-k/--key: bad PKCS#11 URI: not UTF-8 (percent-encode other bytes, e.g. %e9)".into(),
+        )
+    })?;
+    Uri::parse(text)
+        .map(|uri| Key::Pkcs11(Box::new(uri)))
+        .map_err(|e| UsageError(format!("-k/--key: bad PKCS#11 URI: {e}")))
 }
 
 /// What the command line asked for.
@@ -444,6 +454,39 @@ mod tests {
             c.socket_path(),
             PathBuf::from("/run/greengrass/aws_iot_mqtt")
         );
+    }
+
+    #[test]
+    fn a_key_is_a_file_or_a_pkcs11_uri() {
+        let uri = "pkcs11:token=iot;object=k?pin-value=9876";
+        let c = config(&["-k", uri]);
+        match &c.key {
+            Key::Pkcs11(u) => assert_eq!(u.object.as_deref(), Some("k")),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(c.key.to_string(), "pkcs11:token=iot;object=k?pin-value=***");
+        assert!(!format!("{c:?}").contains("9876"));
+        // A file whose name starts like a URI is given with a directory.
+        assert_eq!(
+            config(&["-k", "./pkcs11:k"]).key,
+            Key::File(PathBuf::from("./pkcs11:k"))
+        );
+        // A malformed URI is a usage error naming the attribute, not the PIN.
+        let e = parse_with(&["-k", "pkcs11:tokn=a?pin-value=9876"]).unwrap_err();
+        assert_eq!(
+            e.0,
+            "-k/--key: bad PKCS#11 URI: unknown path attribute \"tokn\""
+        );
+        // Bytes that are not UTF-8: refused, the value not repeated.
+        use std::os::unix::ffi::OsStringExt;
+        let mut args: Vec<OsString> = BASE.iter().map(OsString::from).collect();
+        args.push("-k".into());
+        args.push(OsString::from_vec(
+            b"PKCS11:token=\xe9?pin-value=9876".to_vec(),
+        ));
+        let e = parse(args).unwrap_err();
+        assert!(e.0.contains("not UTF-8"), "{e}");
+        assert!(!e.0.contains("9876"), "{e}");
     }
 
     #[test]

@@ -38,6 +38,7 @@ fn softhsm_module() -> PathBuf {
         "/usr/lib/softhsm/libsofthsm2.so",
         "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
         "/usr/lib/aarch64-linux-gnu/softhsm/libsofthsm2.so",
+        "/usr/lib/arm-linux-gnueabihf/softhsm/libsofthsm2.so",
         "/usr/lib64/pkcs11/libsofthsm2.so",
     ]
     .iter()
@@ -92,6 +93,10 @@ impl Hsm {
 
     /// A new token with the test PIN.
     fn init_token(&self, label: &str) {
+        self.init_token_with_pin(label, PIN);
+    }
+
+    fn init_token_with_pin(&self, label: &str, pin: &str) {
         self.run(
             "softhsm2-util",
             &[
@@ -100,7 +105,7 @@ impl Hsm {
                 "--label",
                 label,
                 "--pin",
-                PIN,
+                pin,
                 "--so-pin",
                 SO_PIN,
             ],
@@ -113,26 +118,32 @@ impl Hsm {
 
     /// Imports a PEM private key with pkcs11-tool.
     fn import(&self, token: &str, key: &Path, id: &str, label: &str) {
-        self.run(
-            "pkcs11-tool",
-            &[
-                "--module",
-                &self.module.display().to_string(),
-                "--token-label",
-                token,
-                "--login",
-                "--pin",
-                PIN,
-                "--write-object",
-                &key.display().to_string(),
-                "--type",
-                "privkey",
-                "--id",
-                id,
-                "--label",
-                label,
-            ],
-        );
+        self.import_with(token, key, id, label, &[]);
+    }
+
+    /// `import` with more pkcs11-tool options (e.g. `--always-auth`).
+    fn import_with(&self, token: &str, key: &Path, id: &str, label: &str, more: &[&str]) {
+        let module = self.module.display().to_string();
+        let key = key.display().to_string();
+        let mut args = vec![
+            "--module",
+            &module,
+            "--token-label",
+            token,
+            "--login",
+            "--pin",
+            PIN,
+            "--write-object",
+            &key,
+            "--type",
+            "privkey",
+            "--id",
+            id,
+            "--label",
+            label,
+        ];
+        args.extend_from_slice(more);
+        self.run("pkcs11-tool", &args);
     }
 
     /// A URI with `path` attributes, this module and the PIN in it.
@@ -263,6 +274,72 @@ fn rsa_and_ec_keys_on_a_token_authenticate_over_tls_1_2_and_1_3() {
 
 #[test]
 #[cfg(feature = "pkcs11")]
+fn rsa_pkcs1_v1_5_signs_when_the_broker_accepts_nothing_else() {
+    // OpenSSL prefers PSS; a broker that takes only PKCS #1 v1.5 (TLS 1.2)
+    // gets a CKM_RSA_PKCS signature.
+    let hsm = hsm_with_keys();
+    let broker = Mosquitto::builder()
+        .tls_version("tlsv1.2")
+        .client_sigalgs("RSA+SHA256:ECDSA+SHA256")
+        .start();
+    let d = hsm.daemon(
+        broker.port(),
+        "gw-pkcs1",
+        "client-rsa.pem",
+        &hsm.uri("token=iot;object=rsa"),
+    );
+    assert!(
+        d.wait_log("connected (session present", SECS(15)),
+        "{}\nbroker:\n{}",
+        d.log(),
+        broker.log()
+    );
+    assert!(
+        d.log()
+            .contains("the token signs the handshake with RSA_PKCS1_SHA256"),
+        "{}",
+        d.log()
+    );
+    publish_end_to_end(&broker, &d, "hsm/pkcs1");
+}
+
+#[test]
+#[cfg(feature = "pkcs11")]
+fn a_key_that_wants_the_pin_for_every_signature_gets_it() {
+    // CKA_ALWAYS_AUTHENTICATE: a context-specific login after each
+    // C_SignInit; every reconnect signs again.
+    let hsm = Hsm::new();
+    hsm.init_token("iot");
+    hsm.import_with(
+        "iot",
+        &Pki::get().path("client.key"),
+        "01",
+        "ec",
+        &["--always-auth"],
+    );
+    let mut broker = Mosquitto::builder().tls_version("tlsv1.3").start();
+    let d = hsm.daemon(
+        broker.port(),
+        "gw-always",
+        "client.pem",
+        &hsm.uri("token=iot;object=ec"),
+    );
+    assert!(
+        d.wait_log("connected (session present", SECS(15)),
+        "{}",
+        d.log()
+    );
+    broker.restart();
+    assert!(
+        d.wait_log("reconnected (session present", SECS(20)),
+        "{}",
+        d.log()
+    );
+    publish_end_to_end(&broker, &d, "hsm/always");
+}
+
+#[test]
+#[cfg(feature = "pkcs11")]
 fn the_pin_can_come_from_a_file() {
     let hsm = hsm_with_keys();
     let broker = Mosquitto::start();
@@ -313,6 +390,7 @@ fn without_module_path_p11_kits_proxy_finds_the_token() {
     let proxy = [
         "/usr/lib/x86_64-linux-gnu/p11-kit-proxy.so",
         "/usr/lib/aarch64-linux-gnu/p11-kit-proxy.so",
+        "/usr/lib/arm-linux-gnueabihf/p11-kit-proxy.so",
         "/usr/lib64/p11-kit-proxy.so",
         "/usr/lib/p11-kit-proxy.so",
     ]
@@ -353,17 +431,23 @@ fn start_up_errors_exit_1_naming_the_cause_and_never_the_pin() {
         .expect("openssl");
     assert!(out.status.success());
     hsm.import("iot", &short, "06", "rsa1024");
+    // A P-256 key, like client.pem's, but not its.
+    hsm.import("iot", &Pki::get().path("other.key"), "07", "other");
     let m = hsm.module.display().to_string();
     let pin_file = hsm.dir.join("empty-pin");
     std::fs::write(&pin_file, "\n").unwrap();
-    // A shared library that is not a PKCS#11 module.
-    let not_module = [
-        "/lib/x86_64-linux-gnu/libz.so.1",
-        "/usr/lib/x86_64-linux-gnu/libz.so.1",
-    ]
-    .iter()
-    .find(|p| Path::new(p).exists())
-    .map(|p| p.to_string());
+    // A shared library that is not a PKCS#11 module: zlib, which Debian
+    // always has, in its multiarch directory.
+    let not_module = ["/lib", "/usr/lib"]
+        .iter()
+        .filter_map(|d| std::fs::read_dir(d).ok())
+        .flatten()
+        .filter_map(|e| e.ok())
+        .map(|e| e.path().join("libz.so.1"))
+        .find(|p| p.exists())
+        .expect("zlib (libz.so.1) in a multiarch directory")
+        .display()
+        .to_string();
 
     let mut cases = vec![
         (
@@ -374,7 +458,7 @@ fn start_up_errors_exit_1_naming_the_cause_and_never_the_pin() {
         (
             "client.pem".into(),
             hsm.uri("token=nope;object=ec"),
-            "no token matches the URI; the module has token \"iot\"".into(),
+            "no token matches the URI; the module has token ".into(),
         ),
         (
             "client.pem".into(),
@@ -419,7 +503,7 @@ fn start_up_errors_exit_1_naming_the_cause_and_never_the_pin() {
         (
             "client.pem".into(),
             hsm.uri("token=iot"),
-            "5 private keys on token \"iot\" match the URI; pick one with object= or id=".into(),
+            "6 private keys on token \"iot\" match the URI; pick one with object= or id=".into(),
         ),
         (
             "client.pem".into(),
@@ -444,14 +528,21 @@ fn start_up_errors_exit_1_naming_the_cause_and_never_the_pin() {
             hsm.uri("token=iot;object=p384"),
             "does not match the certificate".into(),
         ),
-    ];
-    if let Some(lib) = &not_module {
-        cases.push((
+        (
             "client.pem".into(),
-            format!("pkcs11:token=iot?module-path={lib}&pin-value={PIN}"),
-            "not a PKCS#11 module: it has no C_GetFunctionList".into(),
-        ));
-    }
+            hsm.uri("token=iot;object=other"),
+            format!(
+                "does not match the certificate in {}",
+                Pki::get().path("client.pem").display()
+            ),
+        ),
+    ];
+    cases.push((
+        "client.pem".into(),
+        format!("pkcs11:token=iot?module-path={not_module}&pin-value={PIN}"),
+        "not a PKCS#11 module: it has no C_GetFunctionList".into(),
+    ));
+    let token_listed = "token \"iot\" (serial ";
     for (cert, uri, want) in cases {
         let mut d = hsm.daemon(free_port(), "gw-hsm-err", &cert, &uri);
         let code = exit_code(&mut d);
@@ -459,6 +550,9 @@ fn start_up_errors_exit_1_naming_the_cause_and_never_the_pin() {
         assert_eq!(code, EXIT_ERROR, "{uri}: {log}");
         assert!(log.contains("iotcored: key pkcs11:"), "{uri}: {log}");
         assert!(log.contains(&want), "{uri}: wanted {want:?} in\n{log}");
+        if want.contains("the module has token") {
+            assert!(log.contains(token_listed), "{log}");
+        }
         assert!(!log.contains(PIN), "{uri}: the PIN is in\n{log}");
         assert!(
             log.contains("pin-value=***") || !uri.contains("pin-value"),
@@ -529,7 +623,7 @@ fn a_token_that_goes_away_is_a_connection_failure_and_iotcored_carries_on_when_i
     );
     assert!(d.is_running(), "{}", d.log());
     assert!(
-        d.log().contains("PKCS#11: the session is gone"),
+        d.log().contains("PKCS#11: the session failed"),
         "{}",
         d.log()
     );
@@ -581,6 +675,45 @@ fn a_build_without_the_feature_refuses_a_uri_at_start_up() {
         "{}",
         d.log()
     );
+}
+
+#[test]
+#[cfg(feature = "pkcs11")]
+fn a_pin_the_token_refuses_after_start_up_is_not_offered_again() {
+    // The token comes back with another PIN (re-provisioned): one login is
+    // refused, and iotcored then stops offering the PIN (a TPM or a card
+    // would lock it after a few), says so at every attempt, and keeps
+    // running.
+    let hsm = hsm_with_keys();
+    let mut broker = Mosquitto::start();
+    let d = hsm.daemon(
+        broker.port(),
+        "gw-hsm-repin",
+        "client.pem",
+        &hsm.uri("token=iot;object=ec"),
+    );
+    assert!(
+        d.wait_log("connected (session present", SECS(15)),
+        "{}",
+        d.log()
+    );
+    hsm.delete_token("iot");
+    hsm.init_token_with_pin("iot", "24681357");
+    broker.restart();
+    assert!(
+        d.wait_log_count("does not offer it again", 2, SECS(30)),
+        "{}",
+        d.log()
+    );
+    let log = d.log();
+    // One login refused, then none tried.
+    let refused: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("PKCS#11 signature failed: wrong PIN for token \"iot\""))
+        .collect();
+    assert_eq!(refused.len(), 1, "{refused:#?}");
+    assert!(!log.contains("authentication failed"), "{log}");
+    assert!(!log.contains(PIN), "{log}");
 }
 
 fn set_mode(path: &Path, mode: u32) {

@@ -18,12 +18,17 @@ use std::fmt;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::ptr::null_mut;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use cryptoki_sys as ck;
 
 pub use ck::{CK_MECHANISM_TYPE as MechanismType, CK_OBJECT_HANDLE as ObjectHandle};
 pub use ck::{CK_SLOT_ID as SlotId, CK_ULONG as Ulong};
+
+/// How often a list is asked for again when it grew between the call that
+/// sized it and the call that fills it.
+const MAX_TRIES: u32 = 4;
 
 /// Absent or unreadable attribute, as `C_GetAttributeValue` reports it.
 const UNAVAILABLE: Ulong = !0;
@@ -126,12 +131,14 @@ pub struct Module {
     /// the module is never unloaded.
     list: &'static ck::CK_FUNCTION_LIST,
     /// Whether this `Module` initialized the library (and so finalizes it).
-    initialized: bool,
+    initialized: AtomicBool,
 }
 
 // SAFETY: the module was initialized with CKF_OS_LOCKING_OK, which makes
 // every call safe from any thread (PKCS#11 v2.40 §5.4); the function list
-// is read-only.
+// is read-only. (When C_Initialize said another part of the process had
+// initialized it already, that part chose the locking: iotcored has no
+// such part, and calls the module from its event loop thread only.)
 #[allow(unsafe_code)]
 unsafe impl Send for Module {}
 // SAFETY: as for Send.
@@ -217,27 +224,35 @@ impl Module {
         #[allow(unsafe_code)]
         let list: &'static ck::CK_FUNCTION_LIST = unsafe { &*list };
         let initialized = initialize(list)?;
-        Ok(Arc::new(Module { list, initialized }))
+        Ok(Arc::new(Module {
+            list,
+            initialized: AtomicBool::new(initialized),
+        }))
     }
 
     /// Finalizes and initializes the module again, so that it looks for
     /// its tokens afresh (a token reset or re-created, a device plugged in
-    /// again: many modules only scan at initialization). Every session is
-    /// closed by it; the caller holds none.
-    pub fn restart(&self) -> Result<(), String> {
+    /// again: many modules only scan at initialization). It closes every
+    /// session: the caller (`token.rs`, under its lock) holds none.
+    pub(super) fn restart(&self) -> Result<(), String> {
         if let Some(f) = self.list.C_Finalize {
             // SAFETY: the reserved argument must be null.
             #[allow(unsafe_code)]
             let _ = unsafe { f(null_mut()) };
         }
-        initialize(self.list).map(|_| ())
+        // Initialized by us now, whoever did it first: ours to finalize.
+        initialize(self.list)?;
+        self.initialized.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// The slots that have a token.
     pub fn slots(&self) -> Result<Vec<SlotId>, Rv> {
         const F: &str = "C_GetSlotList";
         let f = self.list.C_GetSlotList.ok_or(unsupported(F))?;
+        let mut tries = 0;
         loop {
+            tries += 1;
             let mut n: Ulong = 0;
             // SAFETY: a null list asks for the count only, written to `n`.
             #[allow(unsafe_code)]
@@ -246,7 +261,7 @@ impl Module {
             // SAFETY: `slots` has room for `n` ids, as `n` says.
             #[allow(unsafe_code)]
             let rv = unsafe { f(ck::CK_TRUE, slots.as_mut_ptr(), &mut n) };
-            if rv == ck::CKR_BUFFER_TOO_SMALL {
+            if rv == ck::CKR_BUFFER_TOO_SMALL && tries < MAX_TRIES {
                 continue; // a token arrived in between
             }
             check(rv, F)?;
@@ -279,7 +294,9 @@ impl Module {
     pub fn mechanisms(&self, slot: SlotId) -> Result<Vec<MechanismType>, Rv> {
         const F: &str = "C_GetMechanismList";
         let f = self.list.C_GetMechanismList.ok_or(unsupported(F))?;
+        let mut tries = 0;
         loop {
+            tries += 1;
             let mut n: Ulong = 0;
             // SAFETY: a null list asks for the count only.
             #[allow(unsafe_code)]
@@ -288,7 +305,7 @@ impl Module {
             // SAFETY: `list` has room for `n` entries.
             #[allow(unsafe_code)]
             let rv = unsafe { f(slot, list.as_mut_ptr(), &mut n) };
-            if rv == ck::CKR_BUFFER_TOO_SMALL {
+            if rv == ck::CKR_BUFFER_TOO_SMALL && tries < MAX_TRIES {
                 continue;
             }
             check(rv, F)?;
@@ -318,7 +335,10 @@ impl Module {
 
 impl Drop for Module {
     fn drop(&mut self) {
-        if let (true, Some(f)) = (self.initialized, self.list.C_Finalize) {
+        if let (true, Some(f)) = (
+            self.initialized.load(Ordering::Relaxed),
+            self.list.C_Finalize,
+        ) {
             // SAFETY: the reserved argument must be null; every session
             // holds an Arc of this module, so none is left.
             #[allow(unsafe_code)]
@@ -462,7 +482,8 @@ impl Session {
             if let Err(e) = check(rv, "C_FindObjects") {
                 break Err(e);
             }
-            let n = size(n, "C_FindObjects")?.min(batch.len());
+            // No `?` between C_FindObjectsInit and C_FindObjectsFinal.
+            let n = usize::try_from(n).map_or(batch.len(), |n| n.min(batch.len()));
             found.extend_from_slice(&batch[..n]);
             // A token with this many keys is not one iotcored should guess in.
             if n == 0 || found.len() >= 1024 {
@@ -519,22 +540,29 @@ impl Session {
         }))
     }
 
-    /// Signs `data` with `key`.
+    /// Signs `data` with `key`; `context_pin` logs in for this one
+    /// signature, as a key with CKA_ALWAYS_AUTHENTICATE requires.
     pub fn sign(
         &self,
         mechanism: Mechanism,
         key: ObjectHandle,
         data: &[u8],
+        context_pin: Option<&[u8]>,
     ) -> Result<Vec<u8>, Rv> {
         const F: &str = "C_SignInit";
         let list = self.module.list;
         let init = list.C_SignInit.ok_or(unsupported(F))?;
         let sign = list.C_Sign.ok_or(unsupported("C_Sign"))?;
+        let login = list.C_Login.ok_or(unsupported("C_Login"))?;
         let (mechanism, hash_alg, mgf, salt) = match mechanism {
             Mechanism::RsaPkcs => (ck::CKM_RSA_PKCS, 0, 0, 0),
             Mechanism::Ecdsa => (ck::CKM_ECDSA, 0, 0, 0),
             Mechanism::RsaPss(hash, mgf, salt) => (ck::CKM_RSA_PKCS_PSS, hash, mgf, salt),
         };
+        // Every conversion before C_SignInit: once it succeeds, only a
+        // C_Sign that fails (or succeeds) ends the operation.
+        let len = ulong(data.len(), "C_Sign")?;
+        let pin_len = ulong(context_pin.map_or(0, <[u8]>::len), "C_Login")?;
         let mut pss = ck::CK_RSA_PKCS_PSS_PARAMS {
             hashAlg: hash_alg,
             mgf,
@@ -553,7 +581,19 @@ impl Session {
         // the call.
         #[allow(unsafe_code)]
         check(unsafe { init(self.handle, &mut mech, key) }, F)?;
-        let len = ulong(data.len(), "C_Sign")?;
+        if let Some(pin) = context_pin {
+            // SAFETY: `pin` is `pin_len` readable bytes, only read.
+            #[allow(unsafe_code)]
+            let rv = unsafe {
+                login(
+                    self.handle,
+                    ck::CKU_CONTEXT_SPECIFIC,
+                    pin.as_ptr().cast_mut(),
+                    pin_len,
+                )
+            };
+            check(rv, "C_Login (CKU_CONTEXT_SPECIFIC)")?;
+        }
         let mut sig_len: Ulong = 0;
         // SAFETY: `data` is `len` readable bytes (read only, the prototype
         // lacks const); a null signature asks for its length.
@@ -570,7 +610,10 @@ impl Session {
             },
             "C_Sign",
         )?;
-        let mut sig = vec![0u8; size(sig_len, "C_Sign")?];
+        // A c_ulong always fits a usize on Linux: no `?` to leave the
+        // operation open.
+        let mut sig = vec![0u8; usize::try_from(sig_len).unwrap_or(0)];
+        let mut sig_len = ulong(sig.len(), "C_Sign")?;
         // SAFETY: `sig` has the sig_len bytes the module asked for.
         #[allow(unsafe_code)]
         check(
@@ -603,13 +646,11 @@ impl Drop for Session {
 /// The constants `token.rs` needs, by their PKCS#11 names.
 pub mod consts {
     pub use cryptoki_sys::{
-        CKA_EC_PARAMS, CKA_ID, CKA_KEY_TYPE, CKA_LABEL, CKA_MODULUS, CKA_SIGN, CKG_MGF1_SHA256,
-        CKG_MGF1_SHA384, CKG_MGF1_SHA512, CKK_DH, CKK_DSA, CKK_EC, CKK_EC_EDWARDS,
-        CKK_EC_MONTGOMERY, CKK_RSA, CKM_ECDSA, CKM_RSA_PKCS, CKM_RSA_PKCS_PSS, CKM_SHA256,
-        CKM_SHA384, CKM_SHA512, CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED, CKR_KEY_HANDLE_INVALID,
-        CKR_OBJECT_HANDLE_INVALID, CKR_PIN_INCORRECT, CKR_PIN_LOCKED, CKR_SESSION_CLOSED,
-        CKR_SESSION_HANDLE_INVALID, CKR_TOKEN_NOT_PRESENT, CKR_USER_ALREADY_LOGGED_IN,
-        CKR_USER_NOT_LOGGED_IN, CKR_USER_PIN_NOT_INITIALIZED,
+        CKA_ALWAYS_AUTHENTICATE, CKA_EC_PARAMS, CKA_ID, CKA_KEY_TYPE, CKA_LABEL, CKA_MODULUS,
+        CKA_SIGN, CKG_MGF1_SHA256, CKG_MGF1_SHA384, CKG_MGF1_SHA512, CKK_DH, CKK_DSA, CKK_EC,
+        CKK_EC_EDWARDS, CKK_EC_MONTGOMERY, CKK_RSA, CKM_ECDSA, CKM_RSA_PKCS, CKM_RSA_PKCS_PSS,
+        CKM_SHA256, CKM_SHA384, CKM_SHA512, CKR_DEVICE_ERROR, CKR_PIN_INCORRECT, CKR_PIN_LOCKED,
+        CKR_USER_ALREADY_LOGGED_IN, CKR_USER_NOT_LOGGED_IN, CKR_USER_PIN_NOT_INITIALIZED,
     };
 }
 

@@ -9,7 +9,7 @@
 
 mod uri;
 
-pub use uri::{is_uri, PinSource, Secret, Uri, UriError};
+pub use uri::{is_uri, PinSource, Secret, Uri, UriError, SCHEME};
 
 #[cfg(feature = "pkcs11")]
 #[allow(unsafe_code)]

@@ -39,6 +39,8 @@ use super::uri::{PinSource, Secret, Uri};
 pub enum TokenError {
     /// The key is not the certificate's.
     Mismatch,
+    /// The token refused the PIN (wrong or locked).
+    Pin(String),
     /// Anything else, said in full.
     Other(String),
 }
@@ -47,6 +49,7 @@ impl fmt::Display for TokenError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             TokenError::Mismatch => f.write_str("the key does not match the certificate"),
+            TokenError::Pin(s) => f.write_str(s),
             TokenError::Other(s) => f.write_str(s),
         }
     }
@@ -116,6 +119,8 @@ struct Open {
     what: String,
     kind: Kind,
     slot: SlotId,
+    /// CKA_ALWAYS_AUTHENTICATE: every signature needs the PIN again.
+    always_auth: bool,
 }
 
 /// The state every signer shares.
@@ -126,7 +131,18 @@ struct Shared {
     kind: Kind,
     /// The schemes offered to the broker, in order of preference.
     schemes: Vec<SignatureScheme>,
-    open: Mutex<Option<Open>>,
+    state: Mutex<State>,
+}
+
+/// What signatures change, behind the lock.
+struct State {
+    /// The session, once open.
+    open: Option<Open>,
+    /// A fresh session failed too: initialize the module again first.
+    restart: bool,
+    /// The token refused the PIN after start-up. It is never offered again:
+    /// a TPM's dictionary-attack protection or a card would lock it.
+    pin_refused: bool,
 }
 
 /// The key on the token, for rustls.
@@ -180,13 +196,17 @@ pub fn open(uri: &Uri, cert: &CertificateDer<'_>) -> Result<TokenKey, TokenError
         pin,
         kind: open.kind,
         schemes,
-        open: Mutex::new(None),
+        state: Mutex::new(State {
+            open: None,
+            restart: false,
+            pin_refused: false,
+        }),
     };
     // Every scheme offered is tried once, so that a token that lists a
     // mechanism it cannot use fails here rather than in a handshake.
     for &scheme in &shared.schemes {
         let challenge = challenge(scheme)?;
-        let sig = sign_with(&open, scheme, &challenge).map_err(|e| {
+        let sig = sign_with(&open, scheme, &challenge, shared.pin.as_ref()).map_err(|e| {
             TokenError::Other(format!(
                 "{}: the token cannot sign with {scheme:?}: {e}",
                 open.what
@@ -200,7 +220,7 @@ pub fn open(uri: &Uri, cert: &CertificateDer<'_>) -> Result<TokenKey, TokenError
         module.display(),
         shared.schemes
     );
-    *lock(&shared.open) = Some(open);
+    lock(&shared.state).open = Some(open);
     Ok(TokenKey(Arc::new(shared)))
 }
 
@@ -350,12 +370,14 @@ fn find(module: &Arc<Module>, uri: &Uri, pin: Option<&Secret>) -> Result<Open, T
         }
     };
     let (kind, what) = key_kind(&session, key, label)?;
+    let always_auth = always_authenticate(&session, key, &what, pin)?;
     Ok(Open {
         session,
         key,
         what,
         kind,
         slot,
+        always_auth,
     })
 }
 
@@ -392,10 +414,12 @@ fn login(session: &Session, pin: Option<&Secret>, info: &TokenInfo) -> Result<()
     match result.map_err(|e| (e.code, e)) {
         Ok(()) => Ok(()),
         Err((CKR_USER_ALREADY_LOGGED_IN, _)) => Ok(()),
-        Err((CKR_PIN_INCORRECT, _)) => fail(format!("wrong PIN for token {label:?}")),
-        Err((CKR_PIN_LOCKED, _)) => fail(format!(
+        Err((CKR_PIN_INCORRECT, _)) => {
+            Err(TokenError::Pin(format!("wrong PIN for token {label:?}")))
+        }
+        Err((CKR_PIN_LOCKED, _)) => Err(TokenError::Pin(format!(
             "the PIN of token {label:?} is locked (too many wrong PINs)"
-        )),
+        ))),
         Err((CKR_USER_PIN_NOT_INITIALIZED, _)) => {
             fail(format!("token {label:?} has no user PIN set yet"))
         }
@@ -450,18 +474,22 @@ fn key_kind(
             // CKA_MODULUS_BITS belongs to public keys; a private key has
             // the modulus itself.
             let modulus = session.attribute(key, CKA_MODULUS).map_err(read)?;
-            let bits = modulus.map_or(0, |m| {
+            let bits = modulus.map(|m| {
                 let m = &m[m.iter().take_while(|&&b| b == 0).count()..];
                 8 * m.len() as u64 - m.first().map_or(0, |b| u64::from(b.leading_zeros()))
             });
-            if bits < MIN_RSA_BITS {
-                return fail(format!(
-                    "{}: an RSA key of {bits} bits cannot sign for TLS; AWS IoT Core \
-                     needs {MIN_RSA_BITS} bits or more",
-                    what("RSA")
-                ));
+            match bits {
+                Some(bits) if bits < MIN_RSA_BITS => {
+                    return fail(format!(
+                        "{}: an RSA key of {bits} bits cannot sign for TLS; AWS IoT Core \
+                         needs {MIN_RSA_BITS} bits or more",
+                        what("RSA")
+                    ))
+                }
+                Some(bits) => (Kind::Rsa, format!("RSA {bits} bits")),
+                // Not shown: the signature checked below tells.
+                None => (Kind::Rsa, "RSA".to_string()),
             }
-            (Kind::Rsa, format!("RSA {bits} bits"))
         }
         Some(CKK_EC) => match session
             .attribute(key, CKA_EC_PARAMS)
@@ -501,6 +529,27 @@ fn key_kind(
         ));
     }
     Ok((kind, what(&detail)))
+}
+
+/// CKA_ALWAYS_AUTHENTICATE: the key wants the PIN again for each signature
+/// (a context-specific login, which needs the PIN in hand).
+fn always_authenticate(
+    session: &Session,
+    key: ObjectHandle,
+    what: &str,
+    pin: Option<&Secret>,
+) -> Result<bool, TokenError> {
+    let always = session
+        .attribute(key, CKA_ALWAYS_AUTHENTICATE)
+        .map_err(|e| TokenError::Other(format!("cannot read {what}: {e}")))?
+        .is_some_and(|v| v.first().is_some_and(|&b| b != 0));
+    if always && pin.is_none() {
+        return fail(format!(
+            "{what} needs the PIN for every signature (CKA_ALWAYS_AUTHENTICATE): add \
+             pin-source=file:PATH to the URI"
+        ));
+    }
+    Ok(always)
 }
 
 /// The schemes the key offers, given the token's mechanisms.
@@ -553,7 +602,9 @@ fn schemes(module: &Module, slot: SlotId, kind: Kind) -> Result<Vec<SignatureSch
 impl SigningKey for TokenKey {
     fn choose_scheme(&self, offered: &[SignatureScheme]) -> Option<Box<dyn Signer>> {
         let scheme = self.0.schemes.iter().copied().find(|s| offered.contains(s));
-        if scheme.is_none() {
+        if let Some(scheme) = scheme {
+            log::debug!("PKCS#11: the token signs the handshake with {scheme:?}");
+        } else {
             log::warn!(
                 "the broker accepts none of the signatures the token's key makes \
                  (it offers {offered:?}; the key makes {:?})",
@@ -601,86 +652,118 @@ impl Signer for TokenSigner {
     }
 }
 
-fn lock(m: &Mutex<Option<Open>>) -> std::sync::MutexGuard<'_, Option<Open>> {
+fn lock(m: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Shared {
-    /// Signs, logging in again or reopening the session once if the token
-    /// lost either.
+    /// Signs. A session that fails is closed and a new one opened (after
+    /// logging in again, if the token only dropped the login); when a fresh
+    /// session fails too, the next handshake starts by initializing the
+    /// module again.
     fn sign(&self, scheme: SignatureScheme, message: &[u8]) -> Result<Vec<u8>, String> {
-        let mut open = lock(&self.open);
-        let mut retried = false;
-        loop {
-            let current = match open.take() {
-                Some(current) => current,
-                None => {
-                    let found = match find(&self.module, &self.uri, self.pin.as_ref()) {
-                        Ok(found) => found,
-                        Err(e) => {
-                            // Many modules see a reset or re-created token
-                            // only once initialized again.
-                            log::info!("PKCS#11: {e}; initializing the module again");
-                            self.module.restart()?;
-                            find(&self.module, &self.uri, self.pin.as_ref())
-                                .map_err(|e| e.to_string())?
-                        }
-                    };
-                    if found.kind != self.kind {
-                        return Err(format!(
-                            "{} is no longer the {} key found at start-up",
-                            found.what, self.kind
-                        ));
-                    }
-                    log::info!("PKCS#11: session opened again; {}", found.what);
-                    found
-                }
+        let mut state = lock(&self.state);
+        if state.pin_refused {
+            return Err(
+                "the token refused the PIN after start-up; iotcored does not offer \
+                        it again (a TPM or a smart card would lock it): restart iotcored \
+                        with the right PIN"
+                    .into(),
+            );
+        }
+        for attempt in 0..2 {
+            let (current, fresh) = match state.open.take() {
+                Some(current) => (current, false),
+                None => (self.reopen(&mut state)?, true),
             };
-            let err = match sign_with(&current, scheme, message) {
+            let err = match sign_with(&current, scheme, message, self.pin.as_ref()) {
                 Ok(sig) => {
-                    *open = Some(current);
+                    state.open = Some(current);
                     return Ok(sig);
                 }
                 Err(e) => e,
             };
-            if retried {
-                *open = Some(current);
-                return Err(err.to_string());
-            }
-            retried = true;
             match err.code {
-                CKR_USER_NOT_LOGGED_IN => {
+                CKR_PIN_INCORRECT | CKR_PIN_LOCKED => {
+                    state.pin_refused = true;
+                    return Err(format!("the token refused the PIN ({err})"));
+                }
+                CKR_USER_NOT_LOGGED_IN if attempt == 0 => {
                     log::warn!("PKCS#11: the token dropped the login ({err}); logging in again");
                     let info = self
                         .module
                         .token_info(current.slot)
                         .map_err(|e| e.to_string())?;
-                    login(&current.session, self.pin.as_ref(), &info).map_err(|e| e.to_string())?;
-                    *open = Some(current);
+                    match login(&current.session, self.pin.as_ref(), &info) {
+                        Ok(()) => state.open = Some(current),
+                        Err(TokenError::Pin(e)) => {
+                            state.pin_refused = true;
+                            return Err(e);
+                        }
+                        // The session is dropped: the next try opens one.
+                        Err(e) => return Err(e.to_string()),
+                    }
                 }
-                CKR_SESSION_HANDLE_INVALID
-                | CKR_SESSION_CLOSED
-                | CKR_DEVICE_REMOVED
-                | CKR_TOKEN_NOT_PRESENT
-                | CKR_DEVICE_ERROR
-                | CKR_KEY_HANDLE_INVALID
-                | CKR_OBJECT_HANDLE_INVALID => {
-                    log::warn!(
-                        "PKCS#11: the session is gone ({err}); finding the token and the key again"
-                    );
-                    // `current` is dropped: its session is closed.
+                _ if attempt == 0 && !fresh => {
+                    // `current` is dropped here, which closes its session.
+                    log::warn!("PKCS#11: the session failed ({err}); opening a new one");
                 }
                 _ => {
-                    *open = Some(current);
+                    state.restart = true;
                     return Err(err.to_string());
                 }
             }
         }
+        Err("the token failed twice".into())
+    }
+
+    /// A new session with the key: after initializing the module again
+    /// when the last one asked for it, or when the token is not found
+    /// otherwise (many modules see a reset or re-created token only then).
+    fn reopen(&self, state: &mut State) -> Result<Open, String> {
+        let mut restarted = false;
+        if state.restart {
+            log::info!("PKCS#11: initializing the module again");
+            self.module.restart()?;
+            state.restart = false;
+            restarted = true;
+        }
+        let found = loop {
+            match find(&self.module, &self.uri, self.pin.as_ref()) {
+                Ok(found) => break found,
+                Err(TokenError::Pin(e)) => {
+                    state.pin_refused = true;
+                    return Err(e);
+                }
+                Err(e) if !restarted => {
+                    log::info!("PKCS#11: {e}; initializing the module again");
+                    self.module.restart()?;
+                    restarted = true;
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        };
+        if found.kind != self.kind {
+            return Err(format!(
+                "{} is no longer the {} key found at start-up",
+                found.what, self.kind
+            ));
+        }
+        log::info!("PKCS#11: session opened again; {}", found.what);
+        Ok(found)
     }
 }
 
 /// The hash, the mechanism and what is given to the token for `scheme`.
-fn sign_with(open: &Open, scheme: SignatureScheme, message: &[u8]) -> Result<Vec<u8>, Rv> {
+fn sign_with(
+    open: &Open,
+    scheme: SignatureScheme,
+    message: &[u8],
+    pin: Option<&Secret>,
+) -> Result<Vec<u8>, Rv> {
+    let context_pin = pin
+        .filter(|_| open.always_auth)
+        .map(|p| p.expose().as_bytes());
     use ring::digest;
     use SignatureScheme as S;
     let (alg, hash_mech, mgf, digest_info): (_, _, _, &[u8]) = match scheme {
@@ -710,16 +793,20 @@ fn sign_with(open: &Open, scheme: SignatureScheme, message: &[u8]) -> Result<Vec
             let mut data = Vec::with_capacity(digest_info.len() + hash.len());
             data.extend_from_slice(digest_info);
             data.extend_from_slice(hash);
-            open.session.sign(Mechanism::RsaPkcs, open.key, &data)
+            open.session
+                .sign(Mechanism::RsaPkcs, open.key, &data, context_pin)
         }
         // The salt is as long as the hash, as TLS requires.
         S::RSA_PSS_SHA256 | S::RSA_PSS_SHA384 | S::RSA_PSS_SHA512 => open.session.sign(
             Mechanism::RsaPss(hash_mech, mgf, hash.len()),
             open.key,
             hash,
+            context_pin,
         ),
         _ => {
-            let raw = open.session.sign(Mechanism::Ecdsa, open.key, hash)?;
+            let raw = open
+                .session
+                .sign(Mechanism::Ecdsa, open.key, hash, context_pin)?;
             ecdsa_der(&raw).ok_or(Rv {
                 code: CKR_DEVICE_ERROR,
                 function: "C_Sign (ECDSA signature of an odd length)",

@@ -144,36 +144,49 @@ impl Uri {
             id: None,
             module_path: None,
             pin: None,
-            shown: String::with_capacity(text.len()),
+            shown: masked(text),
         };
-        uri.shown.push_str(&text[..SCHEME.len()]);
         let mut seen: Vec<&str> = Vec::new();
-        for (i, attr) in path.split(';').enumerate() {
+        for attr in path.split(';') {
             if attr.is_empty() && path.is_empty() {
                 break;
             }
             let (name, value) = split_attr(attr, "path")?;
             once(&mut seen, name)?;
-            if i > 0 {
-                uri.shown.push(';');
+            if value.contains('&') {
+                // Not in RFC 7512's path characters: most likely an "&"
+                // typed for the "?" that starts the query. The value is
+                // not repeated: it may hold a PIN.
+                return Err(err(format!(
+                    "{name} has an \"&\": the query (module-path, pin-…) starts \
+                     with \"?\" (or write %26 for an \"&\" in the value)"
+                )));
             }
-            uri.shown.push_str(attr);
             uri.path_attr(name, value)?;
         }
         if let Some(query) = query {
-            uri.shown.push('?');
-            for (i, attr) in query.split('&').enumerate() {
-                let (name, value) = split_attr(attr, "query")?;
-                once(&mut seen, name)?;
-                if i > 0 {
-                    uri.shown.push('&');
-                }
-                if name == "pin-value" {
-                    uri.shown.push_str("pin-value=***");
-                } else {
-                    uri.shown.push_str(attr);
-                }
-                uri.query_attr(name, value)?;
+            let mut after_pin = false;
+            for attr in query.split('&') {
+                let known = attr.split_once('=').is_some_and(|(name, _)| {
+                    ["module-path", "module-name", "pin-value", "pin-source"].contains(&name)
+                });
+                let parsed = split_attr(attr, "query")
+                    .and_then(|(name, value)| {
+                        once(&mut seen, name)?;
+                        uri.query_attr(name, value)?;
+                        Ok(name)
+                    })
+                    .map_err(|e| {
+                        if after_pin && !known {
+                            // What follows pin-value may be the rest of a
+                            // PIN that held an "&": name nothing.
+                            err("an attribute after pin-value is malformed (an \"&\" in \
+                                 the PIN is written %26)")
+                        } else {
+                            e
+                        }
+                    })?;
+                after_pin |= parsed == "pin-value";
             }
         }
         Ok(uri)
@@ -262,6 +275,25 @@ impl Uri {
         }
         Ok(())
     }
+}
+
+/// `text` with the value of every `pin-value=` hidden, wherever it is:
+/// what messages show of a URI.
+fn masked(text: &str) -> String {
+    const KEY: &str = "pin-value=";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.to_ascii_lowercase().find(KEY) {
+        let value = at + KEY.len();
+        out.push_str(&rest[..value]);
+        out.push_str("***");
+        let end = rest[value..]
+            .find([';', '&', '?', '#'])
+            .map_or(rest.len(), |n| value + n);
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 fn split_attr<'a>(attr: &'a str, part: &str) -> Result<(&'a str, &'a str), UriError> {
@@ -401,8 +433,11 @@ mod tests {
             shown[0],
             "pkcs11:token=t;object=k?pin-value=***&module-path=/m.so"
         );
-        // Nor in errors about it.
+        // Nor in errors about it, nor where a mistyped URI puts it.
         for bad in [
+            "pkcs11:token=t&pin-value=s3cret",
+            "pkcs11:?pin-value=s3c&ret=1",
+            "pkcs11:?pin-value=s3c&r%zzet",
             "pkcs11:?pin-value=s3cr%zz",
             "pkcs11:?pin-value=s3cr%ff",
             "pkcs11:?pin-value=s3cret&pin-value=s3cret",
@@ -411,6 +446,16 @@ mod tests {
             let e = refuse(bad);
             assert!(!e.contains("s3cr"), "{bad}: {e}");
         }
+    }
+
+    #[test]
+    fn every_pin_value_is_masked_in_what_is_shown() {
+        assert_eq!(masked("pkcs11:?pin-value=1234"), "pkcs11:?pin-value=***");
+        assert_eq!(
+            masked("pkcs11:object=pin-value=12;token=t?PIN-VALUE=34&module-path=/m"),
+            "pkcs11:object=pin-value=***;token=t?PIN-VALUE=***&module-path=/m"
+        );
+        assert_eq!(masked("pkcs11:token=t"), "pkcs11:token=t");
     }
 
     #[test]
@@ -443,6 +488,10 @@ mod tests {
                 "give the PIN once",
             ),
             ("file:/key.pem", "starts with \"pkcs11:\""),
+            (
+                "pkcs11:token=t&pin-value=1",
+                "token has an \"&\": the query",
+            ),
         ] {
             let e = refuse(s);
             assert!(e.contains(want), "{s}: {e:?} lacks {want:?}");

@@ -22,6 +22,7 @@ pub struct MosquittoBuilder {
     password_file: bool,
     server_cert: Option<(PathBuf, PathBuf)>,
     tls_version: Option<String>,
+    client_sigalgs: Option<String>,
     max_packet_size: Option<usize>,
     deny_publish: Vec<String>,
     dynsec_clients: Vec<String>,
@@ -37,6 +38,7 @@ impl Default for MosquittoBuilder {
             password_file: false,
             server_cert: None,
             tls_version: None,
+            client_sigalgs: None,
             max_packet_size: None,
             deny_publish: Vec::new(),
             dynsec_clients: Vec::new(),
@@ -87,6 +89,14 @@ impl MosquittoBuilder {
     /// broker in `OPENSSL_CONF`.
     pub fn tls_version(mut self, version: &str) -> Self {
         self.tls_version = Some(version.to_string());
+        self
+    }
+
+    /// The signature algorithms the broker accepts from a client
+    /// certificate's key (OpenSSL's `ClientSignatureAlgorithms`, e.g.
+    /// "RSA+SHA256" for PKCS #1 v1.5 only), through the OpenSSL config.
+    pub fn client_sigalgs(mut self, list: &str) -> Self {
+        self.client_sigalgs = Some(list.to_string());
         self
     }
 
@@ -203,6 +213,7 @@ impl MosquittoBuilder {
             self.use_identity_as_username
         ));
         let mut openssl_conf = None;
+        let mut tls_section = String::new();
         if let Some(v) = &self.tls_version {
             line(format!("tls_version {v}"));
             let max = match v.as_str() {
@@ -211,14 +222,20 @@ impl MosquittoBuilder {
                 _ => None,
             };
             if let Some(max) = max {
-                let path = dir.join("openssl.cnf");
-                let text = format!(
-                    "openssl_conf = conf\n[conf]\nssl_conf = ssl\n[ssl]\n\
-                     system_default = tls\n[tls]\nMaxProtocol = {max}\n"
-                );
-                fs::write(&path, text).expect("write openssl.cnf");
-                openssl_conf = Some(path);
+                tls_section.push_str(&format!("MaxProtocol = {max}\n"));
             }
+        }
+        if let Some(list) = &self.client_sigalgs {
+            tls_section.push_str(&format!("ClientSignatureAlgorithms = {list}\n"));
+        }
+        if !tls_section.is_empty() {
+            let path = dir.join("openssl.cnf");
+            let text = format!(
+                "openssl_conf = conf\n[conf]\nssl_conf = ssl\n[ssl]\n\
+                 system_default = tls\n[tls]\n{tls_section}"
+            );
+            fs::write(&path, text).expect("write openssl.cnf");
+            openssl_conf = Some(path);
         }
         for extra in &self.extra {
             line(extra.clone());
