@@ -77,7 +77,7 @@ do_compile[vardeps] += "${IOTCORED_CAPACITIES}"
 # --- PKCS#11 keys ----------------------------------------------------------
 # -k pkcs11:… (RFC 7512 URIs): the device key stays on a TPM 2.0
 # (tpm2-pkcs11, in meta-security's meta-tpm), an HSM or a secure element.
-# On by default (cargo feature pkcs11, about 40 KiB); to build without:
+# On by default (cargo feature pkcs11, 47 KiB); to build without:
 #   PACKAGECONFIG:remove:pn-iotcored = "pkcs11"
 # The module is loaded at run time (dlopen), so nothing links against it:
 # install the one your device needs (tpm2-pkcs11, and p11-kit for its proxy
