@@ -4,7 +4,7 @@
 CARGO ?= cargo
 DEMO_DIR ?= $(CURDIR)/demo
 
-.PHONY: all build release test demo deps lint fmt clippy clean size bench
+.PHONY: all build release test demo deps lint fmt clippy clean size bench fuzz
 
 all: build
 
@@ -45,6 +45,15 @@ test: deps
 	IOTCORED_TEST_MQTT=3.1.1 $(CARGO) test $(E2E_BOTH)
 	CARGO_TARGET_DIR=$(CURDIR)/target/no-pkcs11 \
 	  $(CARGO) test --no-default-features --lib --test pkcs11
+
+# Fuzzing on stable Rust (tests/fuzz): every decoder of outside bytes fed
+# a seeded mutator over valid inputs, in release, FUZZ_SECONDS per target
+# (default 60; or FUZZ_CASES). FUZZ_SEED=random for a new seed (printed),
+# FUZZ_TARGET=NAME for one target. A failure prints the input and how to
+# reproduce it and exits 1. `make test` runs a short fixed-seed pass.
+FUZZ_SECONDS ?= 60
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) $(CARGO) test --release --test fuzz
 
 # A local mosquitto with generated certificates on 127.0.0.1:DEMO_PORT,
 # and iotcored in the foreground against it; prints the iotcorectl status,

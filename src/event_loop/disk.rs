@@ -43,7 +43,7 @@ const RECORD_HEAD_V1: usize = 8;
 const RECORD_HEAD: usize = 18;
 
 /// A stored message's fields.
-struct Stored<'a> {
+pub(super) struct Stored<'a> {
     pid: u32,
     retain: bool,
     topic: &'a str,
@@ -420,7 +420,7 @@ fn unix_ms() -> u64 {
 /// A record's fields, `None` if it is not a message record (its
 /// properties are checked again: the CRC guards against damage, not
 /// against a record of another build).
-fn decode(record: &[u8]) -> Option<Stored<'_>> {
+pub(super) fn decode(record: &[u8]) -> Option<Stored<'_>> {
     let head = match *record.first()? {
         RECORD_V1 => RECORD_HEAD_V1,
         RECORD_VERSION => RECORD_HEAD,

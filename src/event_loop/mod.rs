@@ -41,6 +41,14 @@ pub use links::{
     client_id, CLOSES_WITHOUT_CONNACK_LIMIT, CONNECT_TIMEOUT, HANDSHAKE_TIMEOUT, RESOLVE_TIMEOUT,
 };
 
+/// Whether `record` decodes as a disk spool message record: the decoder
+/// `disk.rs` runs on every record it loads, for the fuzz harness
+/// (`tests/fuzz`), which has no other way in.
+#[doc(hidden)]
+pub fn decode_spool_record(record: &[u8]) -> bool {
+    disk::decode(record).is_some()
+}
+
 use clients::Clients;
 use links::Link;
 use resolver::{Lookup, Resolved};
