@@ -3,7 +3,8 @@
 # off, with symbols) runs against a local mosquitto on 127.0.0.1 while
 # iotcorectl publishes N and then 3N messages; the difference of the two
 # totals, divided by 2N, is what one message costs, and valgrind's xtree
-# says where those allocations come from. Part of `make bench`.
+# says where those allocations come from. QoS 0 and QoS 1 (ALLOC_QOS=0 or 1
+# for one of them). Part of `make bench`.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
@@ -35,38 +36,47 @@ broker=$!
 trap 'kill "$broker" 2>/dev/null; wait "$broker" 2>/dev/null || true' EXIT
 sleep 0.5
 
-# Runs the daemon under valgrind, publishes $1 messages, prints the total.
+# Runs the daemon under valgrind, publishes $1 messages of QoS $2, prints
+# the total.
 run() {
-  local count=$1 sock=$work/sock$1 daemon
+  local count=$1 qos=$2 sock=$work/sock$1 daemon
   rm -rf "$sock"
-  valgrind --tool=memcheck --xtree-memory=full --xtree-memory-file="$work/xt$count.kcg" \
-    --log-file="$work/valgrind$count.log" \
+  valgrind --tool=memcheck --xtree-memory=full --xtree-memory-file="$work/xt$count-q$qos.kcg" \
+    --log-file="$work/valgrind$count-q$qos.log" \
     "$bin" -e 127.0.0.1 -i "alloc-check-$count" -r "$work/pki/ca.pem" \
     -c "$work/pki/client.pem" -k "$work/pki/client.key" --port "$port" \
     --socket-dir "$sock" 2>/dev/null &
   daemon=$!
   for _ in $(seq 100); do [ -S "$sock/aws_iot_mqtt" ] && break; sleep 0.1; done
   sleep 2 # connected
-  seq 1 "$count" | sed 's/^/message-/' | "$ctl" --socket-dir "$sock" --timeout 30 pub -t alloc/t -l >/dev/null
+  seq 1 "$count" | sed 's/^/message-/' | "$ctl" --socket-dir "$sock" --timeout 30 pub -t alloc/t -q "$qos" -l >/dev/null
   sleep 1
   kill -TERM "$daemon"; wait "$daemon" || true
-  sed -n 's/.*total heap usage: \([0-9,]*\) allocs.*/\1/p' "$work/valgrind$count.log" | tr -d ,
+  sed -n 's/.*total heap usage: \([0-9,]*\) allocs.*/\1/p' "$work/valgrind$count-q$qos.log" | tr -d ,
 }
-low=$(run "$n")
-high=$(run $((3 * n)))
-per=$(python3 -c "print(f'{($high - $low) / (2 * $n):.2f}')")
-echo "heap allocations: $low for $n publishes, $high for $((3 * n)): $per per publish"
-# Allocations made under rustls's record encryption (one buffer per TLS
-# record it writes), from the xtree of the larger run.
-rustls=$(callgrind_annotate --sort=totBk --inclusive=yes --threshold=100 "$work/xt$((3 * n)).kcg" 2>/dev/null \
-  | grep -m1 'RecordLayer::encrypt_outgoing' \
-  | python3 -c 'import re,sys; n=re.findall(r"([0-9,]+) \(", sys.stdin.read()); print(n[1].replace(",","") if len(n) > 1 else 0)' || true)
-rustls=${rustls:-0}
-python3 - "$low" "$high" "$n" "$rustls" <<'PY'
+# How many allocations the xtree puts under function $2 of file $1.
+under() {
+  callgrind_annotate --sort=totBk --inclusive=yes --threshold=100 "$1" 2>/dev/null \
+    | grep -m1 "$2" \
+    | python3 -c 'import re,sys; n=re.findall(r"([0-9,]+) \(", sys.stdin.read()); print(n[1].replace(",","") if len(n) > 1 else 0)' || true
+}
+for qos in ${ALLOC_QOS:-0 1}; do
+  low=$(run "$n" "$qos")
+  high=$(run $((3 * n)) "$qos")
+  xt=$work/xt$((3 * n))-q$qos.kcg
+  # rustls: one buffer per TLS record it encrypts (RecordLayer::encrypt_outgoing),
+  # and a copy of each record's plaintext it receives (Payload::into_vec:
+  # a PUBACK, for QoS 1).
+  sent=$(under "$xt" 'RecordLayer::encrypt_outgoing'); sent=${sent:-0}
+  received=$(under "$xt" 'Payload::into_vec'); received=${received:-0}
+  python3 - "$qos" "$low" "$high" "$n" "$sent" "$received" <<'PY'
 import sys
-low, high, n, rustls = (int(x) for x in sys.argv[1:])
+qos = sys.argv[1]
+low, high, n, sent, received = (int(x) for x in sys.argv[2:])
 per = (high - low) / (2 * n)
-in_rustls = rustls / (3 * n)
-print(f"  of which rustls's record encryption: {in_rustls:.2f} per publish; "
-      f"the rest (iotcored's own code, the bus, the spool): {max(per - in_rustls, 0):.2f}")
+s, r = sent / (3 * n), received / (3 * n)
+print(f"heap allocations, QoS {qos}: {low} for {n} publishes, {high} for {3 * n}: {per:.2f} per publish")
+print(f"  of which rustls's record encryption {s:.2f}, its received plaintext {r:.2f}; "
+      f"the rest (iotcored's own code, the bus, the spool): {max(per - s - r, 0):.2f}")
 PY
+done
