@@ -437,15 +437,20 @@ fn start_up_errors_exit_1_naming_the_cause_and_never_the_pin() {
     let pin_file = hsm.dir.join("empty-pin");
     std::fs::write(&pin_file, "\n").unwrap();
     // A shared library that is not a PKCS#11 module: zlib, which Debian
-    // always has, in its multiarch directory.
+    // always has, in the multiarch directory of this build's architecture
+    // (a machine with foreign architectures added has several).
+    let multiarch = if cfg!(target_arch = "x86_64") {
+        "x86_64-linux-gnu"
+    } else if cfg!(target_arch = "aarch64") {
+        "aarch64-linux-gnu"
+    } else {
+        "arm-linux-gnueabihf"
+    };
     let not_module = ["/lib", "/usr/lib"]
         .iter()
-        .filter_map(|d| std::fs::read_dir(d).ok())
-        .flatten()
-        .filter_map(|e| e.ok())
-        .map(|e| e.path().join("libz.so.1"))
+        .map(|d| Path::new(d).join(multiarch).join("libz.so.1"))
         .find(|p| p.exists())
-        .expect("zlib (libz.so.1) in a multiarch directory")
+        .expect("zlib (libz.so.1) in this architecture's multiarch directory")
         .display()
         .to_string();
 
