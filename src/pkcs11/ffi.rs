@@ -250,24 +250,10 @@ impl Module {
     pub fn slots(&self) -> Result<Vec<SlotId>, Rv> {
         const F: &str = "C_GetSlotList";
         let f = self.list.C_GetSlotList.ok_or(unsupported(F))?;
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let mut n: Ulong = 0;
-            // SAFETY: a null list asks for the count only, written to `n`.
-            #[allow(unsafe_code)]
-            check(unsafe { f(ck::CK_TRUE, null_mut(), &mut n) }, F)?;
-            let mut slots = vec![0; size(n, F)?];
-            // SAFETY: `slots` has room for `n` ids, as `n` says.
-            #[allow(unsafe_code)]
-            let rv = unsafe { f(ck::CK_TRUE, slots.as_mut_ptr(), &mut n) };
-            if rv == ck::CKR_BUFFER_TOO_SMALL && tries < MAX_TRIES {
-                continue; // a token arrived in between
-            }
-            check(rv, F)?;
-            slots.truncate(size(n, F)?);
-            return Ok(slots);
-        }
+        // SAFETY: `list` is null (the count only, written to `n`) or has
+        // room for `*n` ids, as `list_of` passes it.
+        #[allow(unsafe_code)]
+        list_of(F, |list, n| unsafe { f(ck::CK_TRUE, list, n) })
     }
 
     /// The token in `slot`.
@@ -294,24 +280,9 @@ impl Module {
     pub fn mechanisms(&self, slot: SlotId) -> Result<Vec<MechanismType>, Rv> {
         const F: &str = "C_GetMechanismList";
         let f = self.list.C_GetMechanismList.ok_or(unsupported(F))?;
-        let mut tries = 0;
-        loop {
-            tries += 1;
-            let mut n: Ulong = 0;
-            // SAFETY: a null list asks for the count only.
-            #[allow(unsafe_code)]
-            check(unsafe { f(slot, null_mut(), &mut n) }, F)?;
-            let mut list = vec![0; size(n, F)?];
-            // SAFETY: `list` has room for `n` entries.
-            #[allow(unsafe_code)]
-            let rv = unsafe { f(slot, list.as_mut_ptr(), &mut n) };
-            if rv == ck::CKR_BUFFER_TOO_SMALL && tries < MAX_TRIES {
-                continue;
-            }
-            check(rv, F)?;
-            list.truncate(size(n, F)?);
-            return Ok(list);
-        }
+        // SAFETY: as in `slots`.
+        #[allow(unsafe_code)]
+        list_of(F, |list, n| unsafe { f(slot, list, n) })
     }
 
     /// Opens a read-only session with the token in `slot`.
@@ -373,6 +344,29 @@ fn initialize(list: &ck::CK_FUNCTION_LIST) -> Result<bool, String> {
             function: "C_Initialize",
         }
         .to_string()),
+    }
+}
+
+/// PKCS#11's two-call list: `call(null, n)` for the count, then
+/// `call(buffer, n)` to fill it; asked again (up to `MAX_TRIES`) if the list
+/// grew in between (a token arrived).
+fn list_of(
+    function: &'static str,
+    mut call: impl FnMut(*mut Ulong, &mut Ulong) -> ck::CK_RV,
+) -> Result<Vec<Ulong>, Rv> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let mut n: Ulong = 0;
+        check(call(null_mut(), &mut n), function)?;
+        let mut list = vec![0; size(n, function)?];
+        let rv = call(list.as_mut_ptr(), &mut n);
+        if rv == ck::CKR_BUFFER_TOO_SMALL && tries < MAX_TRIES {
+            continue;
+        }
+        check(rv, function)?;
+        list.truncate(size(n, function)?);
+        return Ok(list);
     }
 }
 
