@@ -55,7 +55,7 @@ pub use self::{
     mosquitto_clients::{publish, Publish, PublishOutput, Subscriber, SubscriberBuilder},
     net::free_port,
     pki::Pki,
-    process::{Logged, TestDir},
+    process::{terminate, Logged, TestDir},
     proxy::{Cut, Proxy},
     publisher::LinePublisher,
 };

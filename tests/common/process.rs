@@ -164,7 +164,7 @@ pub(super) fn wait_child(child: &mut Child, timeout: Duration) -> Option<ExitSta
 }
 
 /// Stops `child`: SIGTERM, SIGKILL after [`TERM_GRACE`], then reaps it.
-pub(super) fn terminate(child: &mut Child) -> Option<ExitStatus> {
+pub fn terminate(child: &mut Child) -> Option<ExitStatus> {
     if let Ok(Some(status)) = child.try_wait() {
         return Some(status);
     }
