@@ -11,7 +11,7 @@
 //!
 //! Without settings this is the short fixed-seed pass `make test` runs
 //! (`cargo test --test fuzz`). `make fuzz` runs it in release with
-//! `FUZZ_SECONDS` per target (default 120) or `FUZZ_CASES`, `FUZZ_SEED`
+//! `FUZZ_CASES` per target (default 10^7) or `FUZZ_SECONDS`, `FUZZ_SEED`
 //! (default: fixed; `random` for a new one, printed) and `FUZZ_TARGET`
 //! (one target by name). A failing input is written to
 //! `target/fuzz/<target>-<seed>-<case>.bin` and printed in hex, with the
