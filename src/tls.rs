@@ -431,11 +431,11 @@ pub struct TlsStream {
     sock: TcpStream,
     conn: ClientConnection,
     peer_closed: bool,
-    /// Plaintext `send` took and not yet sealed: `gather[..gathered]`.
-    /// Allocated with the stream, once per connection attempt; zeroed by
-    /// the allocator, so its pages are touched only as they are used.
-    gather: Box<[u8]>,
-    gathered: usize,
+    /// Plaintext `send` took and not yet sealed. Its capacity is
+    /// `SEND_GATHER`, allocated with the stream (once per connection
+    /// attempt) and never exceeded, so it never grows; left unzeroed, its
+    /// pages are touched only as they are used (idle: one).
+    gather: Vec<u8>,
     close_notify: CloseNotify,
 }
 
@@ -452,8 +452,7 @@ impl TlsStream {
             sock,
             conn,
             peer_closed: false,
-            gather: vec![0; SEND_GATHER].into_boxed_slice(),
-            gathered: 0,
+            gather: Vec::with_capacity(SEND_GATHER),
             close_notify: CloseNotify::No,
         })
     }
@@ -471,7 +470,9 @@ impl TlsStream {
     /// Whether data is waiting to be written to the socket: gathered
     /// plaintext, close_notify still to queue, or TLS records.
     pub fn wants_write(&self) -> bool {
-        self.gathered > 0 || self.close_notify == CloseNotify::Asked || self.conn.wants_write()
+        !self.gather.is_empty()
+            || self.close_notify == CloseNotify::Asked
+            || self.conn.wants_write()
     }
 
     /// The negotiated protocol version, for the log.
@@ -540,15 +541,14 @@ impl TlsStream {
         }
         let mut took = 0;
         while took < data.len() {
-            if self.gathered == self.gather.len() {
+            if self.gather.len() == SEND_GATHER {
                 self.seal();
-                if self.gathered == self.gather.len() {
+                if self.gather.len() == SEND_GATHER {
                     break;
                 }
             }
-            let n = (self.gather.len() - self.gathered).min(data.len() - took);
-            self.gather[self.gathered..self.gathered + n].copy_from_slice(&data[took..took + n]);
-            self.gathered += n;
+            let n = (SEND_GATHER - self.gather.len()).min(data.len() - took);
+            self.gather.extend_from_slice(&data[took..took + n]);
             took += n;
         }
         took
@@ -560,20 +560,15 @@ impl TlsStream {
     /// Returns whether the gather is empty (rustls takes less when it holds
     /// its share of `SEND_BUFFER_LIMIT`).
     fn seal(&mut self) -> bool {
-        if self.gathered > 0 && !self.conn.is_handshaking() {
-            let n = self
-                .conn
-                .writer()
-                .write(&self.gather[..self.gathered])
-                .unwrap_or(0);
-            self.gather.copy_within(n..self.gathered, 0);
-            self.gathered -= n;
+        if !self.gather.is_empty() && !self.conn.is_handshaking() {
+            let n = self.conn.writer().write(&self.gather).unwrap_or(0);
+            self.gather.drain(..n.min(self.gather.len()));
         }
-        if self.gathered == 0 && self.close_notify == CloseNotify::Asked {
+        if self.gather.is_empty() && self.close_notify == CloseNotify::Asked {
             self.conn.send_close_notify();
             self.close_notify = CloseNotify::Queued;
         }
-        self.gathered == 0
+        self.gather.is_empty()
     }
 
     /// Seals what was gathered and writes TLS data to the socket until it
