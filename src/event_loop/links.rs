@@ -749,7 +749,8 @@ impl EventLoop {
             return Filled::Done;
         };
         loop {
-            // Fill rustls's send buffer; `full` when it took less than offered.
+            // Fill the TLS stream's send buffer; `full` when it took less
+            // than offered.
             let full = 'fill: loop {
                 // 1. Finish a started PUBLISH.
                 if carries_publishes {
@@ -822,7 +823,7 @@ impl EventLoop {
             if let Err(e) = tls.flush() {
                 return Filled::Failed(Failure::Stream(e));
             }
-            // rustls was full but the socket took all of it: no writable
+            // The stream was full but the socket took all of it: no writable
             // edge will come while the socket has room, so fill again now.
             if !full || tls.wants_write() {
                 return Filled::Done;
