@@ -675,11 +675,12 @@ mod tests {
         use std::sync::OnceLock;
         use std::time::{Duration, Instant};
 
-        /// The throw-away PKI of `config/dev/gen-pki.sh`, made once.
+        /// The throw-away PKI of `config/dev/gen-pki.sh`, made once per
+        /// build directory (not in a /tmp shared with other checkouts).
         fn pki() -> &'static Path {
             static DIR: OnceLock<PathBuf> = OnceLock::new();
             DIR.get_or_init(|| {
-                let dir = std::env::temp_dir().join("iotcored-tls-unit-pki");
+                let dir = Path::new(env!("OUT_DIR")).join("tls-unit-pki");
                 let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/dev/gen-pki.sh");
                 let ok = std::process::Command::new("bash")
                     .arg(script)
