@@ -67,10 +67,24 @@ pub struct BusClient {
 }
 
 impl BusClient {
-    /// Connects, with a 10 s read timeout.
+    /// Connects, with a 10 s read timeout. A refusal is retried for up to
+    /// 5 s: the harness waits for the socket file, and the kernel creates
+    /// it in bind(2), before the daemon's listen(2) (a connect in between
+    /// is refused).
     pub fn connect(path: &Path) -> BusClient {
-        let stream =
-            UnixStream::connect(path).unwrap_or_else(|e| panic!("connect {}: {e}", path.display()));
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        let stream = loop {
+            match UnixStream::connect(path) {
+                Ok(s) => break s,
+                Err(e)
+                    if e.kind() == std::io::ErrorKind::ConnectionRefused
+                        && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("connect {}: {e}", path.display()),
+            }
+        };
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
