@@ -302,7 +302,14 @@ fn a_request_pipelined_behind_a_waiting_call_is_not_closed_as_a_partial_frame() 
     // it, was only partly read; the connection stays open past 10 s and
     // both are answered once the broker is back.
     let port = free_port();
-    let (d, sock) = start_with_bus(std::path::Path::new(BIN), port, "gw-held", &[]);
+    // --max-backoff 5: after 12 s of refusals the jittered backoff could
+    // otherwise wait up to a minute for its next attempt.
+    let (d, sock) = start_with_bus(
+        std::path::Path::new(BIN),
+        port,
+        "gw-held",
+        &["--max-backoff", "5"],
+    );
     let acked = request(
         "publish",
         RequestType::Call,
