@@ -398,6 +398,20 @@ fn spool_record() -> Target {
     }
 }
 
+/// `len` bytes of an in-memory file at `off`; past its end, UnexpectedEof.
+fn range(file: &[u8], off: u64, len: usize) -> io::Result<&[u8]> {
+    let at = usize::try_from(off).map_err(|_| io::ErrorKind::InvalidInput)?;
+    Ok(file.get(at..at + len).ok_or(io::ErrorKind::UnexpectedEof)?)
+}
+
+/// As [`range`], to write.
+fn range_mut(file: &mut [u8], off: u64, len: usize) -> io::Result<&mut [u8]> {
+    let at = usize::try_from(off).map_err(|_| io::ErrorKind::InvalidInput)?;
+    Ok(file
+        .get_mut(at..at + len)
+        .ok_or(io::ErrorKind::UnexpectedEof)?)
+}
+
 /// The journal's file in memory.
 struct MemStorage(Vec<u8>);
 
@@ -407,21 +421,12 @@ impl Storage for MemStorage {
     }
 
     fn read_at(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        let at = usize::try_from(off).map_err(|_| io::ErrorKind::InvalidInput)?;
-        let src = self
-            .0
-            .get(at..at + buf.len())
-            .ok_or(io::ErrorKind::UnexpectedEof)?;
-        buf.copy_from_slice(src);
+        buf.copy_from_slice(range(&self.0, off, buf.len())?);
         Ok(())
     }
 
     fn write_at(&mut self, off: u64, data: &[u8]) -> io::Result<()> {
-        let at = usize::try_from(off).map_err(|_| io::ErrorKind::InvalidInput)?;
-        self.0
-            .get_mut(at..at + data.len())
-            .ok_or(io::ErrorKind::UnexpectedEof)?
-            .copy_from_slice(data);
+        range_mut(&mut self.0, off, data.len())?.copy_from_slice(data);
         Ok(())
     }
 
@@ -445,23 +450,14 @@ impl Storage for Scratch<'_> {
     }
 
     fn read_at(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
-        let at = usize::try_from(off).map_err(|_| io::ErrorKind::InvalidInput)?;
-        let src = self
-            .buf
-            .get(at..at + buf.len())
-            .ok_or(io::ErrorKind::UnexpectedEof)?;
-        buf.copy_from_slice(src);
+        buf.copy_from_slice(range(self.buf, off, buf.len())?);
         Ok(())
     }
 
     fn write_at(&mut self, off: u64, data: &[u8]) -> io::Result<()> {
-        let at = usize::try_from(off).map_err(|_| io::ErrorKind::InvalidInput)?;
-        let dst = self
-            .buf
-            .get_mut(at..at + data.len())
-            .ok_or(io::ErrorKind::UnexpectedEof)?;
-        self.touched.push((at, data.len()));
-        dst.copy_from_slice(data);
+        range_mut(self.buf, off, data.len())?.copy_from_slice(data);
+        // In range: `off` fits a usize.
+        self.touched.push((off as usize, data.len()));
         Ok(())
     }
 
