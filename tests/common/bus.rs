@@ -264,10 +264,20 @@ pub fn is_null(r: &Option<Reply>) -> bool {
 pub fn stats(sock: &Path) -> std::collections::HashMap<String, i64> {
     let mut c = BusClient::connect(sock);
     let reply = c.call("stats", &params(&[])).expect("stats answer");
-    let map = reply.object().as_map().expect("map");
-    map.iter()
-        .filter_map(|(k, v)| Some((String::from_utf8_lossy(k).into_owned(), v.as_i64()?)))
-        .collect()
+    stats_counters(&reply).expect("a stats map")
+}
+
+/// The i64 counters of a `stats` answer; `None` if it is not a map.
+pub fn stats_counters(reply: &Reply) -> Option<std::collections::HashMap<String, i64>> {
+    let Reply::Payload(p) = reply else {
+        return None;
+    };
+    let map = Object::parse(p).ok()?.as_map()?;
+    Some(
+        map.iter()
+            .filter_map(|(k, v)| Some((String::from_utf8_lossy(k).into_owned(), v.as_i64()?)))
+            .collect(),
+    )
 }
 
 /// Starts `bin` against `port` with its bus socket in its own directory

@@ -52,7 +52,7 @@ pub use self::{
         CONNACK_ACCEPTED_V5,
     },
     mosquitto::{Mosquitto, MosquittoBuilder},
-    mosquitto_clients::{publish, Publish, PublishOutput, Subscriber, SubscriberBuilder},
+    mosquitto_clients::{publish, tls_args, Publish, PublishOutput, Subscriber, SubscriberBuilder},
     net::free_port,
     pki::Pki,
     process::{terminate, Logged, TestDir},

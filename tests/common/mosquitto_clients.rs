@@ -22,8 +22,9 @@ fn next_client_id(prefix: &str) -> String {
     format!("{prefix}-{}-{n}", std::process::id())
 }
 
-/// TLS options shared by mosquitto_sub and mosquitto_pub.
-fn tls_args(cmd: &mut Command, port: u16, cert: &Path, key: &Path) {
+/// TLS options shared by mosquitto_sub and mosquitto_pub (MQTT 3.1.1,
+/// the CA and the given identity; 127.0.0.1:`port`).
+pub fn tls_args(cmd: &mut Command, port: u16, cert: &Path, key: &Path) {
     cmd.args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv311"])
         .arg("--cafile")
         .arg(Pki::get().path("ca.pem"))

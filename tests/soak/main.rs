@@ -51,7 +51,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
-use common::bus::{params, BusClient, Reply};
+use common::bus::{params, stats_counters, BusClient};
 use common::*;
 
 /// The bound of the memory check's second half.
@@ -386,16 +386,16 @@ fn start_worker(kind: &'static str, i: usize, sock: &Path, secs: f64, dir: &Test
 }
 
 fn start_audit(broker: &Mosquitto, dir: &TestDir) -> AuditSub {
-    let pki = Pki::get();
     let out = dir.join("out");
-    let child = Command::new("mosquitto_sub")
-        .args(["-h", "127.0.0.1", "-p", &broker.port().to_string()])
-        .arg("--cafile")
-        .arg(pki.path("ca.pem"))
-        .arg("--cert")
-        .arg(pki.path("client.pem"))
-        .arg("--key")
-        .arg(pki.path("client.key"))
+    let pki = Pki::get();
+    let mut cmd = Command::new("mosquitto_sub");
+    tls_args(
+        &mut cmd,
+        broker.port(),
+        &pki.path("client.pem"),
+        &pki.path("client.key"),
+    );
+    let child = cmd
         .args(["-i", "soak-audit", "-c", "-q", "1", "-t", workers::Q1_TOPIC])
         .args(["-F", "%p"])
         .stdin(Stdio::null())
@@ -443,20 +443,9 @@ fn stats_now(sock: &Path) -> HashMap<String, i64> {
         return HashMap::new();
     };
     c.timeout(Duration::from_secs(5));
-    match c.call("stats", &params(&[])) {
-        Some(r @ Reply::Payload(_)) => r
-            .object()
-            .as_map()
-            .map(|m| {
-                m.iter()
-                    .filter_map(|(k, v)| {
-                        Some((String::from_utf8_lossy(k).into_owned(), v.as_i64()?))
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
-        _ => HashMap::new(),
-    }
+    c.call("stats", &params(&[]))
+        .and_then(|r| stats_counters(&r))
+        .unwrap_or_default()
 }
 
 fn sample(pid: u32, sock: &Path, t: f64) -> Sample {
